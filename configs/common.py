@@ -1,0 +1,81 @@
+"""Shared defaults for every stage; each stage's file starts from `get_config()`."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = 'supervised'          # pretext | finetune | supervised
+  config.workdir = ''                  # where checkpoints and metrics.jsonl go (required)
+  config.seed = 0                      # model init, augmentation and data order
+  config.init_from = ''                # another run's workdir: load its backbone ('' = random init)
+  config.head = ('fc',)                # re-initialised when init_from's shape differs
+  config.trainable = ('all',)          # subtree names trained; everything else frozen
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet18'       # resnet18 | resnet34 | resnet50
+  config.model.stem = 'cifar'          # cifar (3x3/1) | imagenet (7x7/2 + max-pool)
+  config.model.width = 64              # channels of layer1; 16 makes a fast CPU model
+  config.model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
+  config.model.sync_bn = True          # BatchNorm statistics over the global batch
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'cifar10'      # cifar10 | imagenette
+  config.data.source = 'tfds:cifar10'  # tfds:NAME | folder:PATH (PATH/SPLIT/CLASS/IMAGE)
+  config.data.train_split = 'train'
+  config.data.test_split = 'test'      # folder split / tfds split reported as test
+  config.data.val_fraction = 0.1       # carved from train, seeded; used for model selection
+  config.data.split_seed = 0           # fixes the val split and label subset across runs
+  config.data.samples_per_class = 0    # balanced labelled subset of train (0 = all)
+  config.data.max_train_images = 0     # cap on train images, for quick CPU runs (0 = all)
+  config.data.max_eval_images = 0      # cap on val and test images (0 = all)
+  config.data.image_size = 32
+  config.data.preprocess = 'cifar'     # cifar (pad-crop, flip) | imagenet (resized crop, flip)
+  config.data.cache_dir = '~/.cache/rotjax'  # decoded folder datasets are cached here
+  config.data.skip_bad_files = False   # skip unreadable images with a warning (else error)
+
+  config.rotation = ml_collections.ConfigDict()
+  config.rotation.num_rotations = 4    # 4 | 6 | 8 directions, k * 360 / N degrees
+  config.rotation.mode = 'all'         # all: N copies of each image (RotNet) | random: one each
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'adam'           # adam (the reports) | sgd (momentum, cosine)
+  config.optim.learning_rate = 1e-3
+  config.optim.decay_every_epochs = 10  # adam: lr x decay_factor every this many epochs
+  config.optim.decay_factor = 0.1
+  config.optim.momentum = 0.9          # sgd
+  config.optim.weight_decay = 5e-4     # sgd
+  config.optim.warmup_epochs = 0       # sgd: linear warm-up before the cosine
+
+  config.batch_size = 128              # global, split over all devices
+  config.num_devices = 0               # local devices to use (0 = all)
+  config.eval_batch_size = 256
+  config.num_epochs = 30
+  config.label_smoothing = 0.1
+  config.log_every_steps = 20          # progress bar refresh (a host sync)
+  config.keep_checkpoints = 3
+  config.progress = True
+  return config
+
+
+def make_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to seconds on a CPU: narrow model, few tiny batches."""
+  config.model.width = 8
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_epochs = 2
+  config.data.max_train_images = 64
+  config.data.max_eval_images = 32
+  config.data.val_fraction = 0.2
+  config.log_every_steps = 2
+  config.keep_checkpoints = 2
+  config.progress = False
+
+
+def make_cpu(config: ml_collections.ConfigDict) -> None:
+  """A run that shows the effect in minutes on 2 CPU cores: ResNet18 at width 16, 10k images."""
+  config.model.width = 16
+  config.batch_size = 128
+  config.num_epochs = 4
+  config.data.max_train_images = 10_000
+  config.data.max_eval_images = 2_000
+  config.log_every_steps = 10

@@ -1,0 +1,102 @@
+"""Where checkpoints are written and read: Orbax managers in the run's workdir.
+
+workdir/checkpoints/<step>  the latest few (resume from here)
+workdir/best/<step>         the best on validation accuracy (init_from reads this)
+Orbax writes each step to a temporary directory and renames it on commit, so a
+run killed mid-write leaves no step that restore could mistake for a whole one.
+"""
+import logging
+import os
+
+import flax
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST, BEST = 'checkpoints', 'best'
+
+
+class Checkpoints:
+  """The run's two managers. Saves unreplicated state dicts."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    workdir = os.path.abspath(workdir)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, LATEST),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, BEST),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  def save(self, step: int, state, is_best: bool) -> None:
+    item = flax.serialization.to_state_dict(state)
+    self.latest.save(step, args=ocp.args.StandardSave(item))
+    if is_best:
+      self.best.save(step, args=ocp.args.StandardSave(item))
+
+  def restore_latest(self, state):
+    """`state` restored from the latest complete step, or None if there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          flax.serialization.to_state_dict(state))
+    restored = self.latest.restore(step, args=ocp.args.StandardRestore(target))
+    return flax.serialization.from_state_dict(state, restored)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def load_variables(workdir: str) -> dict:
+  """{'params', 'batch_stats'} of another run: its best checkpoint, else its latest."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'init_from={workdir} does not exist')
+  for sub in (BEST, LATEST):
+    directory = os.path.join(workdir, sub)
+    if not os.path.isdir(directory):
+      continue
+    with ocp.CheckpointManager(directory) as manager:
+      step = manager.latest_step()
+      if step is None:
+        continue
+      restored = manager.restore(step, args=ocp.args.StandardRestore())
+    logging.info('init_from: loaded %s step %d', directory, step)
+    return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {}),
+            'step': int(step), 'path': os.path.join(directory, str(step))}
+  raise FileNotFoundError(f'init_from={workdir} is not a rotjax run: it has no complete '
+                          f'checkpoint under {LATEST}/ or {BEST}/')
+
+
+def merge_params(init, loaded, head=('fc',), what='params'):
+  """`init` with every leaf replaced by `loaded`'s, except head leaves whose shape differs.
+
+  A head leaf of another shape (a 4-way rotation head into a 10-way classifier)
+  keeps its fresh init; any other shape mismatch or missing leaf is an error
+  naming the parameter. Returns (merged, names_loaded, names_kept_at_init).
+  """
+  init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init), sep='/')
+  loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep='/')
+  merged, kept = {}, []
+  for name, value in init_flat.items():
+    in_head = any(name == h or name.startswith(h + '/') for h in head)
+    if name not in loaded_flat:
+      raise ValueError(f'init_from has no {what} {name!r}: was it trained with the same '
+                       'model.name, model.stem and model.width?')
+    source = np.asarray(loaded_flat[name])
+    if source.shape != value.shape:
+      if in_head:
+        merged[name] = value
+        kept.append(name)
+        continue
+      raise ValueError(f'init_from {what} {name!r} has shape {source.shape}, '
+                       f'this model needs {value.shape}')
+    merged[name] = source.astype(value.dtype)
+  loaded_names = [n for n in init_flat if n not in kept]
+  return flax.traverse_util.unflatten_dict(merged, sep='/'), loaded_names, kept

@@ -1,0 +1,38 @@
+"""Command line: python -m rotjax.main --config configs/STAGE.py --config.workdir=DIR."""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from rotjax import platform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Stage config file, e.g. configs/finetune.py[:smoke|:cpu].', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of orbax and friends from the absl log (warnings still show)."""
+  NOISY = ('/orbax/', '/etils/', '/tensorflow_datasets/')
+
+  def filter(self, record):
+    import logging as std_logging
+    return record.levelno >= std_logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # After platform.configure(): XLA flags must be set before jax starts.
+  from rotjax import train
+  logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
+  summary = train.train_and_evaluate(FLAGS.config)
+  logging.info('summary: %s', summary)
+
+
+if __name__ == '__main__':
+  platform.configure()
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Per-epoch metrics: metrics.jsonl in the workdir (what report and plots read)."""
+import json
+import os
+
+import numpy as np
+
+
+def _plain(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.item()
+  return value
+
+
+class MetricsLog:
+  """Appends one JSON object per epoch; on resume, drops rows from epochs not checkpointed."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled
+
+  def read(self) -> list[dict]:
+    return read_metrics(self.path)
+
+  def truncate(self, last_epoch: int) -> None:
+    """Keeps rows with epoch <= last_epoch (a killed run may have logged past its checkpoint)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    rows = [r for r in self.read() if r.get('epoch', 0) <= last_epoch]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')
+    os.replace(tmp, self.path)
+
+  def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + '\n')
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Rows of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows

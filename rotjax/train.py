@@ -1,0 +1,280 @@
+"""The train and eval steps (pure, pmapped) and the short loop around them.
+
+Stages differ only in `prepare_fn` (rotation labels for the pretext, class
+labels otherwise) and in the freeze mask (freeze.py). One code path for one or
+many devices: a single device is a pmap of one.
+"""
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import jax_utils
+from flax.training import train_state
+
+from rotjax import checkpoint as checkpoint_lib
+from rotjax import config_checks
+from rotjax import freeze
+from rotjax import input_pipeline
+from rotjax import metrics as metrics_lib
+from rotjax import models
+from rotjax import optim
+from rotjax import parallel
+from rotjax import preprocess
+from rotjax import progress
+from rotjax import rotation
+
+STAGES = ('pretext', 'finetune', 'supervised')
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+# ---------------------------------------------------------------- pure functions
+
+def make_prepare_fn(config, *, train: bool) -> Callable:
+  """(batch, rng) -> (images, labels, weights): augmentation, rotation, normalisation."""
+  def prepare(batch, rng):
+    aug_rng, rot_rng = jax.random.split(rng)
+    images = preprocess.preprocess(batch['image'], aug_rng, train=train,
+                                   style=config.data.preprocess,
+                                   image_size=config.data.image_size)
+    weights = batch.get('mask', jnp.ones(images.shape[0], jnp.float32))
+    if config.stage != 'pretext':
+      return images, batch['label'], weights
+    num = config.rotation.num_rotations
+    if train and config.rotation.mode == 'random':
+      images, labels = rotation.rotate_random(images, num, rot_rng)
+      return images, labels, weights
+    # Eval always scores every direction of every image.
+    images, labels = rotation.rotate_all(images, num, rot_rng)
+    return images, labels, jnp.tile(weights, num)
+  return prepare
+
+
+def cross_entropy(logits, labels, smoothing: float):
+  """Per-example softmax cross-entropy against label-smoothed one-hot targets."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'):
+  """(state, batch, rng) -> (state, metrics). Pure; gradients and statistics pmean'd."""
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
+  images, labels, _ = prepare_fn(batch, rng)
+
+  def loss_fn(params):
+    # Frozen leaves are constants to autodiff: no backward pass is built for them.
+    params = jax.tree.map(lambda p, m: p if m == 'trainable' else jax.lax.stop_gradient(p),
+                          params, mask)
+    (logits, _), updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    return cross_entropy(logits, labels, smoothing).mean(), (logits, updates['batch_stats'])
+
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, axis_name)
+  state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return state, jax.lax.pmean(metrics, axis_name)
+
+
+def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
+  """Sums of loss and correct predictions over the real (unpadded) examples."""
+  images, labels, weights = prepare_fn(batch, rng)
+  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                             images, train=False)
+  sums = {'loss': jnp.sum(cross_entropy(logits, labels, smoothing) * weights),
+          'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+          'count': jnp.sum(weights)}
+  return jax.lax.psum(sums, axis_name)
+
+
+# ---------------------------------------------------------------- state
+
+def num_outputs(config, dataset) -> int:
+  return config.rotation.num_rotations if config.stage == 'pretext' else dataset.num_classes
+
+
+def build_model(config, num_classes: int, frozen=()):
+  return models.create_model(
+      config.model.name, num_classes=num_classes, width=config.model.width,
+      stem=config.model.stem, dtype=jnp.dtype(config.model.dtype), frozen=frozen,
+      axis_name='batch' if config.model.sync_bn else None)
+
+
+def init_variables(model, rng, image_size: int):
+  return jax.jit(functools.partial(model.init, train=False))(
+      rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+
+
+def create_train_state(config, num_classes: int, steps_per_epoch: int):
+  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule."""
+  probe = build_model(config, num_classes)
+  variables = init_variables(probe, jax.random.key(config.seed), config.data.image_size)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  mask = freeze.trainable_mask(params, config.trainable)
+  model = build_model(config, num_classes, frozen=freeze.frozen_prefixes(params, config.trainable))
+  init_info = {}
+  if config.init_from:
+    loaded = checkpoint_lib.load_variables(config.init_from)
+    params, names, kept = checkpoint_lib.merge_params(params, loaded['params'], config.head)
+    batch_stats, _, _ = checkpoint_lib.merge_params(batch_stats, loaded['batch_stats'],
+                                                    config.head, what='batch_stats')
+    logging.info('init_from %s: loaded %d parameter arrays; re-initialised %s',
+                 loaded['path'], len(names), kept or 'nothing')
+    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept}
+  tx, schedule = optim.create_optimizer(config.optim, mask, steps_per_epoch, config.num_epochs)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  return state, mask, schedule, init_info
+
+
+# ---------------------------------------------------------------- the loop
+
+def evaluate(p_eval_step, state, split, batch_size, num_devices, rng):
+  """Mean loss and accuracy over a whole split."""
+  totals = None
+  for batch in input_pipeline.eval_batches(split, batch_size):
+    sums = p_eval_step(state, input_pipeline.shard(batch, num_devices), rng)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(parallel.unreplicate(totals))
+  count = max(float(totals['count']), 1.0)
+  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
+  """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
+  config_checks.check_config(config)
+  workdir = os.path.abspath(os.path.expanduser(config.workdir))
+  os.makedirs(workdir, exist_ok=True)
+  devices = parallel.select_devices(config.num_devices)
+  num_devices = len(devices)
+  config_checks.check_batch(config, num_devices)
+  dataset = dataset or input_pipeline.load_dataset(config.data)
+  config_checks.check_dataset(config, dataset)
+  steps_per_epoch = len(dataset.train) // config.batch_size
+  num_classes = num_outputs(config, dataset)
+  state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+  trainable, total = freeze.count(state.params, mask)
+  logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
+               config.stage, config.model.name, trainable, total, num_devices,
+               len(dataset.train), len(dataset.val), len(dataset.test))
+  ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
+  log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info('resuming %s from step %d', workdir, int(state.step))
+  start_epoch = int(state.step) // max(steps_per_epoch, 1)
+  log.truncate(start_epoch)
+  history = log.read()
+  best_val = max((r['val_accuracy'] for r in history), default=-1.0)
+  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total)
+
+  state = parallel.replicate(state, devices)
+  prepare_train = make_prepare_fn(config, train=True)
+  p_train_step = jax.pmap(
+      functools.partial(train_step, prepare_fn=prepare_train, mask=mask,
+                        smoothing=config.label_smoothing),
+      axis_name='batch', donate_argnums=(0,), devices=devices)
+  p_eval_step = jax.pmap(
+      functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
+                        smoothing=config.label_smoothing),
+      axis_name='batch', devices=devices)
+  rng = jax.random.key(config.seed)
+  eval_rng = parallel.replicate(jax.random.key(config.seed + 1), devices)
+  rng = parallel.replicate(rng, devices)
+  images_per_step = config.batch_size * (
+      config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
+      else 1)
+
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    t0 = time.time()
+    batches = input_pipeline.train_batches(dataset.train, config.batch_size, config.seed, epoch)
+    batches = jax_utils.prefetch_to_device(
+        (input_pipeline.shard(b, num_devices) for b in batches), 2, devices)
+    bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
+                            enabled=config.progress and jax.process_index() == 0)
+    pending, epoch_metrics = [], []
+    for step_in_epoch, batch in enumerate(batches, 1):
+      state, step_metrics = p_train_step(state, batch, rng)
+      pending.append(step_metrics)
+      if step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch:
+        # The one host sync: fetch the metrics of the last few steps at once.
+        fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
+        pending = []
+        epoch_metrics += fetched
+        _check_finite(fetched, epoch, (epoch - 1) * steps_per_epoch + step_in_epoch)
+        bar.update(step_in_epoch, fetched[-1])
+    train_time = time.time() - t0
+    val = evaluate(p_eval_step, state, dataset.val, config.eval_batch_size, num_devices, eval_rng)
+    test = evaluate(p_eval_step, state, dataset.test, config.eval_batch_size, num_devices, eval_rng)
+    row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
+           'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
+           'train_loss': float(np.mean([m['loss'] for m in epoch_metrics])) if epoch_metrics else None,
+           'train_accuracy': float(np.mean([m['accuracy'] for m in epoch_metrics])) if epoch_metrics else None,
+           'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
+           'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+           'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
+           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9)}
+    is_best = val['accuracy'] > best_val
+    best_val = max(best_val, val['accuracy'])
+    ckpt.save(epoch * steps_per_epoch, jax.device_get(parallel.unreplicate(state)), is_best)
+    log.write(row)
+    history.append(row)
+    bar.close(row)
+  ckpt.wait()
+  ckpt.close()
+  summary = summarize(history)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary
+
+
+def summarize(history: list[dict]) -> dict:
+  """Best validation accuracy and the test accuracy at that epoch (selection on val, never test)."""
+  if not history:
+    return {}
+  best = max(history, key=lambda r: r['val_accuracy'])
+  return {'epochs': history[-1]['epoch'], 'best_epoch': best['epoch'],
+          'best_val_accuracy': best['val_accuracy'], 'test_accuracy': best['test_accuracy'],
+          'min_val_loss': min(r['val_loss'] for r in history),
+          'final_test_accuracy': history[-1]['test_accuracy'],
+          'train_seconds': sum(r['train_seconds'] for r in history),
+          'wall_seconds': sum(r['epoch_seconds'] for r in history),
+          'images_per_second': float(np.median([r['images_per_second'] for r in history]))}
+
+
+def _check_finite(fetched, epoch, step):
+  for m in fetched:
+    if not np.isfinite(m['loss']):
+      raise FloatingPointError(
+          f'non-finite loss {m["loss"]} at epoch {epoch}, step <= {step}; the last '
+          'checkpoint is intact: lower optim.learning_rate and rerun to resume from it')
+
+
+def _write_json(path, obj):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total):
+  if jax.process_index() != 0:
+    return
+  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  _write_json(os.path.join(workdir, 'run_info.json'), {
+      'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
+      'train_images': len(dataset.train), 'val_images': len(dataset.val),
+      'test_images': len(dataset.test), 'trainable_parameters': trainable,
+      'total_parameters': total, **init_info})
