@@ -74,9 +74,15 @@ def decode_image(path: str, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+# tfds calls ImageNette's held-out split 'validation'; image-folder copies call it 'val'.
+SPLIT_ALIASES = {'validation': 'val', 'val': 'validation'}
+
+
 def list_folder_split(root: str, split: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
   """Files, integer labels and sorted class names of ROOT/SPLIT/CLASS/IMAGE."""
   split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir) and split in SPLIT_ALIASES:
+    split_dir = os.path.join(root, SPLIT_ALIASES[split])
   if not os.path.isdir(split_dir):
     raise FileNotFoundError(f'data.source folder has no split {split!r}: {split_dir} does not exist')
   classes = tuple(sorted(d for d in os.listdir(split_dir)
