@@ -82,7 +82,7 @@ def run_study(config, datasets=None) -> list[dict]:
     elif pretext_status[0] not in ('done', 'finished'):
       state, error = 'skipped', f'pretext {record["pretext_run"]} {pretext_status[0]}: {pretext_status[1]}'
     else:
-      print(_line(k, len(runs), run.name, 'running', 0, {}, ''), flush=True)
+      print(f'[{k}/{len(runs)}] {run.name}: training', flush=True)
       results.write_record(run_config.workdir, {**record, 'status': 'running', 'error': ''})
       state, error, summary = _train(run_config, datasets)
     status[run.name] = (state, error)
