@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # Files only: no display on the training machines.
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 CURVES = (('loss', 'loss (cross-entropy)'), ('accuracy', 'accuracy (%)'))
@@ -32,6 +33,7 @@ def learning_curves(histories: list[list[dict]], title: str, path: str) -> None:
       if len(histories) > 1:
         ax.fill_between(epochs, low, high, color=color, alpha=0.2, label=f'{split} min-max')
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -80,7 +82,8 @@ def crossovers(xs, a, b) -> list[float]:
 def samples_per_class(curves: dict, title: str, path: str) -> dict:
   """Best val accuracy and min val loss against labels per class (log x), crossover marked.
 
-  curves[label] = {'x': [...], 'acc': (mean, std), 'loss': (mean, std)} on the same x.
+  curves[label] = {'x': [...], 'xlabels': [...], 'acc': (means, stds), 'loss': (means, stds)},
+  every curve on the same x.
   Returns the crossovers found, per metric.
   """
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -100,6 +103,9 @@ def samples_per_class(curves: dict, title: str, path: str) -> dict:
     if len(pair) == 2 and not found[key]:
       ax.text(0.02, 0.02, 'no crossover in this range', transform=ax.transAxes, fontsize=8)
     ax.set_xscale('log')
+    first = next(iter(curves.values()))
+    ax.set_xticks(first['x'], first['xlabels'])
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel('labelled training images per class (log scale)')
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which='both')

@@ -20,8 +20,8 @@ SHORT_LABELS = {1: '1 pretext\n(rotation)', 2: '2 fine-tune\npretrained', 3: '3 
                 4: '4 supervised\npretrained', 5: '5 supervised\nrandom init'}
 DEFAULT_REFERENCE = {'model': 'resnet18', 'num_rotations': 4, 'label_smoothing': 0.1,
                      'samples_per_class': 0}
-TABLES = (('model', 'Stage x model'), ('label_smoothing', 'Stage x label smoothing'),
-          ('num_rotations', 'Stage x rotations'))
+TABLES = (('model', 'Stage × model'), ('label_smoothing', 'Stage × label smoothing'),
+          ('num_rotations', 'Stage × rotations'))
 
 
 def load_runs(study_dir: str) -> list[dict]:
@@ -109,8 +109,10 @@ def labels_curves(runs, ref: dict) -> dict:
   for stage in (2, 5):
     by_count = [[r for r in chosen if r['stage'] == stage and r['samples_per_class'] == c]
                 for c in counts]
+    x = [float(np.mean([per_class_x(r) for r in rs])) for rs in by_count]
     curves[STAGE_LABELS[stage]] = {
-        'counts': counts, 'x': [float(np.mean([per_class_x(r) for r in rs])) for rs in by_count],
+        'counts': counts, 'x': x,
+        'xlabels': [str(c) if c else f'all\n({v:.0f})' for c, v in zip(counts, x)],
         'acc': tuple(zip(*[mean_std(r['best_val_accuracy'] for r in rs)[:2] for rs in by_count])),
         'loss': tuple(zip(*[mean_std(r['min_val_loss'] for r in rs)[:2] for rs in by_count])),
         'test': [mean_std(r['test_accuracy'] for r in rs) for rs in by_count],
@@ -153,7 +155,8 @@ def settings_table(runs) -> str:
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),
       ('test images', lambda r: r['run_info'].get('test_images')),
-      ('devices', lambda r: r['run_info'].get('num_devices')))
+      ('devices', lambda r: r['run_info'].get('num_devices')),
+      ('seeds', lambda r: r['seed']))
   rows = []
   for stage in sorted({r['stage'] for r in runs}):
     chosen = [r for r in runs if r['stage'] == stage]
@@ -195,7 +198,7 @@ def dataset_section(runs, ref: dict, dataset: str, out_dir: str) -> list[str]:
   if len(first['counts']) >= 2:
     name = f'samples_per_class_{dataset}.png'
     found = plots.samples_per_class(curves, f'{dataset} {ref["model"]}: fine-tuned pretrained vs '
-                                    'random init, by labels per class', os.path.join(out_dir, name))
+                                    'random init by labels per class (mean ± std over seeds)', os.path.join(out_dir, name))
     figures.append(name)
     crossing = ', '.join(f'{x:.0f}' for x in found['acc']) or 'none in this range'
     lines += ['### Samples per class', '', 'Best validation accuracy (%), minimum validation loss '

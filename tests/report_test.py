@@ -95,8 +95,8 @@ def test_results_csv_has_one_row_per_run_with_pretext_and_numbers(study_dir, rep
 
 def test_report_tables_cells_are_mean_std_n_and_only_tables_with_data(study_dir, report_text):
   text = report_text
-  assert '### Stage x model' in text and '### Stage x label smoothing' in text
-  assert '### Stage x rotations' not in text  # one rotation count only: no table
+  assert '### Stage × model' in text and '### Stage × label smoothing' in text
+  assert '### Stage × rotations' not in text  # one rotation count only: no table
   # Stage 1 at the reference: val 0.4 and 0.6 -> test 0.39 / 0.59.
   pretext_row = next(l for l in text.splitlines() if l.startswith('| 1 rotation pretext | 49.0'))
   assert '49.0 ± 14.1 (n=2)' in pretext_row
