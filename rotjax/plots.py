@@ -80,12 +80,9 @@ def crossovers(xs, a, b) -> list[float]:
 
 
 def samples_per_class(curves: dict, title: str, path: str) -> dict:
-  """Best val accuracy and min val loss against labels per class (log x), crossover marked.
-
-  curves[label] = {'x': [...], 'xlabels': [...], 'acc': (means, stds), 'loss': (means, stds)},
-  every curve on the same x.
-  Returns the crossovers found, per metric.
-  """
+  """Best val accuracy and min val loss against labels per class (log x); returns crossovers."""
+  # curves[label] = {'x', 'xlabels', 'acc': (means, stds), 'loss': (means, stds)}, all on one x;
+  # the first two curves are compared.
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   found = {}
   for ax, key, ylabel in ((axes[0], 'acc', 'best validation accuracy (%)'),

@@ -36,6 +36,7 @@ def load_runs(study_dir: str) -> list[dict]:
 
 
 def completed(runs: list[dict]) -> list[dict]:
+  """Runs that trained all their epochs (the only ones in the tables)."""
   return [r for r in runs if r['status'] in ('done', 'finished', 'unknown')
           and r.get('best_val_accuracy') is not None]
 
@@ -47,10 +48,12 @@ def reference(study_dir: str) -> dict:
 
 
 def select(runs, fixed: dict) -> list[dict]:
+  """Runs whose fields equal every value in fixed."""
   return [r for r in runs if all(r[k] == v for k, v in fixed.items())]
 
 
 def mean_std(values) -> tuple[float, float, int]:
+  """Mean, sample std (0 for one value) and count, ignoring missing values."""
   values = np.asarray([v for v in values if v is not None], float)
   if not len(values):
     return float('nan'), 0.0, 0
@@ -58,6 +61,7 @@ def mean_std(values) -> tuple[float, float, int]:
 
 
 def fmt(cell, scale=100.0, digits=1) -> str:
+  """'mean ± std (n=N)', scaled (accuracies to %); '-' for no runs."""
   mean, std, n = cell
   if not n:
     return '-'
@@ -65,6 +69,7 @@ def fmt(cell, scale=100.0, digits=1) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  """A GitHub-flavoured markdown table."""
   lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
   return '\n'.join(lines + ['| ' + ' | '.join(map(str, row)) + ' |' for row in rows])
 
@@ -81,10 +86,12 @@ def stage_cells(runs, axis: str, ref: dict) -> dict:
 
 
 def _order_key(value):
+  # Numbers sort numerically; strings after them.
   return (isinstance(value, str), value)
 
 
 def stage_table(cells: dict, axis: str) -> str:
+  """Rows = stages, columns = values of the swept axis."""
   stages = sorted({s for by_stage in cells.values() for s in by_stage})
   header = ['stage'] + [f'{axis}={v}' for v in cells]
   rows = [[STAGE_LABELS[s]] + [fmt(cells[v].get(s, (0, 0, 0))) for v in cells] for s in stages]
@@ -122,6 +129,7 @@ def labels_curves(runs, ref: dict) -> dict:
 
 
 def labels_table(curves: dict) -> str:
+  """Rows = labels per class; val acc, val loss and test acc of each compared stage."""
   first = next(iter(curves.values()))
   header = ['labels per class']
   for label in curves:

@@ -15,6 +15,7 @@ COLUMNS = ('stage', 'dataset', 'model', 'num_rotations', 'label_smoothing', 'sam
 
 
 def read_json(path: str, default=None):
+  """The parsed file, or default if it is missing or torn."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -23,6 +24,7 @@ def read_json(path: str, default=None):
 
 
 def write_json(path: str, obj) -> None:
+  """Write-then-rename, so a killed process never leaves half a file."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -31,6 +33,7 @@ def write_json(path: str, obj) -> None:
 
 
 def write_record(workdir: str, record: dict) -> None:
+  """study_run.json: a run's axes, pretext run, status and error."""
   write_json(os.path.join(workdir, RECORD), record)
 
 
@@ -73,6 +76,7 @@ def collect(study_dir: str) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
+  """results.csv with COLUMNS; missing values are empty cells."""
   tmp = path + '.tmp'
   with open(tmp, 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction='ignore')
@@ -83,5 +87,6 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def read_csv(path: str) -> list[dict]:
+  """results.csv rows as dicts of strings."""
   with open(path, newline='') as f:
     return list(csv.DictReader(f))

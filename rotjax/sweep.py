@@ -19,6 +19,7 @@ STAGES = {1: ('1_pretext', 'pretext', False),
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+  """One training of the study: a stage at one point of the sweep grid."""
   stage: int
   dataset: str
   model: str
@@ -39,6 +40,7 @@ class Run:
     return dataclasses.replace(self, stage=1, samples_per_class=0)
 
   def axes(self) -> dict:
+    """The sweep coordinates, by axis name."""
     return {axis: getattr(self, axis) for axis in AXES}
 
 
@@ -50,6 +52,7 @@ def group_name(run: Run) -> str:
 
 
 def _grid(axes: dict, stages) -> list[Run]:
+  """Every combination of the axes' values, for each stage."""
   runs = []
   for values in itertools.product(*(tuple(axes[a]) for a in AXES)):
     setting = dict(zip(AXES, values))
