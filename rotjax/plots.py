@@ -67,15 +67,18 @@ def stage_bars(cells: dict, stage_labels: dict, title: str, path: str) -> None:
 
 
 def crossovers(xs, a, b) -> list[float]:
-  """x values where curve a - b changes sign, interpolated linearly in log x."""
-  found = []
+  """x values where curve a - b changes sign, interpolated linearly in log x (ties alone are none)."""
   d = np.asarray(a, float) - np.asarray(b, float)
-  for i in range(len(xs) - 1):
-    if d[i] == 0:
-      found.append(float(xs[i]))
-    elif d[i] * d[i + 1] < 0:
-      t = d[i] / (d[i] - d[i + 1])
-      found.append(float(math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i])))))
+  nonzero = [i for i in range(len(d)) if d[i] != 0]
+  found = []
+  for j, k in zip(nonzero, nonzero[1:]):
+    if d[j] * d[k] > 0:
+      continue
+    if k > j + 1:  # Equal at the points between: the curves meet there.
+      found.append(float(xs[j + 1]))
+      continue
+    t = d[j] / (d[j] - d[k])
+    found.append(float(math.exp(math.log(xs[j]) + t * (math.log(xs[k]) - math.log(xs[j])))))
   return found
 
 
@@ -98,7 +101,7 @@ def samples_per_class(curves: dict, title: str, path: str) -> dict:
       ax.annotate(f'crossover ~{x:.0f}/class', (x, 0.5), xycoords=('data', 'axes fraction'),
                   rotation=90, ha='right', va='center', fontsize=8)
     if len(pair) == 2 and not found[key]:
-      ax.text(0.02, 0.02, 'no crossover in this range', transform=ax.transAxes, fontsize=8)
+      ax.text(0.5, 0.02, 'no crossover in this range', transform=ax.transAxes, ha='center', fontsize=8)
     ax.set_xscale('log')
     first = next(iter(curves.values()))
     ax.set_xticks(first['x'], first['xlabels'])

@@ -120,6 +120,8 @@ def test_accuracy_crossover_is_interpolated_between_100_and_all(report_text):
 def test_crossovers_finds_sign_changes_and_none():
   assert plots.crossovers([10, 1000], [1.0, 0.0], [0.0, 1.0]) == pytest.approx([100.0])
   assert plots.crossovers([10, 100, 1000], [1, 2, 3], [0, 1, 2]) == []
+  assert plots.crossovers([10, 100], [1, 2], [1, 1]) == []  # a tie at one end is not a crossing
+  assert plots.crossovers([10, 100, 1000], [1, 2, 3], [0, 2, 4]) == [100.0]
 
 
 def test_failed_run_is_listed_and_left_out_of_the_tables(report_text):
