@@ -1,0 +1,42 @@
+"""Command line: python -m rotjax.study --config configs/study.py --config.workdir=DIR."""
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from rotjax import platform
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Study config file, e.g. configs/study.py[:smoke|:cpu].', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of orbax and friends from the absl log (warnings still show)."""
+  NOISY = ('/orbax/', '/etils/', '/tensorflow_datasets/')
+
+  def filter(self, record):
+    import logging as std_logging
+    return record.levelno >= std_logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # After platform.configure(): XLA flags must be set before jax starts.
+  from rotjax import runner
+  logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
+  rows = runner.run_study(FLAGS.config)
+  counts = {}
+  for row in rows:
+    counts[row['status']] = counts.get(row['status'], 0) + 1
+  print(f'study {FLAGS.config.workdir}: {len(rows)} runs, {counts}; '
+        f'next: python -m rotjax.report {FLAGS.config.workdir}', flush=True)
+
+
+if __name__ == '__main__':
+  platform.configure()
+  app.run(main)

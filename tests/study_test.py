@@ -1,0 +1,129 @@
+"""The study: its plan, skip/resume/failure handling (fake training), and one tiny real study."""
+import os
+
+import pytest
+
+from configs import study as study_config
+from rotjax import report
+from rotjax import results
+from rotjax import runner
+from rotjax import sweep
+from rotjax import train
+
+
+def _config(workdir, arg='smoke'):
+  config = study_config.get_config(arg)
+  config.workdir = str(workdir)
+  return config
+
+
+def test_full_study_plan_trains_each_pretext_once_and_before_its_users():
+  runs = sweep.plan(_config('/tmp/unused', None))
+  names = [r.name for r in runs]
+  assert len(names) == len(set(names))
+  pretexts = [r for r in runs if r.stage == 1]
+  # (model 3 + smoothing 2 + rotations 2 extra settings + the reference) x 3 seeds.
+  assert len(pretexts) == 21 and all(r.samples_per_class == 0 for r in pretexts)
+  for i, run in enumerate(runs):
+    if run.pretext is not None:
+      assert names.index(run.pretext.name) < i
+  limited = [r for r in runs if r.samples_per_class == 20]
+  assert sorted({r.stage for r in limited}) == [2, 5]
+  assert {r.pretext.name for r in limited if r.stage == 2} == {
+      f'cifar10-resnet18-rot4-ls0.1-spcall-seed{s}/1_pretext' for s in range(3)}
+
+
+def test_run_config_fills_stage_axes_and_dataset_settings(tmp_path):
+  config = _config(tmp_path)
+  config.datasets.imagenette = {'source': 'folder:/data/imagenette', 'preprocess': 'imagenet',
+                                'image_size': 64, 'stem': 'imagenet'}
+  config.axes.dataset = ('cifar10', 'imagenette')
+  runs = {r.name: r for r in sweep.plan(config)}
+  run = runs['imagenette-resnet18-rot4-ls0.1-spc4-seed0/2_finetune_pretrained']
+  rc = sweep.run_config(config, run)
+  assert (rc.stage, rc.trainable, rc.data.samples_per_class) == ('finetune', ('layer4', 'fc'), 4)
+  assert rc.init_from == os.path.join(tmp_path, 'imagenette-resnet18-rot4-ls0.1-spcall-seed0/1_pretext')
+  assert (rc.data.image_size, rc.model.stem, rc.data.preprocess) == (64, 'imagenet', 'imagenet')
+  assert rc.workdir == os.path.join(tmp_path, run.name)
+  random = sweep.run_config(config, runs['cifar10-resnet18-rot4-ls0.1-spcall-seed0/3_finetune_random'])
+  assert random.init_from == '' and random.data.source == study_config.CIFAR10_FOLDER
+  assert config.base.init_from == ''  # the base is copied, never changed
+
+
+def test_unknown_sweep_or_stage_is_an_error(tmp_path):
+  config = _config(tmp_path)
+  config.sweeps = ('labelz',)
+  with pytest.raises(ValueError, match='labelz'):
+    sweep.plan(config)
+
+
+class FakeTrain:
+  """Stands in for train.train_and_evaluate: writes summary.json; fails on chosen runs."""
+
+  def __init__(self, fail=()):
+    self.calls, self.fail = [], fail
+
+  def __call__(self, config, dataset=None):
+    self.calls.append(os.path.relpath(config.workdir, os.path.dirname(os.path.dirname(config.workdir))))
+    if any(config.workdir.endswith(f) for f in self.fail):
+      raise RuntimeError('boom')
+    summary = {'epochs': config.num_epochs, 'best_val_accuracy': 0.5, 'test_accuracy': 0.4,
+               'min_val_loss': 1.0, 'wall_seconds': 1.0, 'images_per_second': 10.0}
+    results.write_json(os.path.join(config.workdir, 'summary.json'), summary)
+    return summary
+
+
+def _run(config, fake, monkeypatch):
+  monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  rows = runner.run_study(config, datasets=runner.DatasetCache(lambda data_config: 'DATA'))
+  return {r['workdir']: r for r in rows}
+
+
+def test_failed_pretext_skips_its_users_and_the_rest_goes_on(tmp_path, monkeypatch):
+  rows = _run(_config(tmp_path), FakeTrain(fail=('1_pretext',)), monkeypatch)
+  assert len(rows) == 7
+  by_stage = {}
+  for row in rows.values():
+    by_stage.setdefault(row['stage'], set()).add(row['status'])
+  assert by_stage == {1: {'failed'}, 2: {'skipped'}, 3: {'done'}, 4: {'skipped'}, 5: {'done'}}
+  pretext = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/1_pretext'
+  assert rows[pretext]['error'] == 'RuntimeError: boom'
+  skipped = rows['cifar10-resnet18-rot4-ls0.1-spc4-seed0/2_finetune_pretrained']
+  assert skipped['error'].startswith(f'pretext {pretext} failed') and skipped['pretext_run'] == pretext
+  csv_rows = results.read_csv(os.path.join(tmp_path, 'results.csv'))
+  assert [r['error'] for r in csv_rows if r['status'] == 'failed'] == ['RuntimeError: boom']
+
+
+def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path, monkeypatch):
+  config = _config(tmp_path)
+  first = FakeTrain(fail=('3_finetune_random',))
+  _run(config, first, monkeypatch)
+  assert len(first.calls) == 7
+  # An interrupted run: its summary is from fewer epochs than the config asks for.
+  interrupted = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/5_supervised_random'
+  summary_path = os.path.join(tmp_path, interrupted, 'summary.json')
+  results.write_json(summary_path, {**results.read_json(summary_path), 'epochs': 1})
+  second = FakeTrain()
+  rows = _run(config, second, monkeypatch)
+  assert sorted(second.calls) == sorted(['cifar10-resnet18-rot4-ls0.1-spcall-seed0/3_finetune_random',
+                                         interrupted])
+  assert rows[interrupted]['status'] == 'done' and rows[interrupted]['epochs'] == 2
+  assert {r['status'] for w, r in rows.items() if w not in second.calls} == {'finished'}
+  manifest = results.read_json(os.path.join(tmp_path, 'study.json'))
+  assert len(manifest['runs']) == 7 and manifest['reference']['samples_per_class'] == 0
+
+
+def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
+  config = _config(tmp_path / 'study')
+  config.base = make_config('pretext', tmp_path / 'unused')
+  config.datasets.cifar10 = {'source': f'folder:{image_folder}', 'preprocess': 'cifar',
+                             'image_size': 16, 'stem': 'cifar'}
+  config.epochs = {'pretext': 1, 'finetune': 1, 'supervised': 1}
+  config.stages, config.sweeps = (2,), ()   # stage 2 pulls in its pretext
+  rows = runner.run_study(config)
+  assert [(r['stage'], r['status'], r['epochs']) for r in rows] == [(1, 'done', 1), (2, 'done', 1)]
+  finetune = os.path.join(config.workdir, rows[1]['workdir'])
+  info = results.read_json(os.path.join(finetune, 'run_info.json'))
+  assert info['init_from'].startswith(os.path.join(config.workdir, rows[0]['workdir']) + os.sep)
+  text = open(report.build_report(config.workdir)).read()
+  assert '| 2 fine-tune pretrained (layer4+fc) |' in text
