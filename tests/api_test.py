@@ -58,6 +58,9 @@ def test_predict_matches_training_eval_accuracy(run_dir):
   probs = model.predict(dataset.val.images)
   accuracy = np.mean(probs.argmax(-1) == dataset.val.labels)
   info = json.load(open(os.path.join(run_dir, 'summary.json')))
+  # Every run leaves its config and TensorBoard events beside metrics.jsonl.
+  assert json.load(open(os.path.join(run_dir, 'config.json')))['stage'] == 'supervised'
+  assert [f for f in os.listdir(run_dir) if f.startswith('events.out.tfevents')]
   assert accuracy == pytest.approx(info['best_val_accuracy'], abs=1e-6)
 
 
