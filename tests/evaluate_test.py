@@ -67,6 +67,9 @@ def test_cli_confusion_for_classifier_and_pretext(runs, tmp_path):
   result = evaluate.main(['confusion', pre, f'--out_dir={tmp_path}', '--split=val'])
   assert set(result['per_class_accuracy']) == {'0deg', '90deg', '180deg', '270deg'}
   assert np.sum(result['confusion']) == 4 * 18
+  # The same rotation accuracy the training loop logged on val.
+  logged = json.loads(open(os.path.join(pre, 'metrics.jsonl')).readline())['val_accuracy']
+  assert result['accuracy'] == pytest.approx(logged, abs=1e-6)
 
 
 def test_cli_tsne_side_by_side(runs, tmp_path):
