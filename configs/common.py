@@ -46,6 +46,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 5e-4     # sgd
   config.optim.warmup_epochs = 0       # sgd: linear warm-up before the cosine
 
+  # Multi-host: one process per host, all launched with the same config. Set
+  # coordinator_address (+ num_processes, process_id per process), or auto=True
+  # where a cluster launcher (SLURM, Open MPI, Kubernetes, Cloud TPU) tells JAX.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # 'host0:1234' ('' and auto=False: one process)
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.auto = False      # jax.distributed.initialize() with auto-detection
+  config.distributed.cpu_collectives = 'gloo'  # CPU-only clusters: cross-process collectives
+
   config.batch_size = 128              # global, split over all devices
   config.num_devices = 0               # local devices to use (0 = all)
   config.eval_batch_size = 256

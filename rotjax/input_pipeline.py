@@ -63,15 +63,19 @@ def storage_size(data_config) -> int:
 def decode_image(path: str, size: int) -> np.ndarray:
   """One file -> uint8 [size, size, 3]: RGB-converted, shorter side resized, centre-cropped."""
   with Image.open(path) as image:
-    image = image.convert('RGB')   # grayscale, palette and RGBA all become RGB
-    width, height = image.size
-    if (width, height) != (size, size):
-      scale = size / min(width, height)
-      new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-      image = image.resize((new_w, new_h), Image.BICUBIC)
-      left, top = (new_w - size) // 2, (new_h - size) // 2
-      image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    return fit_square(image.convert('RGB'), size)   # grayscale, palette, RGBA -> RGB
+
+
+def fit_square(image: Image.Image, size: int) -> np.ndarray:
+  """RGB PIL image -> uint8 [size, size, 3]: shorter side resized (bicubic), centre-cropped."""
+  width, height = image.size
+  if (width, height) != (size, size):
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+  return np.asarray(image, dtype=np.uint8)
 
 
 # tfds calls ImageNette's held-out split 'validation'; image-folder copies call it 'val'.

@@ -27,6 +27,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # After platform.configure(): XLA flags must be set before jax starts.
+  from rotjax import parallel
+  parallel.initialize_distributed(FLAGS.config.distributed)  # Before anything touches devices.
   from rotjax import train
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   summary = train.train_and_evaluate(FLAGS.config)

@@ -1,5 +1,7 @@
-"""Per-epoch metrics: metrics.jsonl in the workdir (what report and plots read)."""
+"""Per-epoch metrics: metrics.jsonl in the workdir (what report and plots read), and
+the same scalars as TensorBoard event files beside it (`tensorboard --logdir WORKDIR`)."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -14,9 +16,10 @@ def _plain(value):
 class MetricsLog:
   """Appends one JSON object per epoch; on resume, drops rows from epochs not checkpointed."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    self.writer = create_writer(workdir) if enabled and tensorboard else None
 
   def read(self) -> list[dict]:
     return read_metrics(self.path)
@@ -37,6 +40,31 @@ class MetricsLog:
       return
     with open(self.path, 'a') as f:
       f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + '\n')
+    if self.writer is not None:
+      self.writer.write_scalars(int(row['step']), tensorboard_scalars(row))
+      self.writer.flush()
+
+
+def create_writer(workdir: str):
+  """clu's TensorBoard writer, or None (with a warning) where tensorboard is not installed."""
+  try:
+    from clu import metric_writers
+  except ImportError as e:
+    logging.warning('no TensorBoard event files (%s); metrics.jsonl is still written', e)
+    return None
+  return metric_writers.SummaryWriter(workdir)
+
+
+def tensorboard_scalars(row: dict) -> dict:
+  """{'train_loss': x, ...} -> {'train/loss': x, ...}; non-numbers and epoch/step dropped."""
+  scalars = {}
+  for key, value in row.items():
+    value = _plain(value)
+    if key in ('epoch', 'step') or isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    prefix, _, rest = key.partition('_')
+    scalars[f'{prefix}/{rest}' if prefix in ('train', 'val', 'test') else key] = value
+  return scalars
 
 
 def read_metrics(path: str) -> list[dict]:

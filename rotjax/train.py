@@ -140,11 +140,11 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
 
 # ---------------------------------------------------------------- the loop
 
-def evaluate(p_eval_step, state, split, batch_size, num_devices, rng):
-  """Mean loss and accuracy over a whole split."""
+def evaluate(p_eval_step, state, split, batch_size, devices, rng):
+  """Mean loss and accuracy over a whole split (each process feeds its slice of each batch)."""
   totals = None
   for batch in input_pipeline.eval_batches(split, batch_size):
-    sums = p_eval_step(state, input_pipeline.shard(batch, num_devices), rng)
+    sums = p_eval_step(state, parallel.shard_global_batch(batch, devices), rng)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
   count = max(float(totals['count']), 1.0)
@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     t0 = time.time()
     batches = input_pipeline.train_batches(dataset.train, config.batch_size, config.seed, epoch)
     batches = jax_utils.prefetch_to_device(
-        (input_pipeline.shard(b, num_devices) for b in batches), 2, devices)
+        (parallel.shard_global_batch(b, devices) for b in batches), 2, parallel.local(devices))
     bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
                             enabled=config.progress and jax.process_index() == 0)
     pending, epoch_metrics = [], []
@@ -216,8 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         _check_finite(fetched, epoch, (epoch - 1) * steps_per_epoch + step_in_epoch)
         bar.update(step_in_epoch, fetched[-1])
     train_time = time.time() - t0
-    val = evaluate(p_eval_step, state, dataset.val, config.eval_batch_size, num_devices, eval_rng)
-    test = evaluate(p_eval_step, state, dataset.test, config.eval_batch_size, num_devices, eval_rng)
+    val = evaluate(p_eval_step, state, dataset.val, config.eval_batch_size, devices, eval_rng)
+    test = evaluate(p_eval_step, state, dataset.test, config.eval_batch_size, devices, eval_rng)
     row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
            'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
            'train_loss': float(np.mean([m['loss'] for m in epoch_metrics])) if epoch_metrics else None,

@@ -1,0 +1,180 @@
+"""Using a trained run from Python: `rotjax.load(workdir)` -> predict / features.
+
+  import numpy as np, rotjax
+  model = rotjax.load('runs/finetune')             # best checkpoint, else the latest
+  probs = model.predict(images_uint8_BHWC)          # [B, num_classes], rows sum to 1
+  feats = model.features(images_uint8_BHWC, layer='layer3')   # [B, channels]
+
+No CLI and no dataset needed: the run's config.json and run_info.json say how
+to build the model and preprocess images (eval style, as in training's eval).
+"""
+import functools
+import json
+import os
+
+import numpy as np
+
+from rotjax import models
+
+_STEP_PARENTS = ('checkpoints', 'best')
+
+
+class RotjaxModel:
+  """A trained run's model and variables, with jitted eval-mode apply functions."""
+
+  def __init__(self, config, variables, *, class_names, checkpoint_path, batch_size=256):
+    from rotjax import train
+    self.config = config
+    self.variables = variables
+    self.checkpoint_path = checkpoint_path
+    self.num_classes = int(variables['params']['fc']['kernel'].shape[-1])
+    self.class_names = tuple(class_names)
+    self.module = train.build_model(config, self.num_classes)
+    self.batch_size = batch_size
+    self._jitted = {}
+
+  def __repr__(self):
+    return (f'RotjaxModel({self.config.model.name}, stage={self.config.stage}, '
+            f'{self.num_classes} classes, {self.checkpoint_path})')
+
+  @property
+  def image_size(self) -> int:
+    return self.config.data.image_size
+
+  def predict(self, images) -> np.ndarray:
+    """uint8 [H, W, 3] or [B, H, W, 3] -> class probabilities [B, num_classes]."""
+    return self._run('probs', images)
+
+  def logits(self, images) -> np.ndarray:
+    """uint8 image(s) -> logits [B, num_classes]."""
+    return self._run('logits', images)
+
+  def features(self, images, layer: str = 'layer3') -> np.ndarray:
+    """uint8 image(s) -> global-average-pooled features of `layer` [B, channels]."""
+    if layer not in models.LAYER_NAMES:
+      raise ValueError(f'layer={layer!r} is unknown; allowed: {models.LAYER_NAMES}')
+    return self._run(layer, images)
+
+  # -------------------------------------------------------------- internals
+
+  def _apply_fn(self, output: str):
+    if output not in self._jitted:
+      import jax
+      import jax.numpy as jnp
+      from rotjax import preprocess
+
+      def apply(variables, images_BHWC):
+        images = preprocess.preprocess(
+            images_BHWC, jax.random.key(0), train=False, style=self.config.data.preprocess,
+            image_size=self.image_size)
+        logits, feats = self.module.apply(variables, images, train=False)
+        if output == 'logits':
+          return logits
+        if output == 'probs':
+          return jax.nn.softmax(logits, axis=-1)
+        x = feats[output].astype(jnp.float32)
+        return x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))
+      self._jitted[output] = jax.jit(apply)
+    return self._jitted[output]
+
+  def _run(self, output: str, images) -> np.ndarray:
+    images = self.prepare_images(images)
+    fn = self._apply_fn(output)
+    outs = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      # Pad to a power of two: a handful of compiled shapes serves every batch size.
+      padded = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      if padded > len(chunk):
+        chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]),
+                                                chunk.dtype)])
+      outs.append(np.asarray(fn(self.variables, chunk))[:min(self.batch_size,
+                                                            len(images) - start)])
+    return np.concatenate(outs)
+
+  def prepare_images(self, images) -> np.ndarray:
+    """Checks dtype/shape; resizes to the run's stored size like the data loader does."""
+    from rotjax import input_pipeline
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      raise TypeError(f'images must be uint8 (0-255, as decoded from files); got {images.dtype}. '
+                      'Convert with np.clip(x, 0, 255).astype(np.uint8) if they are 0-255 floats.')
+    if images.ndim == 3:
+      images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
+      raise ValueError('images must be RGB [height, width, 3] or [batch, height, width, 3]; '
+                       f'got shape {images.shape}')
+    size = input_pipeline.storage_size(self.config.data)
+    if images.shape[1:3] != (size, size):
+      from PIL import Image
+      images = np.stack([input_pipeline.fit_square(Image.fromarray(im), size) for im in images])
+    return images
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+  """(workdir, checkpoint step dir) for a workdir (best, else latest) or a step dir."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist')
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(parent) in _STEP_PARENTS:
+    return os.path.dirname(parent), path
+  if not os.path.exists(os.path.join(path, 'config.json')):
+    raise FileNotFoundError(f'{path} is not a rotjax run (no config.json) nor a checkpoint '
+                            'directory WORKDIR/checkpoints/<step> or WORKDIR/best/<step>')
+  for sub in ('best', 'checkpoints'):
+    directory = os.path.join(path, sub)
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
+        directory) else []
+    if steps:
+      return path, os.path.join(directory, str(steps[-1]))
+  raise FileNotFoundError(f'{path} has no complete checkpoint under best/ or checkpoints/ '
+                          '(did the run finish its first epoch?)')
+
+
+def restore_variables(step_dir: str) -> dict:
+  """{'params', 'batch_stats'} as host numpy arrays from one Orbax step directory."""
+  import jax
+  import orbax.checkpoint as ocp
+  directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
+  with ocp.CheckpointManager(directory) as manager:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'{step_dir} is not a complete checkpoint (interrupted save?)')
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  return jax.device_get({'params': restored['params'],
+                         'batch_stats': restored.get('batch_stats', {})})
+
+
+def load(path: str, batch_size: int = 256) -> RotjaxModel:
+  """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
+  import ml_collections
+  workdir, step_dir = resolve_checkpoint(path)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  class_names = _class_names(workdir, config)
+  variables = restore_variables(step_dir)
+  return RotjaxModel(config, variables, class_names=class_names, checkpoint_path=step_dir,
+                     batch_size=batch_size)
+
+
+def _class_names(workdir, config):
+  if config.stage == 'pretext':
+    num = config.rotation.num_rotations
+    return tuple(f'{k * 360 // num}deg' for k in range(num))
+  info_path = os.path.join(workdir, 'run_info.json')
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      return tuple(json.load(f).get('class_names', ()))
+  return ()
+
+
+def random_init(config, num_classes: int, seed: int = 0) -> RotjaxModel:
+  """A freshly initialised model of `config`'s architecture (the 'random' baseline)."""
+  import jax
+  from rotjax import train
+  module = train.build_model(config, num_classes)
+  variables = jax.device_get(train.init_variables(module, jax.random.key(seed),
+                                                  config.data.image_size))
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return RotjaxModel(config, variables, class_names=[str(i) for i in range(num_classes)],
+                     checkpoint_path='random-init')

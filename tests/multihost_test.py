@@ -1,0 +1,57 @@
+"""Two processes on localhost (CPU, gloo collectives) train like one process with both devices."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rotjax import metrics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _run(folder, workdir, nproc):
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'multihost_worker.py'), folder,
+                             str(workdir), str(nproc), str(i), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for i in range(nproc)]
+  try:
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+# Opt-in: on the shared 2-core CPU the two processes drift apart by more than the
+# 30 s Gloo context deadline during compilation (GetKeyValue DEADLINE_EXCEEDED at
+# Orbax's first barrier), and the process shut-down can hang; see README.
+@pytest.mark.skipif(not os.environ.get('ROTJAX_MULTIHOST_TEST'),
+                    reason='set ROTJAX_MULTIHOST_TEST=1 (needs free cores; minutes on CPU)')
+def test_two_processes_match_one_process(image_folder, tmp_path):
+  _run(image_folder, tmp_path / 'one', 1)
+  _run(image_folder, tmp_path / 'two', 2)
+  one = metrics.read_metrics(str(tmp_path / 'one'))
+  two = metrics.read_metrics(str(tmp_path / 'two'))
+  assert [r['epoch'] for r in two] == [1, 2]
+  for a, b in zip(one, two):
+    for key in ('train_loss', 'val_loss', 'test_loss', 'val_accuracy', 'test_accuracy'):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # Process 0 alone wrote the logs; Orbax committed the checkpoints once.
+  assert os.path.exists(tmp_path / 'two' / 'config.json')
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == sorted(
+      os.listdir(tmp_path / 'one' / 'checkpoints'))
