@@ -110,7 +110,8 @@ def run_config(config, run: Run) -> ml_collections.ConfigDict:
   settings = config.datasets[run.dataset]
   rc.model.stem = settings.stem
   rc.data.dataset = run.dataset
-  for key in ('source', 'preprocess', 'image_size'):
-    rc.data[key] = settings[key]
+  for key, value in settings.items():   # every other entry is a data field (source, test_split...)
+    if key != 'stem':
+      rc.data[key] = value
   rc.data.samples_per_class = run.samples_per_class
   return rc

@@ -245,7 +245,7 @@ def peak_flops(backend_devices) -> tuple[float | None, str]:
     # Zen 4 runs AVX-512 on 256-bit pipes, so it gets the AVX2 figure; we report that lower bound.
     flops_per_cycle = 2 * 8 * 2
     return cores * mhz * 1e6 * flops_per_cycle, (
-        f'{cores} cores x {mhz:.0f} MHz x {flops_per_cycle} fp32 flops/cycle'
+        f"{cores} cores x {mhz:.0f} MHz (cpuinfo) x {flops_per_cycle} fp32 flops/cycle"
         + (' (AVX-512 on 256-bit pipes assumed)' if avx512 else ''))
   except Exception:
     return None, 'unknown'
@@ -263,9 +263,9 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--eval_batch', type=int, default=256)
   parser.add_argument('--width', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=3, help='timed steps per repeat')
+  parser.add_argument('--steps', type=int, default=2, help='timed steps per repeat')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--loop_steps', type=int, default=10, help='steps per epoch of the real loop')
+  parser.add_argument('--loop_steps', type=int, default=6, help='steps per epoch of the real loop')
   parser.add_argument('--json', default='benchmark.json')
   args = parser.parse_args()
   if args.worker:
