@@ -9,7 +9,7 @@ from rotjax import rotation
 
 STAGES = ('pretext', 'finetune', 'supervised')
 ROTATION_MODES = ('all', 'random')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('auto', 'float32', 'bfloat16')
 
 
 def _require(ok: bool, message: str) -> None:

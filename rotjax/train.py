@@ -105,10 +105,18 @@ def num_outputs(config, dataset) -> int:
   return config.rotation.num_rotations if config.stage == 'pretext' else dataset.num_classes
 
 
+def compute_dtype(name: str):
+  """'auto' is bfloat16 on accelerators (mixed precision; params and BN stats stay float32)
+  and float32 on the CPU, where bfloat16 is an opt-in (see README, Performance)."""
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return jnp.dtype(name)
+
+
 def build_model(config, num_classes: int, frozen=()):
   return models.create_model(
       config.model.name, num_classes=num_classes, width=config.model.width,
-      stem=config.model.stem, dtype=jnp.dtype(config.model.dtype), frozen=frozen,
+      stem=config.model.stem, dtype=compute_dtype(config.model.dtype), frozen=frozen,
       axis_name='batch' if config.model.sync_bn else None)
 
 
