@@ -19,6 +19,10 @@ import orbax.checkpoint as ocp
 LATEST, BEST = 'checkpoints', 'best'
 
 
+class CheckpointWriteError(OSError):
+  """A step could not be written (disk full, permissions); earlier steps are untouched."""
+
+
 class Checkpoints:
   """The run's two managers. Saves unreplicated state dicts."""
 
@@ -46,10 +50,11 @@ class Checkpoints:
       if is_best:
         self.best.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
       self.wait()
-    except OSError as e:
-      raise OSError(e.errno, f'cannot write checkpoint step {step} under '
-                    f'{os.path.dirname(str(self.latest.directory))} ({e}); the earlier '
-                    'checkpoints are intact: free space or fix permissions and rerun') from e
+    except Exception as e:  # Disk full reaches here as tensorstore's ValueError, not OSError.
+      raise CheckpointWriteError(
+          f'cannot write checkpoint step {step} under '
+          f'{os.path.dirname(str(self.latest.directory))} ({type(e).__name__}: {e}); the '
+          'earlier checkpoints are intact: free space or fix permissions and rerun') from e
 
   def latest_row(self) -> dict | None:
     """The metrics row saved with the latest step (None for checkpoints without one)."""

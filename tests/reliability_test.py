@@ -90,22 +90,52 @@ def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, refere
   assert _rows(workdir) == ref_rows
 
 
-def test_checkpoint_write_failure_is_loud_and_keeps_earlier_ones(make_config, reference, tmp_path,
-                                                                 monkeypatch):
-  _, ref_rows, steps_per_epoch = reference
+# What a full disk raises: tensorstore's error (seen on a 1.8 MB tmpfs), or the OS's.
+WRITE_ERRORS = [ValueError('RESOURCE_EXHAUSTED: Error writing "params.fc.kernel/0" in OCDBT '
+                           'database: Failed to write 113767 bytes to file'),
+                OSError(errno.ENOSPC, 'No space left on device'),
+                PermissionError(errno.EACCES, 'Permission denied')]
+
+
+def _fail_after(step_limit, error, monkeypatch):
+  """Makes Orbax saves of steps > step_limit leave a partial step and raise `error`."""
   original = ocp.CheckpointManager.save
 
-  def disk_full(self, step, *args, **kwargs):
-    if step <= steps_per_epoch:
+  def failing(self, step, *args, **kwargs):
+    if step <= step_limit:
       return original(self, step, *args, **kwargs)
-    # A partly written step, then the write fails, as on a full disk.
-    os.makedirs(os.path.join(str(self.directory), f'{step}.orbax-checkpoint-tmp-1', 'default'))
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full)
+    os.makedirs(os.path.join(str(self.directory), f'{step}.orbax-checkpoint-tmp', 'default'))
+    raise error
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', failing)
+
+
+@pytest.mark.parametrize('error', WRITE_ERRORS, ids=['tensorstore', 'enospc', 'permission'])
+def test_write_error_names_step_and_keeps_earlier_step(tmp_path, monkeypatch, error):
+  state = {'params': {'w': np.arange(4, dtype=np.float32)}, 'step': np.asarray(1, np.int32)}
+  manager = checkpoint.Checkpoints(str(tmp_path))
+  manager.save(1, state, is_best=True, row={'epoch': 1})
+  _fail_after(1, error, monkeypatch)
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=f'cannot write checkpoint step 2 under {tmp_path} '
+                           f'\\({type(error).__name__}: .*earlier checkpoints are intact'):
+    manager.save(2, {'params': {'w': np.zeros(4, np.float32)}, 'step': np.asarray(2, np.int32)}, is_best=True)
+  restored = manager.restore_latest(state)
+  np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
+  assert manager.latest_row() == {'epoch': 1}
+  manager.close()
+
+
+def test_checkpoint_write_failure_mid_run_keeps_earlier_ones(make_config, reference, tmp_path,
+                                                             monkeypatch):
+  _, ref_rows, steps_per_epoch = reference
+  error = WRITE_ERRORS[0]
+  original = ocp.CheckpointManager.save
+  _fail_after(steps_per_epoch, error, monkeypatch)
   workdir = tmp_path / 'run'
   config = make_config('supervised', workdir, num_epochs=2)
-  with pytest.raises(OSError, match=f'cannot write checkpoint step {2 * steps_per_epoch} .*'
-                                    'No space left on device.*earlier checkpoints are intact'):
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match=f'cannot write checkpoint step {2 * steps_per_epoch} .*'
+                           f'{type(error).__name__}.*earlier checkpoints are intact'):
     train.train_and_evaluate(config)
   assert _steps(workdir) == [steps_per_epoch]
   assert [r['epoch'] for r in _rows(workdir)] == [1]   # No row for the unsaved epoch.
