@@ -56,6 +56,13 @@ class Checkpoints:
           f'{os.path.dirname(str(self.latest.directory))} ({type(e).__name__}: {e}); the '
           'earlier checkpoints are intact: free space or fix permissions and rerun') from e
 
+  def ensure_best(self, step: int, state) -> None:
+    """Writes `state` (the restored, best step) to best/ if a kill fell between the two saves."""
+    if (self.best.latest_step() or -1) < step:
+      logging.info('best/ lacks step %d (interrupted save): writing it again', step)
+      self.best.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      self.best.wait_until_finished()
+
   def latest_row(self) -> dict | None:
     """The metrics row saved with the latest step (None for checkpoints without one)."""
     step = self.latest.latest_step()

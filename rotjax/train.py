@@ -177,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   start_epoch = int(state.step) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
   history = _recover_last_row(log, ckpt, start_epoch)
+  if restored is not None and history and summarize(history)['best_epoch'] == start_epoch:
+    ckpt.ensure_best(int(state.step), state)
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total)
 

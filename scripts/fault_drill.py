@@ -8,7 +8,9 @@ random moment (odd drills: while a checkpoint is being written), reruns the same
 command to completion and compares its metrics.jsonl with the reference. Timing
 columns aside, the rows must be bit-identical: data order and random numbers are
 keyed on (seed, epoch, step) and a resume restores the exact float32 state.
-Without --source a small image folder is generated. A few minutes on 2 CPU cores.
+Columns: the committed checkpoint steps, uncommitted (tmp) step directories and
+metrics rows the kill left, and the step the rerun resumed from. Without --source
+a small image folder is generated. A few minutes on 2 CPU cores.
 """
 import argparse
 import glob
@@ -149,7 +151,8 @@ def main():
   reference = read_rows(ref_dir)
   print(f'reference: {len(reference)} epochs in {ref_seconds:.1f}s, final val_loss '
         f'{reference[-1]["val_loss"]:.6f}, workdirs under {base}')
-  header = f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"rows":>4}  {"resumed from":<12} result'
+  header = (f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"tmp":>3} {"rows":>4}  '
+            f'{"resumed from":<12} result')
   print(header)
   print('-' * len(header))
   identical = 0
@@ -161,6 +164,7 @@ def main():
       mode, at = 'ckpt-write', rng.randint(1, args.epochs)
     killed = run_and_kill(args, workdir, env, mode, at)
     steps, rows_at_kill = committed_steps(workdir), len(read_rows(workdir))
+    partial = len(tmp_checkpoints(workdir))
     _, log = run_to_end(args, workdir, env)
     rows = read_rows(workdir)
     same = rows == reference
@@ -170,8 +174,8 @@ def main():
     else:
       diff = [k for a, b in zip(rows, reference) for k in a if a.get(k) != b.get(k)]
       result = f'DIFFERENT ({len(rows)} rows; keys {sorted(set(diff))})'
-    print(f'{i:>3}  {killed:<30} {str(steps):<20} {rows_at_kill:>4}  {resumed_from(log):<12} {result}',
-          flush=True)
+    print(f'{i:>3}  {killed:<30} {str(steps):<20} {partial:>3} {rows_at_kill:>4}  '
+          f'{resumed_from(log):<12} {result}', flush=True)
   print(f'{identical}/{args.runs} finished identical to the reference')
   sys.exit(0 if identical == args.runs else 1)
 

@@ -63,6 +63,22 @@ def test_kill_between_commit_and_metrics_row_loses_no_row(make_config, reference
   assert summary['epochs'] == 2
 
 
+def test_kill_between_latest_and_best_commit_rewrites_best(make_config, reference, tmp_path):
+  ref_dir, _, steps_per_epoch = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(ref_dir, workdir)
+  rows = metrics.read_metrics(str(workdir))
+  rows[-1]['val_accuracy'] = 2.0   # Make the last epoch the best one...
+  open(workdir / 'metrics.jsonl', 'w').writelines(json.dumps(r) + '\n' for r in rows)
+  shutil.rmtree(workdir / 'best')  # ...whose best/ save the kill prevented.
+  config = make_config('supervised', workdir, num_epochs=2)
+  train.train_and_evaluate(config)
+  assert _steps(workdir, 'best') == [2 * steps_per_epoch]
+  best = checkpoint.load_variables(str(workdir))['params']
+  latest = _restore_latest(config, workdir).params
+  np.testing.assert_array_equal(best['fc']['kernel'], latest['fc']['kernel'])
+
+
 def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, reference, tmp_path,
                                                              monkeypatch):
   _, ref_rows, steps_per_epoch = reference
