@@ -2,12 +2,14 @@ r"""Kill -9 drill: interrupted-and-resumed runs must end with the reference metr
 
   python scripts/fault_drill.py [--runs 4] [--seed 0] [--epochs 3] [--source folder:PATH]
 
-Runs a tiny CLI training uninterrupted (the reference), then --runs times:
-starts the same command in a fresh workdir, kills it with SIGKILL at a seeded
-random moment (odd drills: while a checkpoint is being written), reruns the same
-command to completion and compares its metrics.jsonl with the reference. Timing
-columns aside, the rows must be bit-identical: data order and random numbers are
-keyed on (seed, epoch, step) and a resume restores the exact float32 state.
+Runs a tiny CLI training uninterrupted (the reference), then --runs times: starts
+the same command in a fresh workdir, kills it with SIGKILL at a seeded random
+moment of its training (odd drills: any point of the training, evaluation or
+checkpoint writes, startup aside) or while its k-th checkpoint write is in flight
+(even drills, k seeded), reruns the same command to completion and compares its
+metrics.jsonl with the reference. Timing columns aside, the rows must be
+bit-identical: data order and random numbers are keyed on (seed, epoch, step) and
+a resume restores the exact float32 state.
 Columns: the committed checkpoint steps, uncommitted (tmp) step directories and
 metrics rows the kill left, and the step the rerun resumed from. Without --source
 a small image folder is generated. A few minutes on 2 CPU cores.
@@ -79,13 +81,22 @@ def tmp_checkpoints(workdir):
   return set(glob.glob(os.path.join(workdir, '*', '*.orbax-checkpoint-tmp*')))
 
 
+def training_seconds(workdir) -> float:
+  """From run_info.json (written just before the first step) to summary.json (the end)."""
+  mtime = lambda name: os.path.getmtime(os.path.join(workdir, name))
+  return mtime('summary.json') - mtime('run_info.json')
+
+
 def run_and_kill(args, workdir, env, mode, at) -> str:
-  """Starts the run and SIGKILLs it at `at` seconds, or at the at-th checkpoint write seen."""
+  """Starts the run and SIGKILLs it `at` seconds into training (time: startup, imports and
+  compilation aside), or at the at-th checkpoint write seen (ckpt-write)."""
   proc = subprocess.Popen(command(args, workdir), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  t0, seen = time.time(), set()
+  t0, seen, started = time.time(), set(), None
   while proc.poll() is None:
-    if mode == 'time' and time.time() - t0 >= at:
+    if mode == 'time' and started is None and os.path.exists(os.path.join(workdir, 'run_info.json')):
+      started = time.time()
+    if mode == 'time' and started is not None and time.time() - started >= at:
       break
     if mode == 'ckpt-write':
       seen |= tmp_checkpoints(workdir)
@@ -97,7 +108,8 @@ def run_and_kill(args, workdir, env, mode, at) -> str:
     return f'finished first ({time.time() - t0:.1f}s)'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  what = f'{time.time() - t0:.1f}s' if mode == 'time' else f'write #{at} ({time.time() - t0:.1f}s)'
+  what = (f'{at:.2f}s into training' if mode == 'time'
+          else f'write #{at} ({time.time() - t0:.1f}s)')
   return f'killed at {what}'
 
 
@@ -148,9 +160,10 @@ def main():
   run_to_end(args, os.path.join(base, 'warmup'), env)
   ref_dir = os.path.join(base, 'reference')
   ref_seconds, _ = run_to_end(args, ref_dir, env)
+  train_seconds = training_seconds(ref_dir)
   reference = read_rows(ref_dir)
-  print(f'reference: {len(reference)} epochs in {ref_seconds:.1f}s, final val_loss '
-        f'{reference[-1]["val_loss"]:.6f}, workdirs under {base}')
+  print(f'reference: {len(reference)} epochs in {ref_seconds:.1f}s ({train_seconds:.1f}s '
+        f'training), final val_loss {reference[-1]["val_loss"]:.6f}, workdirs under {base}')
   header = (f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"tmp":>3} {"rows":>4}  '
             f'{"resumed from":<12} result')
   print(header)
@@ -159,7 +172,7 @@ def main():
   for i in range(1, args.runs + 1):
     workdir = os.path.join(base, f'drill-{i}')
     if i % 2:
-      mode, at = 'time', rng.uniform(0.5, 0.95 * ref_seconds)
+      mode, at = 'time', rng.uniform(0, train_seconds)
     else:
       mode, at = 'ckpt-write', rng.randint(1, args.epochs)
     killed = run_and_kill(args, workdir, env, mode, at)
