@@ -134,7 +134,7 @@ def test_write_error_names_step_and_keeps_earlier_step(tmp_path, monkeypatch, er
   with pytest.raises(checkpoint.CheckpointWriteError,
                      match=f'cannot write checkpoint step 2 under {tmp_path} '
                            f'\\({type(error).__name__}: .*earlier checkpoints are intact'):
-    manager.save(2, {'params': {'w': np.zeros(4, np.float32)}, 'step': np.asarray(2, np.int32)}, is_best=True)
+    manager.save(2, dict(state, params={'w': np.zeros(4, np.float32)}), is_best=True)
   restored = manager.restore_latest(state)
   np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
   assert manager.latest_row() == {'epoch': 1}
