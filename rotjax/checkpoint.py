@@ -3,7 +3,10 @@
 workdir/checkpoints/<step>  the latest few (resume from here)
 workdir/best/<step>         the best on validation accuracy (init_from reads this)
 Orbax writes each step to a temporary directory and renames it on commit, so a
-run killed mid-write leaves no step that restore could mistake for a whole one.
+run killed mid-write leaves no step that restore could mistake for a whole one
+(the leftover `<step>.orbax-checkpoint-tmp-*` is ignored, then cleaned up).
+Each latest step also carries its epoch's metrics row, so a run killed between
+the commit and the metrics.jsonl append loses no row on resume.
 """
 import logging
 import os
@@ -16,6 +19,10 @@ import orbax.checkpoint as ocp
 LATEST, BEST = 'checkpoints', 'best'
 
 
+class CheckpointWriteError(OSError):
+  """A step could not be written (disk full, permissions); earlier steps are untouched."""
+
+
 class Checkpoints:
   """The run's two managers. Saves unreplicated state dicts."""
 
@@ -23,16 +30,46 @@ class Checkpoints:
     workdir = os.path.abspath(workdir)
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, BEST),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             cleanup_tmp_directories=True))
 
-  def save(self, step: int, state, is_best: bool) -> None:
+  def save(self, step: int, state, is_best: bool, row: dict | None = None) -> None:
+    """Writes `step` and returns once it is committed; an error names the step and path.
+
+    Waiting (instead of overlapping the write with the next epoch) is what lets
+    the caller append the metrics row only for committed steps.
+    """
     item = flax.serialization.to_state_dict(state)
-    self.latest.save(step, args=ocp.args.StandardSave(item))
-    if is_best:
-      self.best.save(step, args=ocp.args.StandardSave(item))
+    meta = {'metrics_row': row} if row is not None else None
+    try:
+      self.latest.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
+      if is_best:
+        self.best.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
+      self.wait()
+    except Exception as e:  # Disk full reaches here as tensorstore's ValueError, not OSError.
+      raise CheckpointWriteError(
+          f'cannot write checkpoint step {step} under '
+          f'{os.path.dirname(str(self.latest.directory))} ({type(e).__name__}: {e}); the '
+          'earlier checkpoints are intact: free space or fix permissions and rerun') from e
+
+  def ensure_best(self, step: int, state) -> None:
+    """Writes `state` (the restored, best step) to best/ if a kill fell between the two saves."""
+    if (self.best.latest_step() or -1) < step:
+      logging.info('best/ lacks step %d (interrupted save): writing it again', step)
+      self.best.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      self.best.wait_until_finished()
+
+  def latest_row(self) -> dict | None:
+    """The metrics row saved with the latest step (None for checkpoints without one)."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    meta = self.latest.metadata(step).custom_metadata or {}
+    return meta.get('metrics_row')
 
   def restore_latest(self, state):
     """`state` restored from the latest complete step, or None if there is none."""

@@ -1,6 +1,10 @@
 """Config checks that run before any compute, each naming the field and what is allowed."""
 import os
 
+import jax
+import jax.numpy as jnp
+
+from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import models
 from rotjax import optim
@@ -53,18 +57,42 @@ def check_config(config) -> None:
            'batch_size and eval_batch_size must be >= 1')
   _require(config.log_every_steps >= 1, 'log_every_steps must be >= 1')
   if config.init_from:
-    _require(os.path.isdir(os.path.expanduser(config.init_from)),
-             f'init_from={config.init_from} does not exist')
+    _check_init_from(config.init_from)
+  _check_trainable(config)
   _check_writable(config.workdir)
 
 
+def _check_init_from(init_from: str) -> None:
+  """A rotjax run: a directory with a committed step under checkpoints/ or best/."""
+  path = os.path.abspath(os.path.expanduser(init_from))
+  _require(os.path.isdir(path), f'init_from={init_from} does not exist')
+  steps = [d for sub in ('best', 'checkpoints') if os.path.isdir(os.path.join(path, sub))
+           for d in os.listdir(os.path.join(path, sub)) if d.isdigit()]
+  _require(bool(steps), f'init_from={init_from} is not a rotjax run: it has no complete '
+           'checkpoint under checkpoints/ or best/ (pass the workdir of a finished stage)')
+
+
+def _check_trainable(config) -> None:
+  """`trainable` names against the model's parameter tree: shapes only, no compute."""
+  model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
+                              stem=config.model.stem)
+  size = config.data.image_size
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                             train=False))
+  freeze.check_trainable(shapes['params'], config.trainable)
+
+
 def _check_writable(workdir: str) -> None:
+  """Creates workdir and a file in it: os.access says yes to root even on read-only mounts."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  parent = workdir
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  target = workdir if os.path.isdir(workdir) else parent
-  _require(os.access(target, os.W_OK | os.X_OK), f'workdir={workdir} cannot be written')
+  probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir={workdir} cannot be written: {e}') from e
 
 
 def check_batch(config, num_devices: int) -> None:

@@ -123,7 +123,12 @@ def decode_files(files, labels, size, skip_bad_files=False, threads=None):
     logging.warning('skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
                     len(bad), bad[:3])
   if not keep:
-    raise ValueError('no readable images among %d files' % len(files))
+    raise ValueError(f'no readable images among {len(files)} files, e.g. {files[:3]}')
+  emptied = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
+  if emptied:
+    # A class with no images left would still get an output unit and never be seen.
+    folder = os.path.dirname(files[labels.tolist().index(emptied[0])])
+    raise ValueError(f'every image of class folder {folder} is unreadable')
   images = np.stack([decoded[i] for i in keep])
   return images, labels[keep]
 

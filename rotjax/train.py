@@ -184,7 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     logging.info('resuming %s from step %d', workdir, int(state.step))
   start_epoch = int(state.step) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
-  history = log.read()
+  history = _recover_last_row(log, ckpt, start_epoch)
+  if restored is not None and history and summarize(history)['best_epoch'] == start_epoch:
+    ckpt.ensure_best(int(state.step), state)
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total)
 
@@ -236,7 +238,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
            'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9)}
     is_best = val['accuracy'] > best_val
     best_val = max(best_val, val['accuracy'])
-    ckpt.save(epoch * steps_per_epoch, jax.device_get(parallel.unreplicate(state)), is_best)
+    # The row goes into the checkpoint too and into metrics.jsonl only once the
+    # checkpoint is committed: the log never claims an epoch a rerun would redo.
+    ckpt.save(epoch * steps_per_epoch, jax.device_get(parallel.unreplicate(state)), is_best, row)
     log.write(row)
     history.append(row)
     bar.close(row)
@@ -260,6 +264,18 @@ def summarize(history: list[dict]) -> dict:
           'train_seconds': sum(r['train_seconds'] for r in history),
           'wall_seconds': sum(r['epoch_seconds'] for r in history),
           'images_per_second': float(np.median([r['images_per_second'] for r in history]))}
+
+
+def _recover_last_row(log, ckpt, start_epoch: int) -> list[dict]:
+  """metrics.jsonl rows up to start_epoch, re-appending the checkpointed epoch's row if a
+  kill fell between the checkpoint's commit and the append."""
+  history = log.read()
+  if start_epoch and (not history or history[-1]['epoch'] < start_epoch):
+    row = ckpt.latest_row()
+    if row is not None and row.get('epoch') == start_epoch:
+      log.write(row)
+      history.append(row)
+  return history
 
 
 def _check_finite(fetched, epoch, step):

@@ -75,3 +75,63 @@ def test_empty_class_and_mismatched_classes_are_errors(tmp_path):
     input_pipeline.list_folder_split(str(tmp_path), 'train')
   with pytest.raises(ValueError, match='unknown'):
     input_pipeline.parse_source('http://x')
+
+
+def _folder(root, layout):
+  """layout: {'train/a': ['x.png', 'bad.jpg', ...]}; *.png are images, anything else is junk."""
+  for folder, names in layout.items():
+    os.makedirs(root / folder, exist_ok=True)
+    for name in names:
+      if name.endswith('.png'):
+        Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(root / folder / name)
+      else:
+        (root / folder / name).write_bytes(b'not an image')
+  return root
+
+
+def _data_config(root, **overrides):
+  config = tiny_config('supervised', root / 'run', str(root))
+  for key, value in overrides.items():
+    config.data[key] = value
+  return config.data
+
+
+def test_non_image_file_is_named(tmp_path):
+  _folder(tmp_path, {'train/a': ['0.png', 'notes.txt'], 'test/a': ['0.png']})
+  with pytest.raises(ValueError, match=r'cannot read image .*notes.txt.*skip_bad_files=True'):
+    input_pipeline.load_dataset(_data_config(tmp_path, val_fraction=0.0))
+
+
+def test_skipped_files_are_counted_in_a_warning(tmp_path, caplog):
+  _folder(tmp_path, {'train/a': ['0.png', '1.png', 'x.jpg'], 'train/b': ['0.png', 'y.jpg'],
+                     'test/a': ['0.png'], 'test/b': ['0.png']})
+  with caplog.at_level('WARNING'):
+    ds = input_pipeline.load_dataset(_data_config(tmp_path, val_fraction=0.0, skip_bad_files=True))
+  assert len(ds.train) == 3 and ds.class_names == ('a', 'b')
+  assert 'skipped 2 unreadable files' in caplog.text and 'x.jpg' in caplog.text
+
+
+def test_class_with_only_bad_files_is_an_error_even_when_skipping(tmp_path):
+  _folder(tmp_path, {'train/a': ['0.png'], 'train/b': ['x.jpg']})
+  with pytest.raises(ValueError, match=r'every image of class folder .*train/b is unreadable'):
+    input_pipeline.load_folder_split(str(tmp_path), 'train', 8, skip_bad_files=True)
+
+
+def test_class_names_differing_between_splits_are_an_error(tmp_path):
+  _folder(tmp_path, {'train/cat': ['0.png'], 'train/dog': ['0.png'],
+                     'test/cat': ['0.png'], 'test/dgo': ['0.png']})
+  with pytest.raises(ValueError, match=r"class names differ between splits 'train' \('cat', 'dog'\) "
+                                       r"and 'test' \('cat', 'dgo'\)"):
+    input_pipeline.load_dataset(_data_config(tmp_path))
+
+
+@pytest.mark.parametrize('layout,message', [
+    ({'train/a': ['0.png'], 'test': []}, r'split folder .*test has no class sub-folders'),
+    ({'train/a': ['0.png'], 'test/a': []}, r'class folder .*test/a is empty'),
+    ({'train/a': ['0.png'], 'test/a': ['.DS_Store']}, r'class folder .*test/a is empty'),
+    ({'train/a': ['0.png']}, r"data.source folder has no split 'test'"),
+], ids=['no_classes', 'empty_class', 'only_hidden_files', 'missing_split'])
+def test_split_without_images_is_an_error(tmp_path, layout, message):
+  _folder(tmp_path, layout)
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    input_pipeline.load_dataset(_data_config(tmp_path))

@@ -1,0 +1,197 @@
+r"""Kill -9 drill: interrupted-and-resumed runs must end with the reference metrics.
+
+  python scripts/fault_drill.py [--runs 4] [--seed 0] [--epochs 3] [--source folder:PATH]
+
+Runs a tiny CLI training uninterrupted (the reference), then --runs times: starts
+the same command in a fresh workdir, kills it with SIGKILL at a seeded random
+moment of its training (odd drills: any point of the training, evaluation or
+checkpoint writes, startup aside) or while its k-th checkpoint write is in flight
+(even drills, k seeded), reruns the same command to completion and compares its
+metrics.jsonl with the reference. Timing columns aside, the rows must be
+bit-identical: data order and random numbers are keyed on (seed, epoch, step) and
+a resume restores the exact float32 state.
+Columns: the committed checkpoint steps, uncommitted (tmp) step directories and
+metrics rows the kill left, and the step the rerun resumed from. Without --source
+a small image folder is generated. A few minutes on 2 CPU cores.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
+
+
+def make_folder(root: str, per_class=(24, 8), size=16, seed=0) -> str:
+  """train/ and test/ with three classes of noisy patterns (enough to learn something)."""
+  rng = np.random.default_rng(seed)
+  for split, count in zip(('train', 'test'), per_class):
+    for c, name in enumerate(('dots', 'bars', 'plain')):
+      os.makedirs(os.path.join(root, split, name), exist_ok=True)
+      for i in range(count):
+        image = rng.integers(0, 80, (size, size, 3))
+        image[:, c::4] += 150
+        image[: size // 4, : size // 8] = 255   # asymmetric marker
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(root, split, name, f'{i}.png'))
+  return root
+
+
+def command(args, workdir):
+  return [sys.executable, '-m', 'rotjax.main', f'--config={args.config}',
+          f'--config.workdir={workdir}', f'--config.data.source={args.source}',
+          f'--config.num_epochs={args.epochs}', '--config.data.image_size=16',
+          '--config.model.width=4', '--config.batch_size=8', '--config.eval_batch_size=8',
+          '--config.data.val_fraction=0.25', '--config.data.max_train_images=0',
+          '--config.data.max_eval_images=0', '--config.log_every_steps=1',
+          f'--config.data.cache_dir={os.path.join(workdir, "cache")}']
+
+
+def environment(cache_dir):
+  env = dict(os.environ)
+  env.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  env['JAX_PLATFORMS'] = env.get('JAX_PLATFORMS', 'cpu')
+  # Shared compilation cache: each of the many short runs would otherwise recompile.
+  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+def run_to_end(args, workdir, env) -> tuple[float, str]:
+  t0 = time.time()
+  proc = subprocess.run(command(args, workdir), cwd=ROOT, env=env, capture_output=True, text=True)
+  if proc.returncode:
+    sys.exit(f'run in {workdir} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}')
+  return time.time() - t0, proc.stderr
+
+
+def tmp_checkpoints(workdir):
+  """Orbax's uncommitted step directories: `<step>.orbax-checkpoint-tmp[-<time>]`."""
+  return set(glob.glob(os.path.join(workdir, '*', '*.orbax-checkpoint-tmp*')))
+
+
+def training_seconds(workdir) -> float:
+  """From run_info.json (written just before the first step) to summary.json (the end)."""
+  mtime = lambda name: os.path.getmtime(os.path.join(workdir, name))
+  return mtime('summary.json') - mtime('run_info.json')
+
+
+def run_and_kill(args, workdir, env, mode, at) -> str:
+  """Starts the run and SIGKILLs it `at` seconds into training (time: startup, imports and
+  compilation aside), or at the at-th checkpoint write seen (ckpt-write)."""
+  proc = subprocess.Popen(command(args, workdir), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  t0, seen, started = time.time(), set(), None
+  while proc.poll() is None:
+    if mode == 'time' and started is None and os.path.exists(os.path.join(workdir, 'run_info.json')):
+      started = time.time()
+    if mode == 'time' and started is not None and time.time() - started >= at:
+      break
+    if mode == 'ckpt-write':
+      seen |= tmp_checkpoints(workdir)
+      if len(seen) >= at:
+        break
+    if mode == 'time':
+      time.sleep(0.005)   # A checkpoint write lasts ~0.1 s: poll for it without sleeping.
+  if proc.poll() is not None:
+    return f'finished first ({time.time() - t0:.1f}s)'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  what = (f'{at:.2f}s into training' if mode == 'time'
+          else f'write #{at} ({time.time() - t0:.1f}s)')
+  return f'killed at {what}'
+
+
+def committed_steps(workdir):
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def read_rows(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  for line in open(path):
+    try:
+      rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING})
+    except json.JSONDecodeError:
+      rows.append({'torn line': line})
+  return rows
+
+
+def resumed_from(log: str) -> str:
+  for line in log.splitlines():
+    if 'resuming' in line and 'from step' in line:
+      return line.rsplit('from step', 1)[1].strip()
+  return 'scratch'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--runs', type=int, default=4)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--epochs', type=int, default=3)
+  parser.add_argument('--config', default='configs/supervised.py:smoke')
+  parser.add_argument('--source', default='', help='folder:PATH (default: a generated folder)')
+  parser.add_argument('--workdir', default='', help='where the runs go (default: a temp dir)')
+  args = parser.parse_args()
+  base = args.workdir or tempfile.mkdtemp(prefix='rotjax-fault-drill-')
+  os.makedirs(base, exist_ok=True)
+  if not args.source:
+    args.source = 'folder:' + make_folder(os.path.join(base, 'images'))
+  env = environment(os.path.join(base, 'jit-cache'))
+  rng = random.Random(args.seed)
+
+  # The first run fills the compilation cache; the second, timed, sets the kill window.
+  run_to_end(args, os.path.join(base, 'warmup'), env)
+  ref_dir = os.path.join(base, 'reference')
+  ref_seconds, _ = run_to_end(args, ref_dir, env)
+  train_seconds = training_seconds(ref_dir)
+  reference = read_rows(ref_dir)
+  print(f'reference: {len(reference)} epochs in {ref_seconds:.1f}s ({train_seconds:.1f}s '
+        f'training), final val_loss {reference[-1]["val_loss"]:.6f}, workdirs under {base}')
+  header = (f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"tmp":>3} {"rows":>4}  '
+            f'{"resumed from":<12} result')
+  print(header)
+  print('-' * len(header))
+  identical = 0
+  for i in range(1, args.runs + 1):
+    workdir = os.path.join(base, f'drill-{i}')
+    if i % 2:
+      mode, at = 'time', rng.uniform(0, train_seconds)
+    else:
+      mode, at = 'ckpt-write', rng.randint(1, args.epochs)
+    killed = run_and_kill(args, workdir, env, mode, at)
+    steps, rows_at_kill = committed_steps(workdir), len(read_rows(workdir))
+    partial = len(tmp_checkpoints(workdir))
+    _, log = run_to_end(args, workdir, env)
+    rows = read_rows(workdir)
+    same = rows == reference
+    identical += same
+    if same:
+      result = 'identical'
+    else:
+      diff = [k for a, b in zip(rows, reference) for k in a if a.get(k) != b.get(k)]
+      result = f'DIFFERENT ({len(rows)} rows; keys {sorted(set(diff))})'
+    print(f'{i:>3}  {killed:<30} {str(steps):<20} {partial:>3} {rows_at_kill:>4}  '
+          f'{resumed_from(log):<12} {result}', flush=True)
+  print(f'{identical}/{args.runs} finished identical to the reference')
+  sys.exit(0 if identical == args.runs else 1)
+
+
+if __name__ == '__main__':
+  main()
