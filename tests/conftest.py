@@ -65,6 +65,8 @@ def tiny_config(stage: str, workdir, source: str, **overrides):
   config.data.max_eval_images = 0
   config.data.val_fraction = 0.25
   config.model.width = 4
+  # float32 so equality tests are tight; the bf16 default runs in imagenette/study tests.
+  config.model.dtype = 'float32'
   config.batch_size = 8
   config.eval_batch_size = 8
   for key, value in overrides.items():

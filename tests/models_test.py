@@ -48,3 +48,13 @@ def test_bad_inputs_are_named():
   model = models.create_model('resnet18', width=4)
   with pytest.raises(ValueError, match=r'\[batch, height, width, 3\]'):
     model.init(jax.random.key(0), jnp.zeros((1, 32, 32)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_statistics():
+  model = models.create_model('resnet18', num_classes=4, width=4, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  (logits, feats), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert feats['layer4'].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  for leaf in jax.tree.leaves(variables['params']) + jax.tree.leaves(updates['batch_stats']):
+    assert leaf.dtype == jnp.float32
