@@ -12,20 +12,10 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config'])
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of orbax and friends from the absl log (warnings still show)."""
-  NOISY = ('/orbax/', '/etils/', '/tensorflow_datasets/')
-
-  def filter(self, record):
-    import logging as std_logging
-    return record.levelno >= std_logging.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  platform.quiet_library_logs()
   import jax  # After platform.configure(): XLA flags must be set before jax starts.
   from rotjax import parallel
   parallel.initialize_distributed(FLAGS.config.distributed)  # Before anything touches devices.

@@ -1,5 +1,6 @@
 """Process-level settings that must be in place before JAX starts (XLA flags)."""
 import importlib.metadata
+import logging
 import os
 
 # jaxlib 0.10 lowers every convolution to a YNNPACK fusion whose gradients are
@@ -28,3 +29,17 @@ def configure() -> None:
   if flags and flags.split('=')[0] not in current:
     # Only the CPU backend reads --xla_cpu_* flags; GPU runs are unaffected.
     os.environ['XLA_FLAGS'] = (current + ' ' + flags).strip()
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax and friends from the absl log (warnings still show)."""
+  NOISY = ('/orbax/', '/etils/', '/tensorflow_datasets/')
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+  """For the command lines: keep the absl log to what rotjax itself says."""
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
