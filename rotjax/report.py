@@ -61,10 +61,12 @@ def mean_std(values) -> tuple[float, float, int]:
 
 
 def fmt(cell, scale=100.0, digits=1) -> str:
-  """'mean ± std (n=N)', scaled (accuracies to %); '-' for no runs."""
+  """'mean ± std (n=N)', scaled (accuracies to %); no std from one run; '-' for no runs."""
   mean, std, n = cell
   if not n:
     return '-'
+  if n == 1:
+    return f'{mean * scale:.{digits}f} (n=1)'
   return f'{mean * scale:.{digits}f} ± {std * scale:.{digits}f} (n={n})'
 
 
