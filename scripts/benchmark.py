@@ -280,7 +280,7 @@ def main():
     has_torch = False
     print('torch is not installed: PyTorch rows skipped (pip install -e ".[bench]")')
   if args.quick:
-    args.repeats, args.steps = 3, 2
+    args.repeats, args.steps = min(args.repeats, 3), min(args.steps, 2)
   base = {'batch': args.batch, 'eval_batch': args.eval_batch, 'width': args.width,
           'steps': args.steps, 'repeats': args.repeats, 'loop_steps': args.loop_steps}
   results = []
