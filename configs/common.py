@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.preprocess = 'cifar'     # cifar (pad-crop, flip) | imagenet (resized crop, flip)
   config.data.cache_dir = '~/.cache/rotjax'  # decoded folder datasets are cached here
   config.data.skip_bad_files = False   # skip unreadable images with a warning (else error)
+  # Training data shards; the batch order depends on their number. 0: one per
+  # process. On one host, set it to a multi-host run's process count to replay
+  # that run's batches exactly.
+  config.data.num_shards = 0
 
   config.rotation = ml_collections.ConfigDict()
   config.rotation.num_rotations = 4    # 4 | 6 | 8 directions, k * 360 / N degrees

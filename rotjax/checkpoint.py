@@ -28,14 +28,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 3):
     workdir = os.path.abspath(workdir)
-    self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, LATEST),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             cleanup_tmp_directories=True))
-    self.best = ocp.CheckpointManager(
-        os.path.join(workdir, BEST),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                             cleanup_tmp_directories=True))
+    self.latest = _manager(os.path.join(workdir, LATEST), keep)
+    self.best = _manager(os.path.join(workdir, BEST), 1)
 
   def save(self, step: int, state, is_best: bool, row: dict | None = None) -> None:
     """Writes `step` and returns once it is committed; an error names the step and path.
@@ -88,6 +82,18 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  # Each manager gets its own barrier names: with several processes, two managers
+  # saving at once otherwise meet in the same Orbax barrier and fail
+  # ("Barrier ThreadSaveMultiHostValueHolder:set_value_start is already ongoing").
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=os.path.basename(directory))))
 
 
 def load_variables(workdir: str) -> dict:

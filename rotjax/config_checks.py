@@ -41,6 +41,8 @@ def check_config(config) -> None:
            f'data.preprocess={config.data.preprocess!r} is unknown; allowed: {preprocess.STYLES}')
   _require(0 <= config.data.val_fraction < 1,
            f'data.val_fraction={config.data.val_fraction} must be in [0, 1)')
+  _require(config.data.get('num_shards', 0) >= 0,
+           f'data.num_shards={config.data.get("num_shards")} must be >= 0 (0 = one per process)')
   _require(config.data.samples_per_class >= 0,
            f'data.samples_per_class={config.data.samples_per_class} must be >= 0 (0 = all)')
   rotation.check_num_rotations(config.rotation.num_rotations)
@@ -95,14 +97,18 @@ def _check_writable(workdir: str) -> None:
     raise ValueError(f'workdir={workdir} cannot be written: {e}') from e
 
 
-def check_batch(config, num_devices: int) -> None:
+def check_batch(config, num_devices: int, num_shards: int = 1) -> None:
   for field in ('batch_size', 'eval_batch_size'):
     value = config[field]
     _require(value % num_devices == 0,
              f'{field}={value} is not divisible by the {num_devices} devices')
+  _require(config.batch_size % num_shards == 0,
+           f'batch_size={config.batch_size} is not divisible by the {num_shards} data shards '
+           '(data.num_shards)')
 
 
 def check_dataset(config, dataset) -> None:
-  _require(len(dataset.train) >= config.batch_size,
-           f'batch_size={config.batch_size} is larger than the {len(dataset.train)} training images')
-  _require(len(dataset.val) > 0, 'the validation split is empty: raise data.val_fraction')
+  _require(dataset.steps_per_epoch(config.batch_size) > 0,
+           f'batch_size={config.batch_size} is larger than the {dataset.size("train")} training '
+           f'images (per data shard: {dataset.size("train") // dataset.num_shards})')
+  _require(dataset.size('val') > 0, 'the validation split is empty: raise data.val_fraction')

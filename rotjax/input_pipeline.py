@@ -37,14 +37,48 @@ class Split:
 
 @dataclasses.dataclass
 class Dataset:
+  """The splits this process holds, and how they relate to the whole dataset.
+
+  Training data comes in `num_shards` data shards (shard s: every num_shards-th
+  training example). One process holds every shard and all of val and test;
+  with several processes, process p holds shard p and every p-th val and test
+  example, and `sizes` keeps the whole-dataset counts.
+  """
   train: Split
   val: Split
   test: Split
   class_names: tuple[str, ...]
+  num_shards: int = 1
+  process_index: int = 0
+  process_count: int = 1
+  sizes: dict | None = None   # whole-dataset {'train', 'val', 'test'} counts (None: these splits)
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def shards(self) -> tuple[int, ...]:
+    """The data shards in `train`, interleaved: shard shards[j] at positions j::len(shards)."""
+    if self.process_count == 1:
+      return tuple(range(self.num_shards))
+    return (self.process_index,)
+
+  def size(self, split: str) -> int:
+    return self.sizes[split] if self.sizes else len(getattr(self, split))
+
+  def local_batch(self, batch_size: int) -> int:
+    """This process's part of a global batch."""
+    return batch_size // self.process_count
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full global batches per epoch: the same on every process (the smallest shard decides)."""
+    return (self.size('train') // self.num_shards) // (batch_size // self.num_shards)
+
+  def eval_steps(self, split: str, batch_size: int) -> int:
+    """Evaluation batches covering the largest process's part of `split`."""
+    per_process = -(-self.size(split) // self.process_count)
+    return -(-per_process // self.local_batch(batch_size))
 
 
 def storage_size(data_config) -> int:
@@ -145,13 +179,20 @@ def _cache_key(files, size) -> str:
 def load_folder_split(root, split, size, cache_dir='', skip_bad_files=False):
   """A split of an image folder as (images, labels, class_names), via a decoded cache."""
   files, labels, classes = list_folder_split(root, split)
+  images, labels = load_files(files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files)
+  return images, labels, classes
+
+
+def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False):
+  """Decoded (images, labels) of `files`, cached under cache_dir keyed on the file list."""
   cache = None
   if cache_dir:
     cache_dir = os.path.expanduser(cache_dir)
+    split = os.path.basename(name)
     cache = os.path.join(cache_dir, 'decoded', f'{split}-{size}px-{_cache_key(files, size)}')
     if os.path.exists(cache + '.labels.npy'):
-      return np.load(cache + '.images.npy'), np.load(cache + '.labels.npy'), classes
-  logging.info('decoding %d images of %s/%s at %dpx', len(files), root, split, size)
+      return np.load(cache + '.images.npy'), np.load(cache + '.labels.npy')
+  logging.info('decoding %d images of %s at %dpx', len(files), name, size)
   images, labels = decode_files(files, labels, size, skip_bad_files)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -160,7 +201,7 @@ def load_folder_split(root, split, size, cache_dir='', skip_bad_files=False):
       tmp = f'{cache}.{os.getpid()}.tmp.npy'
       np.save(tmp, array)
       os.replace(tmp, cache + suffix)
-  return images, labels, classes
+  return images, labels
 
 
 def load_tfds_split(name, split, size):
@@ -214,16 +255,9 @@ def balanced_subset(labels, per_class, order) -> np.ndarray:
   return np.sort(np.concatenate(chosen))
 
 
-def load_dataset(data_config) -> Dataset:
-  """Train / val / test splits in memory. The val split is carved from train with
-  `split_seed`, so it is the same on every device, process and rerun."""
-  if data_config.dataset not in DATASETS:
-    raise ValueError(f'data.dataset={data_config.dataset!r} is unknown; allowed: {DATASETS}')
-  train_images, train_labels, classes = load_split(data_config, data_config.train_split)
-  test_images, test_labels, test_classes = load_split(data_config, data_config.test_split)
-  if classes != test_classes:
-    raise ValueError(f'class names differ between splits {data_config.train_split!r} {classes} '
-                     f'and {data_config.test_split!r} {test_classes}')
+def select_examples(train_labels, num_test: int, data_config):
+  """Sorted indices (train, val, test) into the train and test splits: the seeded val
+  split carved from train, the caps, and the balanced labelled subset."""
   rng = np.random.default_rng(data_config.split_seed)
   order = rng.permutation(len(train_labels))
   num_val = int(round(len(order) * data_config.val_fraction))
@@ -234,37 +268,117 @@ def load_dataset(data_config) -> Dataset:
     train_idx = balanced_subset(train_labels, data_config.samples_per_class, train_order)
   else:
     train_idx = np.sort(train_order)
-  test_idx = np.arange(len(test_labels))
+  test_idx = np.arange(num_test)
   if data_config.max_eval_images:
     val_idx = val_idx[:data_config.max_eval_images]
     test_idx = rng.permutation(test_idx)[:data_config.max_eval_images]
-  train = Split(train_images, train_labels)
-  test = Split(test_images, test_labels)
-  return Dataset(train.take(train_idx), train.take(np.sort(val_idx)),
-                 test.take(np.sort(test_idx)), classes)
+  return train_idx, np.sort(val_idx), np.sort(test_idx)
+
+
+def num_data_shards(data_config, process_count: int = 1) -> int:
+  """data.num_shards, where 0 means one shard per process."""
+  num_shards = data_config.get('num_shards', 0) or process_count
+  if process_count > 1 and num_shards != process_count:
+    raise ValueError(f'data.num_shards={num_shards} with {process_count} processes: each process '
+                     'reads one shard, so leave it 0 (or set it to the process count)')
+  return num_shards
+
+
+def load_dataset(data_config, process_index: int = 0, process_count: int = 1) -> Dataset:
+  """Train / val / test splits in memory: all of them with one process, this process's
+  shard of each with several. The val split is carved from train with
+  `split_seed`, so it is the same on every device, process and rerun."""
+  if data_config.dataset not in DATASETS:
+    raise ValueError(f'data.dataset={data_config.dataset!r} is unknown; allowed: {DATASETS}')
+  num_shards = num_data_shards(data_config, process_count)
+  kind, root = parse_source(data_config.source)
+  if process_count > 1 and kind == 'folder':
+    return _load_folder_shard(data_config, root, process_index, process_count)
+  # One process, or tfds (which has no cheap way to read labels alone): load every
+  # example, then keep this process's part.
+  train_images, train_labels, classes = load_split(data_config, data_config.train_split)
+  test_images, test_labels, test_classes = load_split(data_config, data_config.test_split)
+  _check_same_classes(data_config, classes, test_classes)
+  train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
+  train, test = Split(train_images, train_labels), Split(test_images, test_labels)
+  sizes = {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
+  own = lambda idx: idx[process_index::process_count]  # noqa: E731
+  return Dataset(train.take(own(train_idx)), train.take(own(val_idx)), test.take(own(test_idx)),
+                 classes, num_shards, process_index, process_count, sizes)
+
+
+def _load_folder_shard(data_config, root, process_index, process_count) -> Dataset:
+  """One process's shard of an image folder: the file lists decide the split for every
+  process alike, and only this process's images are decoded."""
+  if data_config.skip_bad_files:
+    raise ValueError('data.skip_bad_files=True needs one process: with several, every process '
+                     'must see the same file list; remove the unreadable files instead')
+  size = storage_size(data_config)
+  train_files, train_labels, classes = list_folder_split(root, data_config.train_split)
+  test_files, test_labels, test_classes = list_folder_split(root, data_config.test_split)
+  _check_same_classes(data_config, classes, test_classes)
+  train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
+  own = lambda idx: idx[process_index::process_count]  # noqa: E731
+  parts = {}
+  for split, files, labels, wanted in (
+      (data_config.train_split, train_files, train_labels, (own(train_idx), own(val_idx))),
+      (data_config.test_split, test_files, test_labels, (own(test_idx),))):
+    rows = np.unique(np.concatenate(wanted))
+    images, kept_labels = load_files([files[i] for i in rows], labels[rows],
+                                     f'{root}/{split}', size, data_config.cache_dir)
+    local = Split(images, kept_labels)
+    parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
+  sizes = {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
+  (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
+  return Dataset(train, val, test, classes, process_count, process_index, process_count, sizes)
+
+
+def _check_same_classes(data_config, classes, test_classes):
+  if classes != test_classes:
+    raise ValueError(f'class names differ between splits {data_config.train_split!r} {classes} '
+                     f'and {data_config.test_split!r} {test_classes}')
 
 
 # ---------------------------------------------------------------- batching
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
-  """One epoch of full batches; the order depends only on (seed, epoch), so a
-  resumed run sees exactly the batches an uninterrupted one would."""
-  order = np.random.default_rng([seed, epoch]).permutation(len(split))
-  for start in range(0, len(order) - batch_size + 1, batch_size):
-    idx = np.sort(order[start:start + batch_size])  # sorted: faster gather, same set
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(0,),
+                  num_steps: int | None = None) -> Iterator[dict]:
+  """One epoch of this process's parts of the global batches.
+
+  Each data shard is shuffled on its own with (seed, epoch, shard), and global
+  batch i joins the shards' i-th slices. `split` holds the shards `shards`
+  interleaved (shards[j] at positions j::len(shards)), so one process holding
+  every shard yields the very batches that processes holding one shard each
+  assemble. The order depends only on (seed, epoch, number of shards): a resumed
+  run sees exactly the batches an uninterrupted one would.
+  """
+  per_shard = batch_size // len(shards)
+  orders = []
+  for j, shard_id in enumerate(shards):
+    positions = np.arange(j, len(split), len(shards))
+    key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
+    orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
+  if num_steps is None:
+    num_steps = min(len(o) for o in orders) // per_shard
+  for i in range(num_steps):
+    # Sorted within each shard's slice: a faster gather of the same set.
+    idx = np.concatenate([np.sort(o[i * per_shard:(i + 1) * per_shard]) for o in orders])
     yield {'image': split.images[idx], 'label': split.labels[idx]}
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict]:
-  """Every example once; the last batch is padded, with `mask` 0 on the padding."""
-  for start in range(0, len(split), batch_size):
+def eval_batches(split: Split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:
+  """Every example once, then fully padded batches up to `num_batches` (so that every
+  process runs as many steps); `mask` is 0 on the padding."""
+  if num_batches is None:
+    num_batches = -(-len(split) // batch_size)
+  for start in range(0, num_batches * batch_size, batch_size):
     images = split.images[start:start + batch_size]
     labels = split.labels[start:start + batch_size]
     pad = batch_size - len(labels)
     mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
     if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
     yield {'image': images, 'label': labels, 'mask': mask}
 
 

@@ -23,6 +23,7 @@ def main(argv):
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   summary = train.train_and_evaluate(FLAGS.config)
   logging.info('summary: %s', summary)
+  parallel.shutdown_distributed()
 
 
 if __name__ == '__main__':

@@ -45,6 +45,12 @@ class MetricsLog:
       self.writer.flush()
 
 
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+
+
 def create_writer(workdir: str):
   """clu's TensorBoard writer, or None (with a warning) where tensorboard is not installed."""
   try:

@@ -1,8 +1,8 @@
 """Data-parallel plumbing for pmap: multi-host start-up, device selection, replicate / unreplicate.
 
 Multi-host: every process runs the same program; pmap spans the devices of all
-processes, each process feeds its local devices with its slice of every global
-batch (process_slice), so the union over processes is the single-process batch.
+processes, and each process feeds its local devices with its own data shard's part
+of every global batch (input_pipeline.load_dataset / train_batches).
 """
 import logging
 
@@ -25,10 +25,38 @@ def initialize_distributed(dist_config) -> bool:
         coordinator_address=dist_config.coordinator_address,
         num_processes=dist_config.num_processes or None,
         process_id=None if dist_config.process_id < 0 else dist_config.process_id)
+  if jax.process_count() > 1:
+    connect_all_devices()
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def connect_all_devices() -> None:
+  """One tiny all-reduce over every device of every process, right after start-up.
+
+  The first collective over a set of devices sets up its communicator (a Gloo
+  context on CPU), and that set-up gives up when the processes arrive more than
+  30 s apart, as they do when one compiles the train step much later than the
+  other. Here, just after initialize (itself a barrier), they arrive together;
+  later collectives reuse the communicator and wait as long as they must.
+  """
+  devices = jax.devices()
+  ones = np.ones((jax.local_device_count(), 1), np.float32)
+  total = jax.pmap(lambda x: jax.lax.psum(x, 'all'), axis_name='all', devices=devices)(ones)
+  if float(np.asarray(total.addressable_shards[0].data).ravel()[0]) != len(devices):
+    raise RuntimeError(f'all-reduce over {len(devices)} devices gave {total}')
+
+
+def shutdown_distributed() -> None:
+  """Leaves the jax.distributed cluster once this process's work is done.
+
+  Explicit, after the last checkpoint commit, so that every process reaches the
+  shut-down barrier from the same place instead of from interpreter exit.
+  """
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
 
 
 def select_devices(num_devices: int = 0):
@@ -47,25 +75,6 @@ def select_devices(num_devices: int = 0):
 def local(devices):
   """This process's share of `devices`."""
   return [d for d in devices if d.process_index == jax.process_index()]
-
-
-def process_slice(batch: dict) -> dict:
-  """This process's contiguous slice of a global batch (the whole batch with one process)."""
-  count, index = jax.process_count(), jax.process_index()
-  if count == 1:
-    return batch
-  def take(x):
-    if x.shape[0] % count:
-      raise ValueError(f'batch of {x.shape[0]} does not split over {count} processes')
-    size = x.shape[0] // count
-    return x[index * size:(index + 1) * size]
-  return {k: take(np.asarray(v)) for k, v in batch.items()}
-
-
-def shard_global_batch(batch: dict, devices) -> dict:
-  """Global batch -> [local devices, per_device, ...]: this process's input to a pmap."""
-  from rotjax import input_pipeline
-  return input_pipeline.shard(process_slice(batch), len(local(devices)))
 
 
 def replicate(tree, devices=None):

@@ -147,11 +147,12 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
 
 # ---------------------------------------------------------------- the loop
 
-def evaluate(p_eval_step, state, split, batch_size, devices, rng):
-  """Mean loss and accuracy over a whole split (each process feeds its slice of each batch)."""
+def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, rng):
+  """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
-  for batch in input_pipeline.eval_batches(split, batch_size):
-    sums = p_eval_step(state, parallel.shard_global_batch(batch, devices), rng)
+  for batch in input_pipeline.eval_batches(getattr(dataset, split), dataset.local_batch(batch_size),
+                                           dataset.eval_steps(split, batch_size)):
+    sums = p_eval_step(state, input_pipeline.shard(batch, num_local_devices), rng)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
   count = max(float(totals['count']), 1.0)
@@ -164,17 +165,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   workdir = os.path.abspath(os.path.expanduser(config.workdir))
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
-  num_devices = len(devices)
-  config_checks.check_batch(config, num_devices)
-  dataset = dataset or input_pipeline.load_dataset(config.data)
+  num_devices, num_local_devices = len(devices), len(parallel.local(devices))
+  num_shards = input_pipeline.num_data_shards(config.data, jax.process_count())
+  config_checks.check_batch(config, num_devices, num_shards)
+  dataset = dataset or input_pipeline.load_dataset(config.data, jax.process_index(),
+                                                   jax.process_count())
   config_checks.check_dataset(config, dataset)
-  steps_per_epoch = len(dataset.train) // config.batch_size
+  steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   num_classes = num_outputs(config, dataset)
   state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
   trainable, total = freeze.count(state.params, mask)
   logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
                config.stage, config.model.name, trainable, total, num_devices,
-               len(dataset.train), len(dataset.val), len(dataset.test))
+               dataset.size('train'), dataset.size('val'), dataset.size('test'))
   ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
   restored = ckpt.restore_latest(state)
@@ -208,9 +211,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
 
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     t0 = time.time()
-    batches = input_pipeline.train_batches(dataset.train, config.batch_size, config.seed, epoch)
+    batches = input_pipeline.train_batches(dataset.train, dataset.local_batch(config.batch_size),
+                                           config.seed, epoch, dataset.shards, steps_per_epoch)
     batches = jax_utils.prefetch_to_device(
-        (parallel.shard_global_batch(b, devices) for b in batches), 2, parallel.local(devices))
+        (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
     bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
                             enabled=config.progress and jax.process_index() == 0)
     pending, epoch_metrics = [], []
@@ -225,8 +229,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         _check_finite(fetched, epoch, (epoch - 1) * steps_per_epoch + step_in_epoch)
         bar.update(step_in_epoch, fetched[-1])
     train_time = time.time() - t0
-    val = evaluate(p_eval_step, state, dataset.val, config.eval_batch_size, devices, eval_rng)
-    test = evaluate(p_eval_step, state, dataset.test, config.eval_batch_size, devices, eval_rng)
+    val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
+                   num_local_devices, eval_rng)
+    test = evaluate(p_eval_step, state, dataset, 'test', config.eval_batch_size,
+                    num_local_devices, eval_rng)
     row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
            'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
            'train_loss': float(np.mean([m['loss'] for m in epoch_metrics])) if epoch_metrics else None,
@@ -245,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     bar.close(row)
   ckpt.wait()
   ckpt.close()
+  log.close()
   summary = summarize(history)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'summary.json'), summary)
@@ -298,6 +305,6 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   _write_json(os.path.join(workdir, 'run_info.json'), {
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
-      'train_images': len(dataset.train), 'val_images': len(dataset.val),
-      'test_images': len(dataset.test), 'trainable_parameters': trainable,
+      'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
+      'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
       'total_parameters': total, **init_info})

@@ -43,6 +43,55 @@ def test_batches_are_keyed_on_seed_and_epoch(image_folder, tmp_path):
   assert sharded['image'].shape == (2, 4, 16, 16, 3)
 
 
+def test_one_shard_keeps_the_seeded_order(image_folder, tmp_path):
+  ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
+  order = np.random.default_rng([3, 2]).permutation(len(ds.train))
+  batch = next(input_pipeline.train_batches(ds.train, 8, 3, 2))
+  np.testing.assert_array_equal(batch['label'], ds.train.labels[np.sort(order[:8])])
+
+
+def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
+  """Two processes' shards: disjoint, together the whole dataset, and their parts of each
+  batch join into the batches of one process holding both shards (data.num_shards=2)."""
+  config = tiny_config('supervised', tmp_path, image_folder)
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.data.num_shards = 2
+  whole = input_pipeline.load_dataset(config.data)
+  config.data.num_shards = 0
+  parts = [input_pipeline.load_dataset(config.data, p, 2) for p in (0, 1)]
+  for split in ('train', 'val', 'test'):
+    assert parts[0].size(split) == parts[1].size(split) == len(getattr(whole, split))
+    joined = np.concatenate([getattr(p, split).images for p in parts])
+    assert len(joined) == len(getattr(whole, split))
+    key = lambda images: sorted(x.tobytes() for x in images)  # noqa: E731
+    assert key(joined) == key(getattr(whole, split).images)
+  # Each process decoded (and cached) only its own train+val and test images.
+  cached = sorted(os.listdir(tmp_path / 'cache' / 'decoded'))
+  sizes = sorted(np.load(tmp_path / 'cache' / 'decoded' / f, mmap_mode='r').shape[0]
+                 for f in cached if f.endswith('.labels.npy'))
+  assert sizes == [12, 12, 24, 36, 36, 72], sizes  # test and train+val: per process, whole
+  steps = whole.steps_per_epoch(8)
+  assert steps == parts[0].steps_per_epoch(8) == 54 // 2 // 4
+  for epoch in (1, 2):
+    one = list(input_pipeline.train_batches(whole.train, 8, 0, epoch, whole.shards, steps))
+    two = [list(input_pipeline.train_batches(p.train, 4, 0, epoch, p.shards, steps)) for p in parts]
+    assert len(one) == steps
+    for a, b0, b1 in zip(one, *two):
+      np.testing.assert_array_equal(a['image'], np.concatenate([b0['image'], b1['image']]))
+  # Evaluation: every process runs as many batches, the padding masked out.
+  counts = [p.eval_steps('val', 4) for p in parts]
+  assert counts[0] == counts[1] == 5   # 18 val images: 9 per process, 2 per batch
+  masks = [sum(b['mask'].sum() for b in input_pipeline.eval_batches(p.val, 2, 5)) for p in parts]
+  assert masks == [9, 9]
+
+
+def test_shards_must_match_the_processes(image_folder, tmp_path):
+  config = tiny_config('supervised', tmp_path, image_folder)
+  config.data.num_shards = 3
+  with pytest.raises(ValueError, match='data.num_shards=3 with 2 processes'):
+    input_pipeline.load_dataset(config.data, 0, 2)
+
+
 def test_eval_batches_pad_and_mask():
   split = input_pipeline.Split(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10, dtype=np.int32))
   batches = list(input_pipeline.eval_batches(split, 4))

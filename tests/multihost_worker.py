@@ -1,9 +1,16 @@
-"""One process of the multi-host test: python tests/multihost_worker.py FOLDER WORKDIR NPROC PID PORT."""
+"""One process of the multi-host test.
+
+python tests/multihost_worker.py FOLDER WORKDIR NPROC PID PORT [LATE_SECONDS]
+LATE_SECONDS: process 1 starts training that much later than process 0, as a
+process does that compiles slowly or loads its data late.
+"""
 import os
 import sys
+import time
 
 folder, workdir, nproc, pid, port = sys.argv[1:6]
 nproc, pid = int(nproc), int(pid)
+late = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 # 2 CPU devices in all, split over the processes: 1 process x 2 or 2 processes x 1.
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={2 // nproc}'
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -13,10 +20,14 @@ from conftest import tiny_config  # noqa: E402
 from rotjax import parallel, train  # noqa: E402
 
 config = tiny_config('supervised', workdir, folder, num_epochs=2)
+# Two data shards either way: one process holds both, or each process reads one.
+config.data.num_shards = 2
 if nproc > 1:
   config.distributed.coordinator_address = f'localhost:{port}'
   config.distributed.num_processes = nproc
   config.distributed.process_id = pid
 parallel.initialize_distributed(config.distributed)
 assert jax.device_count() == 2 and jax.process_count() == nproc, jax.devices()
+time.sleep(late if pid == 1 else 0.0)
 print('SUMMARY', train.train_and_evaluate(config), flush=True)
+parallel.shutdown_distributed()
