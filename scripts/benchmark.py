@@ -5,10 +5,12 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
   python scripts/benchmark.py --json out.json
 
 Every configuration runs in its own child process (XLA flags are fixed when a
-process starts), one after the other, on the same random in-memory data. Each
-timing is repeated; the table shows the median with min and max, and ratios to
-the PyTorch eager channels_last row measured in this same run. Rows for PyTorch
-appear when torch is installed (`pip install -e '.[bench]'`); rotjax never needs it.
+process starts), on the same random in-memory data, once per round; rounds
+interleave the configurations so that a slow spell of the shared machine hits
+them alike. The table shows the median images/s with min and max over all
+repeats, and the ratio to the PyTorch eager channels_last row taken within each
+round (median over rounds). Rows for PyTorch appear when torch is installed
+(`pip install -e '.[bench]'`); rotjax never needs it.
 """
 import argparse
 import json
@@ -27,18 +29,25 @@ YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 # ---------------------------------------------------------------- workers (child processes)
 
 def _timed(fn, steps, repeats, images_per_step):
-  """images/s of `fn` (which must block), median/min/max over `repeats` runs of `steps` calls."""
+  """images/s of `fn` (which must block): every repeat of `steps` calls, and their median/min/max."""
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(steps):
       fn()
     rates.append(steps * images_per_step / (time.perf_counter() - start))
-  return {'median': float(np.median(rates)), 'min': float(min(rates)), 'max': float(max(rates))}
+  return stats(rates)
+
+
+def stats(rates):
+  return {'median': float(np.median(rates)), 'min': float(min(rates)), 'max': float(max(rates)),
+          'rates': [float(r) for r in rates]}
 
 
 def rotjax_worker(opts):
   sys.path.insert(0, ROOT)
+  from rotjax import platform as rj_platform
+  rj_platform.configure()   # what a CLI run gets (XLA flags come in through the environment)
   import functools
   import jax
   from configs import supervised
@@ -80,6 +89,8 @@ def rotjax_worker(opts):
   evaluate()
   result['eval'] = _timed(evaluate, max(1, opts['steps'] // 2), opts['repeats'], opts['eval_batch'])
 
+  if not opts.get('extras', True):
+    return result
   # FLOPs of one train step as XLA counts them (one device's share times devices).
   try:
     cost = p_step.lower(holder['state'], sharded, keys).compile().cost_analysis()
@@ -199,6 +210,8 @@ def configurations(quick: bool, has_torch: bool):
   ]
   if not quick:
     rows += [
+        ('rotjax bf16, glibc malloc defaults', 'rotjax', {'dtype': 'bfloat16'},
+         {'ROTJAX_MALLOC_TUNING': '0'}),
         ('rotjax fp32, 2 host devices', 'rotjax', {'dtype': 'float32'},
          {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'}),
         ('rotjax bf16, 2 host devices', 'rotjax', {'dtype': 'bfloat16', 'loop': True},
@@ -251,6 +264,29 @@ def peak_flops(backend_devices) -> tuple[float | None, str]:
     return None, 'unknown'
 
 
+REFERENCE = 'PyTorch eager channels_last fp32'
+
+
+def combine(name, worker, opts, per_round):
+  """One table row from a configuration's rounds: pooled rates, ratios taken within rounds."""
+  ok = [r for r in per_round if 'error' not in r]
+  if not ok:
+    return {'name': name, 'worker': worker, **opts, **per_round[0]}
+  row = {'name': name, 'worker': worker, **opts, **ok[0]}
+  for key in ('train', 'eval'):
+    row[key] = stats([rate for r in ok for rate in r[key]['rates']])
+  return row
+
+
+def add_ratios(results, rounds):
+  """ratio_train / ratio_eval: per round, this row's median over the reference's; median of those."""
+  for row in results:
+    for key in ('train', 'eval'):
+      ratios = [r[row['name']][key]['median'] / r[REFERENCE][key]['median'] for r in rounds
+                if key in r.get(row['name'], {}) and key in r.get(REFERENCE, {})]
+      row['ratio_' + key] = float(np.median(ratios)) if ratios else None
+
+
 def fmt(stats):
   return f'{stats["median"]:7.1f} [{stats["min"]:.1f}-{stats["max"]:.1f}]'
 
@@ -264,7 +300,9 @@ def main():
   parser.add_argument('--eval_batch', type=int, default=256)
   parser.add_argument('--width', type=int, default=64)
   parser.add_argument('--steps', type=int, default=2, help='timed steps per repeat')
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=3, help='timed repeats per round')
+  parser.add_argument('--rounds', type=int, default=2,
+                      help='times every configuration is measured, interleaved')
   parser.add_argument('--loop_steps', type=int, default=6, help='steps per epoch of the real loop')
   parser.add_argument('--json', default='benchmark.json')
   args = parser.parse_args()
@@ -280,17 +318,25 @@ def main():
     has_torch = False
     print('torch is not installed: PyTorch rows skipped (pip install -e ".[bench]")')
   if args.quick:
-    args.repeats, args.steps = min(args.repeats, 3), min(args.steps, 2)
+    args.repeats, args.steps, args.rounds = min(args.repeats, 3), min(args.steps, 2), 1
   base = {'batch': args.batch, 'eval_batch': args.eval_batch, 'width': args.width,
           'steps': args.steps, 'repeats': args.repeats, 'loop_steps': args.loop_steps}
-  results = []
-  for name, worker, opts, env in configurations(args.quick, has_torch):
-    print(f'measuring: {name} ...', flush=True)
-    result = run_child(worker, {**base, **opts}, env)
-    results.append({'name': name, 'worker': worker, **opts, **result})
+  rows = configurations(args.quick, has_torch)
+  # Rounds: every configuration once per round, so that a slow spell of the machine
+  # hits all of them alike; a ratio is taken within each round, then the median.
+  rounds = []
+  for round_index in range(args.rounds):
+    measured = {}
+    for name, worker, opts, env in rows:
+      print(f'round {round_index + 1}/{args.rounds}: {name} ...', flush=True)
+      # The real loop and XLA's FLOP count once, in the first round.
+      extras = round_index == 0
+      child_opts = {**base, **opts, 'extras': extras, 'loop': opts.get('loop', False) and extras}
+      measured[name] = run_child(worker, child_opts, env)
+    rounds.append(measured)
+  results = [combine(name, worker, opts, [r[name] for r in rounds]) for name, worker, opts, _ in rows]
 
-  reference = next((r for r in results if r['name'] == 'PyTorch eager channels_last fp32'
-                    and 'train' in r), None)
+  add_ratios(results, rounds)
   rj_devices = next((r.get('devices') for r in results if r['worker'] == 'rotjax' and 'devices' in r), [])
   peak, peak_how = peak_flops(rj_devices)
   header = (f'{"configuration":36s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
@@ -298,15 +344,15 @@ def main():
             f'{"loop/step":>9s} {"% peak":>7s}')
   print()
   print(f'ResNet18 CIFAR stem, width {args.width}, batch {args.batch} (eval {args.eval_batch}), '
-        f'Adam, {args.repeats} repeats x {args.steps} steps; {platform.processor() or platform.machine()}, '
-        f'{os.cpu_count()} cores')
+        f'Adam, {args.rounds} rounds x {args.repeats} repeats x {args.steps} steps; '
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores')
   print(header)
   print('-' * len(header))
   for r in results:
     if 'error' in r:
       print(f'{r["name"]:36s} error: {r["error"]}')
       continue
-    ratio = lambda key: (f'{r[key]["median"] / reference[key]["median"]:9.2f}x' if reference else '       n/a')
+    ratio = lambda key: (f'{r["ratio_" + key]:9.2f}x' if r.get('ratio_' + key) else '       n/a')
     loop = f'{r["loop"] / r["train"]["median"]:8.0%}' if r.get('loop') else '        -'
     compile_s = f'{r["compile_s"]:9.1f}' if 'compile_s' in r else '        -'
     frac = '      -'
@@ -316,10 +362,13 @@ def main():
       frac = f'{achieved / peak:6.1%}'
     print(f'{r["name"]:36s} {fmt(r["train"]):>24s} {ratio("train"):>10s} {fmt(r["eval"]):>24s} '
           f'{ratio("eval"):>10s} {compile_s} {loop} {frac:>7s}')
-  print(f'\npeak used for % peak: {peak / 1e9 if peak else float("nan"):.0f} GFLOP/s ({peak_how}); '
+  print(f'\nimages/s: median [min-max] over all repeats of all rounds; x torch CL: median over '
+        f'rounds of the ratio within a round.\npeak used for % peak: '
+        f'{peak / 1e9 if peak else float("nan"):.0f} GFLOP/s ({peak_how}); '
         'loop/step = images/s of train_and_evaluate over epoch 2 / bare step')
   with open(args.json, 'w') as f:
-    json.dump({'args': vars(args), 'peak_flops': peak, 'peak_how': peak_how, 'results': results}, f, indent=2)
+    json.dump({'args': vars(args), 'peak_flops': peak, 'peak_how': peak_how, 'results': results,
+               'rounds': rounds}, f, indent=2)
   print(f'wrote {args.json}')
 
 

@@ -1,0 +1,38 @@
+"""Process settings: the malloc tuning keeps large buffers in the heap, and stays off when asked."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Prints whether the tuning applied, then how many bytes glibc holds in separate
+# mmap'ed blocks while a 64 MB buffer is live (mallinfo2().hblkhd).
+PROBE = '''
+import ctypes
+from rotjax import platform
+print(platform.keep_large_buffers_in_heap())
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks '
+                                             'fsmblks uordblks fordblks keepcost').split()]
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.mallinfo2.restype = MallInfo2
+block = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblkhd)
+'''
+
+
+def _probe(**env):
+  out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT, **env))
+  tuned, mmapped = out.stdout.split()
+  return tuned == 'True', int(mmapped)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_large_buffers_stay_in_the_heap():
+  tuned, mmapped = _probe()
+  assert tuned and mmapped < 64 << 20        # the 64 MB buffer came from the heap
+  tuned, mmapped = _probe(ROTJAX_MALLOC_TUNING='0')
+  assert not tuned and mmapped >= 64 << 20   # glibc's default: a fresh mmap per large buffer
