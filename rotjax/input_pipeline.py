@@ -301,10 +301,10 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
   _check_same_classes(data_config, classes, test_classes)
   train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
   train, test = Split(train_images, train_labels), Split(test_images, test_labels)
-  sizes = {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
-  own = lambda idx: idx[process_index::process_count]  # noqa: E731
-  return Dataset(train.take(own(train_idx)), train.take(own(val_idx)), test.take(own(test_idx)),
-                 classes, num_shards, process_index, process_count, sizes)
+  own_train, own_val, own_test = (i[process_index::process_count]
+                                  for i in (train_idx, val_idx, test_idx))
+  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
+                 num_shards, process_index, process_count, _sizes(train_idx, val_idx, test_idx))
 
 
 def _load_folder_shard(data_config, root, process_index, process_count) -> Dataset:
@@ -318,19 +318,24 @@ def _load_folder_shard(data_config, root, process_index, process_count) -> Datas
   test_files, test_labels, test_classes = list_folder_split(root, data_config.test_split)
   _check_same_classes(data_config, classes, test_classes)
   train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
-  own = lambda idx: idx[process_index::process_count]  # noqa: E731
+  own_train, own_val, own_test = (i[process_index::process_count]
+                                  for i in (train_idx, val_idx, test_idx))
   parts = {}
   for split, files, labels, wanted in (
-      (data_config.train_split, train_files, train_labels, (own(train_idx), own(val_idx))),
-      (data_config.test_split, test_files, test_labels, (own(test_idx),))):
+      (data_config.train_split, train_files, train_labels, (own_train, own_val)),
+      (data_config.test_split, test_files, test_labels, (own_test,))):
     rows = np.unique(np.concatenate(wanted))
     images, kept_labels = load_files([files[i] for i in rows], labels[rows],
                                      f'{root}/{split}', size, data_config.cache_dir)
     local = Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
-  sizes = {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
   (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
-  return Dataset(train, val, test, classes, process_count, process_index, process_count, sizes)
+  return Dataset(train, val, test, classes, process_count, process_index, process_count,
+                 _sizes(train_idx, val_idx, test_idx))
+
+
+def _sizes(train_idx, val_idx, test_idx) -> dict:
+  return {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
 
 
 def _check_same_classes(data_config, classes, test_classes):
