@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import models
+from rotjax import onednn_conv
 from rotjax import optim
 from rotjax import preprocess
 from rotjax import rotation
@@ -30,6 +31,8 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
+  _require(config.model.get('conv', 'auto') in onednn_conv.IMPLS,
+           f'model.conv={config.model.get("conv")!r} is unknown; allowed: {onednn_conv.IMPLS}')
   _require(config.model.dtype in DTYPES,
            f'model.dtype={config.model.dtype!r} is unknown; allowed: {DTYPES}')
   _require(config.data.dataset in input_pipeline.DATASETS,

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rotjax import onednn_conv
+
 STEMS = ('cifar', 'imagenet')
 
 
@@ -26,6 +28,7 @@ class _Block(nn.Module):
   frozen: Sequence[str] = ()
   axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = 'auto'    # onednn_conv.IMPLS: 'auto' runs CPU convolutions on oneDNN
 
   def norm(self, name, train):
     # Running statistics in eval and in frozen subtrees; synced over `axis_name` otherwise.
@@ -37,6 +40,7 @@ class _Block(nn.Module):
   def conv(self, features, kernel, strides=1, name=None):
     return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
                    use_bias=False, dtype=self.dtype, name=name,
+                   conv_general_dilated=onednn_conv.resolve(self.conv_impl),
                    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
 
 
@@ -88,7 +92,7 @@ class ResLayer(_Block):
     for i in range(self.num_blocks):
       x = self.block(features=self.features, strides=self.strides if i == 0 else 1,
                      frozen=self.frozen, axis_name=self.axis_name, dtype=self.dtype,
-                     name=str(i))(x, train)
+                     conv_impl=self.conv_impl, name=str(i))(x, train)
     return x
 
 
@@ -118,7 +122,7 @@ class ResNet(_Block):
       name = f'layer{i + 1}'
       x = ResLayer(block=self.block, features=self.width * 2 ** i, num_blocks=num_blocks,
                    strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
-                   dtype=self.dtype, name=name)(x, train)
+                   dtype=self.dtype, conv_impl=self.conv_impl, name=name)(x, train)
       feats[name] = x
     x = jnp.mean(x, axis=(1, 2))
     feats['pooled'] = x

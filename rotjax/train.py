@@ -116,7 +116,7 @@ def build_model(config, num_classes: int, frozen=()):
   return models.create_model(
       config.model.name, num_classes=num_classes, width=config.model.width,
       stem=config.model.stem, dtype=compute_dtype(config.model.dtype), frozen=frozen,
-      axis_name='batch' if config.model.sync_bn else None)
+      axis_name='batch' if config.model.sync_bn else None, conv_impl=config.model.get('conv', 'auto'))
 
 
 def init_variables(model, rng, image_size: int):

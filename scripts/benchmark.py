@@ -55,6 +55,7 @@ def rotjax_worker(opts):
 
   config = supervised.get_config()
   config.model.width, config.model.dtype = opts['width'], opts['dtype']
+  config.model.conv = opts.get('conv', 'auto')
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
   state, mask, _, _ = train.create_train_state(config, 10, steps_per_epoch=100)
@@ -203,17 +204,17 @@ def torch_worker(opts):
 def configurations(quick: bool, has_torch: bool):
   """(name, worker, options, extra environment) for each row of the table."""
   rows = [
-      ('rotjax fp32, XLA defaults', 'rotjax', {'dtype': 'float32'},
+      ('rotjax fp32, XLA defaults', 'rotjax', {'dtype': 'float32', 'conv': 'xla'},
        {'ROTJAX_DEFAULT_FLAGS': '0'}),
-      ('rotjax fp32 (CPU default flags)', 'rotjax', {'dtype': 'float32', 'loop': True}, {}),
-      ('rotjax bf16 (CPU default flags)', 'rotjax', {'dtype': 'bfloat16'}, {}),
+      ('rotjax fp32 (CPU defaults)', 'rotjax', {'dtype': 'float32', 'loop': True}, {}),
+      ('rotjax bf16 (CPU defaults)', 'rotjax', {'dtype': 'bfloat16'}, {}),
+      ('rotjax bf16, XLA convolutions', 'rotjax', {'dtype': 'bfloat16', 'conv': 'xla'}, {}),
   ]
   if not quick:
     rows += [
+        ('rotjax fp32, XLA convolutions', 'rotjax', {'dtype': 'float32', 'conv': 'xla'}, {}),
         ('rotjax bf16, glibc malloc defaults', 'rotjax', {'dtype': 'bfloat16'},
          {'ROTJAX_MALLOC_TUNING': '0'}),
-        ('rotjax fp32, 2 host devices', 'rotjax', {'dtype': 'float32'},
-         {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'}),
         ('rotjax bf16, 2 host devices', 'rotjax', {'dtype': 'bfloat16', 'loop': True},
          {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'}),
     ]
