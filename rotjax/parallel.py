@@ -7,8 +7,8 @@ of every global batch (input_pipeline.load_dataset / train_batches).
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import jax_utils
 
 
 def initialize_distributed(dist_config) -> bool:
@@ -77,9 +77,24 @@ def local(devices):
   return [d for d in devices if d.process_index == jax.process_index()]
 
 
-def replicate(tree, devices=None):
-  """A copy of `tree` on each of this process's `devices`."""
-  return jax_utils.replicate(tree, local(devices) if devices is not None else None)
+def replicate(tree, devices=None, axis_name: str = 'batch'):
+  """A copy of `tree` on each of this process's `devices`, laid out as pmap lays out its outputs.
+
+  pmap compiles once per input sharding, and its outputs live on a mesh whose axis
+  is its axis_name. flax's jax_utils.replicate puts arrays on a mesh named
+  '_device_put_sharded' instead, so the train state it made differed from the one
+  step 1 returned and the step was compiled a second time at step 2.
+  """
+  devices = local(devices) if devices is not None else jax.local_devices()
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis_name,)),
+                                        jax.sharding.PartitionSpec(axis_name))
+
+  def put(x):
+    if jnp.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):   # typed PRNG keys
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    x = np.asarray(x)  # stacked on the host: one transfer, no per-shape compile
+    return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+  return jax.tree.map(put, tree)
 
 
 def unreplicate(tree):

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import jax_utils
 from flax import traverse_util
 
 from rotjax import freeze
@@ -45,8 +44,8 @@ def test_frozen_leaves_stay_bit_identical(make_config, tmp_path, optimizer):
   devices = jax.local_devices()[:1]
   step = jax.pmap(functools.partial(train.train_step, prepare_fn=train.make_prepare_fn(config, train=True),
                                     mask=mask, smoothing=0.1), axis_name='batch', devices=devices)
-  state = jax_utils.replicate(state, devices)
-  rng = jax_utils.replicate(jax.random.key(0), devices)
+  state = parallel.replicate(state, devices)
+  rng = parallel.replicate(jax.random.key(0), devices)
   for epoch in range(2):
     for batch in input_pipeline.train_batches(dataset.train, 8, 0, epoch):
       state, _ = step(state, input_pipeline.shard(batch, 1), rng)

@@ -1,5 +1,6 @@
 import functools
 import json
+import logging
 import os
 
 import jax
@@ -7,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import jax_utils
 
 from rotjax import input_pipeline
 from rotjax import parallel
@@ -35,8 +35,8 @@ def _step_on(devices, state, mask, batch):
                                                      preprocess.CIFAR_STD), batch['label'], None)
   step = jax.pmap(functools.partial(train.train_step, prepare_fn=prepare, mask=mask, smoothing=0.1),
                   axis_name='batch', devices=devices)
-  new_state, m = step(jax_utils.replicate(state, devices), input_pipeline.shard(batch, len(devices)),
-                      jax_utils.replicate(jax.random.key(0), devices))
+  new_state, m = step(parallel.replicate(state, devices), input_pipeline.shard(batch, len(devices)),
+                      parallel.replicate(jax.random.key(0), devices))
   return jax.device_get(parallel.unreplicate(m)), jax.device_get(parallel.unreplicate(new_state))
 
 
@@ -56,6 +56,33 @@ def test_one_and_two_devices_agree_on_the_same_global_batch(make_config, tmp_pat
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   for a, b in zip(jax.tree.leaves(one[1].batch_stats), jax.tree.leaves(two[1].batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothing(make_config,
+                                                                                   tmp_path):
+  config = make_config('supervised', tmp_path)
+  dataset = input_pipeline.load_dataset(config.data)
+  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  devices = jax.local_devices()
+  step = jax.pmap(functools.partial(train.train_step, prepare_fn=train.make_prepare_fn(config, train=True),
+                                    mask=mask, smoothing=0.1), axis_name='batch', devices=devices)
+  batch = jax.device_put(input_pipeline.shard(next(input_pipeline.train_batches(
+      dataset.train, 8, 0, 1)), len(devices)))
+  replicated = parallel.replicate(state, devices)
+  rng = parallel.replicate(jax.random.key(0), devices)
+  out, _ = step(replicated, batch, rng)
+  for a, b in zip(jax.tree.leaves(replicated), jax.tree.leaves(out)):
+    assert (a.sharding, a.dtype, a.shape) == (b.sharding, b.dtype, b.shape)
+  messages = []
+  handler = logging.Handler()
+  handler.emit = lambda record: messages.append(record.getMessage())
+  logging.getLogger('jax').addHandler(handler)
+  try:
+    with jax.log_compiles():
+      jax.block_until_ready(step(out, batch, rng))
+  finally:
+    logging.getLogger('jax').removeHandler(handler)
+  assert not [m for m in messages if m.startswith('Compiling')], messages
 
 
 def test_smoke_pretext_end_to_end_writes_metrics_and_checkpoints(make_config, tmp_path):
