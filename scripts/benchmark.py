@@ -248,30 +248,34 @@ def run_child(worker, opts, env_extra):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_flops(backend_devices) -> tuple[float | None, str]:
-  """The machine's peak FLOP/s where it can be known from public specs, with how."""
+def peak_flops(backend_devices) -> tuple[dict | None, str]:
+  """The machine's peak FLOP/s per compute dtype, where public specs give it, and how."""
   name = ' '.join(backend_devices or [])
-  gpus = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # dense bf16 tensor-core peaks
-  for key, value in gpus.items():
+  gpus = {'H100': (495e12, 989e12), 'H200': (495e12, 989e12), 'A100': (156e12, 312e12)}
+  for key, (tf32, bf16) in gpus.items():   # dense tensor-core peaks
     if key in name:
-      return value, f'{key} dense bf16 spec'
+      return {'float32': tf32, 'bfloat16': bf16}, f'{key} dense TF32 / bf16 spec'
   try:
     info = open('/proc/cpuinfo').read()
     mhz = max(float(l.split(':')[1]) for l in info.splitlines() if l.startswith('cpu MHz'))
     cores = os.cpu_count()
     field = lambda key: next((l.split(':')[1].strip() for l in info.splitlines()
                               if l.startswith(key)), '')
-    avx512 = 'avx512f' in info
+    flags = set(field('flags').split())
     # Zen 4 (AMD family 25) runs AVX-512 on 256-bit pipes; Zen 5 and Intel's AVX-512
     # server cores have two 512-bit FMA pipes.
     zen4 = field('vendor_id') == 'AuthenticAMD' and field('cpu family') == '25'
-    lanes = 16 if avx512 and not zen4 else 8
-    # fp32 flops per cycle per core: 2 FMA pipes x lanes x 2 flops. cpuinfo's MHz is
-    # the base clock; turbo can exceed it, so this is a peak estimate, not a bound.
-    flops_per_cycle = 2 * lanes * 2
-    return cores * mhz * 1e6 * flops_per_cycle, (
-        f"{cores} cores x {mhz:.0f} MHz (cpuinfo) x {flops_per_cycle} fp32 flops/cycle, "
-        f"{'2 x 512' if lanes == 16 else '2 x 256'}-bit FMA pipes")
+    lanes = 16 if 'avx512f' in flags and not zen4 else 8
+    # fp32 flops per cycle per core: 2 FMA pipes x lanes x 2 flops. bf16: AVX512-BF16's
+    # dot product does two per fp32 lane; AMX's tile unit 1024 per cycle (Intel's figure).
+    fp32 = 2 * lanes * 2
+    bf16 = 1024 if 'amx_bf16' in flags else 2 * fp32 if 'avx512_bf16' in flags else fp32
+    # cpuinfo's MHz is the base clock and turbo can exceed it: an estimate, not a bound.
+    hz = cores * mhz * 1e6
+    return {'float32': hz * fp32, 'bfloat16': hz * bf16}, (
+        f"{cores} cores x {mhz:.0f} MHz (cpuinfo base clock) x {fp32} fp32 / {bf16} bf16 "
+        f"flops/cycle ({'2 x 512' if lanes == 16 else '2 x 256'}-bit FMA pipes"
+        f"{', AMX' if 'amx_bf16' in flags else ', AVX512-BF16' if 'avx512_bf16' in flags else ''})")
   except Exception:
     return None, 'unknown'
 
@@ -352,6 +356,9 @@ def main():
   add_ratios(results, rounds)
   rj_devices = next((r.get('devices') for r in results if r['worker'] == 'rotjax' and 'devices' in r), [])
   peak, peak_how = peak_flops(rj_devices)
+  # Every row trains the same network on the same batch: one FLOP count serves all,
+  # PyTorch's rows included (XLA's count of the rotjax step).
+  flops_per_step = next((r['flops_per_step'] for r in results if r.get('flops_per_step')), None)
   header = (f'{"configuration":36s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
             f'{"eval img/s [min-max]":>24s} {"x torch CL":>10s} {"compile s":>9s} '
             f'{"loop/step":>9s} {"% peak":>7s}')
@@ -369,16 +376,19 @@ def main():
     loop = f'{r["loop"] / r["train"]["median"]:8.0%}' if r.get('loop') else '        -'
     compile_s = f'{r["compile_s"]:9.1f}' if 'compile_s' in r else '        -'
     frac = '      -'
-    if r.get('flops_per_step') and peak:
-      achieved = r['flops_per_step'] * r['train']['median'] / args.batch
+    if flops_per_step and peak:
+      achieved = flops_per_step * r['train']['median'] / args.batch
       r['achieved_flops'] = achieved
-      frac = f'{achieved / peak:6.1%}'
+      frac = f'{achieved / peak[r["dtype"]]:6.1%}'
     print(f'{r["name"]:36s} {fmt(r["train"]):>24s} {ratio("train"):>10s} {fmt(r["eval"]):>24s} '
           f'{ratio("eval"):>10s} {compile_s} {loop} {frac:>7s}')
   print(f'\nimages/s: median [min-max] over all repeats of all rounds; x torch CL: median over '
         f'rounds of the ratio within a round.\npeak used for % peak: '
-        f'{peak / 1e9 if peak else float("nan"):.0f} GFLOP/s ({peak_how}); '
-        'loop/step = images/s of train_and_evaluate over epoch 2 / bare step')
+        + (f'{peak["float32"] / 1e9:.0f} GFLOP/s fp32, {peak["bfloat16"] / 1e9:.0f} bf16'
+           if peak else 'unknown') + f' ({peak_how}); '
+        + (f'{flops_per_step / 1e9:.0f} GFLOP per train step (XLA\'s count)\n'
+           if flops_per_step else '\n')
+        + 'loop/step = images/s of train_and_evaluate over epoch 2 / bare step')
   with open(args.json, 'w') as f:
     json.dump({'args': vars(args), 'peak_flops': peak, 'peak_how': peak_how, 'results': results,
                'rounds': rounds}, f, indent=2)
