@@ -8,8 +8,10 @@ import sys
 # jaxlib 0.10 lowers every convolution to a YNNPACK fusion whose gradients are
 # 2.5-3x slower than PyTorch's at CIFAR sizes; keeping individual convolutions
 # out of it made the ResNet18 train step 1.6-1.7x faster on the 2-core CPU
-# (cpu-performance-notes.md, scripts/benchmark.py). The flag is experimental and
-# an unknown XLA flag aborts the process, so it is only set where it was verified.
+# (cpu-performance-notes.md, scripts/benchmark.py). By default the convolutions go
+# to oneDNN (onednn_conv.py); this still matters for model.conv=xla and for the
+# convolutions oneDNN does not take. The flag is experimental and an unknown XLA
+# flag aborts the process, so it is only set where it was verified.
 _CPU_FLAGS = {'0.10': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'}
 
 
