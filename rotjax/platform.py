@@ -29,9 +29,13 @@ def keep_large_buffers_in_heap() -> bool:
   By default glibc mmaps every buffer over 32 MB afresh and unmaps it on free,
   so each train step page-faults its large activations again (a 33 MB
   elementwise op: 11 ms instead of 2.3 ms, cpu-performance-notes.md). With mmap
-  off for allocations and no trimming, the step reuses the same pages:
-  bf16 ResNet18 train step +11%, eval +33% on the 2-core CPU (scripts/benchmark.py).
-  The cost: memory freed by XLA stays with the process. Linux/glibc only; a no-op
+  off for allocations and no trimming, the step reuses the same pages. glibc
+  also gives each thread that allocates its own arena, a separate mmap'd heap
+  that it shrinks and grows again on its own terms; XLA's and oneDNN's worker
+  threads each got one, so one arena keeps every buffer in the one untrimmed
+  heap (the epoch's first step after evaluation and checkpointing had been
+  0.5-1 s slower, and every step ~25% slower; README, Performance). The cost:
+  memory freed by XLA stays with the process. Linux/glibc only; a no-op
   (False) elsewhere. ROTJAX_MALLOC_TUNING=0 turns it off.
   """
   if not sys.platform.startswith('linux') or os.environ.get('ROTJAX_MALLOC_TUNING', '1') == '0':
@@ -41,8 +45,9 @@ def keep_large_buffers_in_heap() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # musl and other libcs have no mallopt
     return False
-  m_trim_threshold, m_mmap_max = -1, -4   # from glibc's malloc.h
-  return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # from glibc's malloc.h
+  return (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+          and bool(mallopt(m_arena_max, 1)))
 
 
 def configure() -> None:

@@ -229,8 +229,13 @@ def configurations(quick: bool, has_torch: bool):
         ('PyTorch eager channels_last fp32', 'torch', {'dtype': 'float32', 'channels_last': True}, {}),
     ]
     if not quick:
-      rows.append(('PyTorch eager channels_last bf16', 'torch',
-                   {'dtype': 'bfloat16', 'channels_last': True}, {}))
+      rows += [
+          ('PyTorch eager channels_last bf16', 'torch', {'dtype': 'bfloat16', 'channels_last': True}, {}),
+          # What rotjax's platform.keep_large_buffers_in_heap does, through glibc's
+          # environment variables: does PyTorch gain from it too?
+          ('PyTorch eager CL bf16, rotjax malloc', 'torch', {'dtype': 'bfloat16', 'channels_last': True},
+           {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}),
+      ]
   return rows
 
 

@@ -6,10 +6,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Prints whether the tuning applied, then how many bytes glibc holds in separate
-# mmap'ed blocks while a 64 MB buffer is live (mallinfo2().hblkhd).
+# Prints whether the tuning applied and how many bytes glibc holds in separate mmap'ed
+# blocks while a 64 MB buffer is live (mallinfo2().hblkhd); then, after a second
+# thread has allocated, glibc's malloc_stats() lists its arenas on stderr (by default
+# that thread gets an arena of its own).
 PROBE = '''
 import ctypes
+import threading
 from rotjax import platform
 print(platform.keep_large_buffers_in_heap())
 class MallInfo2(ctypes.Structure):
@@ -20,6 +23,10 @@ libc.malloc.restype = ctypes.c_void_p
 libc.mallinfo2.restype = MallInfo2
 block = libc.malloc(64 << 20)
 print(libc.mallinfo2().hblkhd)
+thread = threading.Thread(target=lambda: libc.malloc(100 << 10))
+thread.start()
+thread.join()
+libc.malloc_stats()
 '''
 
 
@@ -27,12 +34,15 @@ def _probe(**env):
   out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True,
                        env=dict(os.environ, PYTHONPATH=ROOT, **env))
   tuned, mmapped = out.stdout.split()
-  return tuned == 'True', int(mmapped)
+  arenas = sum(line.startswith('Arena ') for line in out.stderr.splitlines())
+  return tuned == 'True', int(mmapped), arenas
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
-def test_large_buffers_stay_in_the_heap():
-  tuned, mmapped = _probe()
+def test_large_buffers_stay_in_the_one_heap():
+  tuned, mmapped, arenas = _probe()
   assert tuned and mmapped < 64 << 20        # the 64 MB buffer came from the heap
-  tuned, mmapped = _probe(ROTJAX_MALLOC_TUNING='0')
+  assert arenas == 1                         # and the other thread's buffer from the same one
+  tuned, mmapped, arenas = _probe(ROTJAX_MALLOC_TUNING='0')
   assert not tuned and mmapped >= 64 << 20   # glibc's default: a fresh mmap per large buffer
+  assert arenas >= 2                         # and an arena per thread
