@@ -108,7 +108,7 @@ def num_outputs(config, dataset) -> int:
 def compute_dtype(name: str):
   """'auto' is bfloat16 compute (params and BatchNorm statistics stay float32) on every
   backend: on GPUs it is the fast path, and on the 2-core CPU, with the oneDNN convolutions,
-  scripts/benchmark.py measured the bf16 train step 1.74x and eval 2.0x faster than fp32."""
+  scripts/benchmark.py measured the bf16 train step 1.6-1.7x and eval 2.0x faster than fp32."""
   return jnp.bfloat16 if name == 'auto' else jnp.dtype(name)
 
 
