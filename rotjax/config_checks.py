@@ -31,8 +31,7 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
-  _require(config.model.get('conv', 'auto') in onednn_conv.IMPLS,
-           f'model.conv={config.model.get("conv")!r} is unknown; allowed: {onednn_conv.IMPLS}')
+  onednn_conv.check_impl(config.model.get('conv', 'auto'))
   _require(config.model.dtype in DTYPES,
            f'model.dtype={config.model.dtype!r} is unknown; allowed: {DTYPES}')
   _require(config.data.dataset in input_pipeline.DATASETS,

@@ -149,14 +149,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                   **kwargs)
 
 
+def check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f'model.conv={impl!r} is unknown; allowed: {IMPLS}')
+
+
 def resolve(impl: str):
   """The convolution function for `model.conv`: None means XLA's own.
 
   'auto' is oneDNN when JAX's default backend is the CPU and the kernels build;
   'onednn' insists (an error says why it can't); 'xla' never uses them.
   """
-  if impl not in IMPLS:
-    raise ValueError(f'model.conv={impl!r} is unknown; allowed: {IMPLS}')
+  check_impl(impl)
   if impl == 'xla' or (impl == 'auto' and jax.default_backend() != 'cpu'):
     return None
   if load():

@@ -23,6 +23,18 @@ def cpu_xla_flags() -> str:
   return _CPU_FLAGS.get('.'.join(version.split('.')[:2]), '')
 
 
+# The glibc malloc settings below: (mallopt parameter from malloc.h, value, the
+# environment variable that sets the same for a process glibc has yet to start).
+_MALLOC_SETTINGS = ((-4, 0, 'MALLOC_MMAP_MAX_'),                 # M_MMAP_MAX: no mmap per buffer
+                    (-1, 2**31 - 1, 'MALLOC_TRIM_THRESHOLD_'),   # M_TRIM_THRESHOLD: never trim
+                    (-8, 1, 'MALLOC_ARENA_MAX'))                 # M_ARENA_MAX: one arena
+
+
+def malloc_environment() -> dict:
+  """keep_large_buffers_in_heap's settings as environment variables, for another program."""
+  return {name: str(value) for _, value, name in _MALLOC_SETTINGS}
+
+
 def keep_large_buffers_in_heap() -> bool:
   """glibc malloc: serve large buffers from the heap and keep freed memory for reuse.
 
@@ -45,9 +57,7 @@ def keep_large_buffers_in_heap() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # musl and other libcs have no mallopt
     return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8   # from glibc's malloc.h
-  return (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-          and bool(mallopt(m_arena_max, 1)))
+  return all([bool(mallopt(param, value)) for param, value, _ in _MALLOC_SETTINGS])
 
 
 def configure() -> None:

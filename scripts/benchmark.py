@@ -92,25 +92,24 @@ def rotjax_worker(opts):
 
   if not opts.get('extras', True):
     return result
-  # FLOPs of one train step as XLA counts them (one device's share times devices). XLA
-  # counts nothing inside a custom call, so the oneDNN convolutions are counted in the
-  # same step built with XLA's own convolutions (the same arithmetic).
-  try:
-    xla_config = config.copy_and_resolve_references()
-    xla_config.model.conv = 'xla'
-    xla_state = holder['state'].replace(apply_fn=train.build_model(xla_config, 10).apply)
-    cost = p_step.lower(xla_state, sharded, keys).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    result['flops_per_step'] = float(cost.get('flops', 0.0)) * len(devices)
-  except Exception as e:  # cost analysis is best-effort across backends
-    result['flops_per_step'] = None
-    result['flops_error'] = str(e)[:200]
-
+  # XLA counts nothing inside the oneDNN custom calls: FLOPs come from rows on XLA's convolutions.
+  if opts.get('conv') == 'xla':
+    result.update(_xla_flops(p_step, (holder['state'], sharded, keys), len(devices)))
   if opts.get('loop'):
     result['loop'] = _real_loop(opts, config)
   result['devices'] = [str(d) for d in devices]
   result['backend'] = jax.default_backend()
   return result
+
+
+def _xla_flops(p_step, args, num_devices) -> dict:
+  """FLOPs of one train step as XLA counts them (one device's share times devices)."""
+  try:
+    cost = p_step.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {'flops_per_step': float(cost.get('flops', 0.0)) * num_devices}
+  except Exception as e:  # cost analysis is best-effort across backends
+    return {'flops_per_step': None, 'flops_error': str(e)[:200]}
 
 
 def _real_loop(opts, config):
@@ -208,6 +207,8 @@ def torch_worker(opts):
 
 def configurations(quick: bool, has_torch: bool):
   """(name, worker, options, extra environment) for each row of the table."""
+  sys.path.insert(0, ROOT)
+  from rotjax import platform as rj_platform
   rows = [
       ('rotjax fp32, XLA defaults', 'rotjax', {'dtype': 'float32', 'conv': 'xla'},
        {'ROTJAX_DEFAULT_FLAGS': '0'}),
@@ -234,7 +235,7 @@ def configurations(quick: bool, has_torch: bool):
           # What rotjax's platform.keep_large_buffers_in_heap does, through glibc's
           # environment variables: does PyTorch gain from it too?
           ('PyTorch eager CL bf16, rotjax malloc', 'torch', {'dtype': 'bfloat16', 'channels_last': True},
-           {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}),
+           rj_platform.malloc_environment()),
       ]
   return rows
 
@@ -361,8 +362,8 @@ def main():
   add_ratios(results, rounds)
   rj_devices = next((r.get('devices') for r in results if r['worker'] == 'rotjax' and 'devices' in r), [])
   peak, peak_how = peak_flops(rj_devices)
-  # Every row trains the same network on the same batch: one FLOP count serves all,
-  # PyTorch's rows included (XLA's count of the rotjax step).
+  # Every row trains the same network on the same batch: one FLOP count (from a row on
+  # XLA's convolutions) serves all, PyTorch's and the oneDNN rows included.
   flops_per_step = next((r['flops_per_step'] for r in results if r.get('flops_per_step')), None)
   header = (f'{"configuration":36s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
             f'{"eval img/s [min-max]":>24s} {"x torch CL":>10s} {"compile s":>9s} '

@@ -40,61 +40,72 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Primitive descriptors cost far more to create than to run: one per shape.
+memory::desc Md(memory::dims dims, memory::data_type dt, tag t) { return memory::desc(dims, dt, t); }
+memory::desc SrcMd(const Geometry& g) { return Md({g.n, g.c, g.h, g.w}, g.dt, tag::nhwc); }
+memory::desc DstMd(const Geometry& g) { return Md({g.n, g.o, g.oh, g.ow}, g.dt, tag::nhwc); }
+memory::desc WeightsMd(const Geometry& g, tag t) { return Md({g.o, g.c, g.kh, g.kw}, g.dt, t); }
+
+// Primitives and their descriptors cost far more to create than to run: one set per
+// shape. Weights are `tag::any`, so oneDNN picks its own layout; when that differs
+// from JAX's HWIO, a cached reorder converts them on each call.
 struct Prims {
-  dnnl::convolution_forward::primitive_desc fwd;
   dnnl::primitive prim;
   memory::desc weights_md;   // the layout oneDNN chose for the weights
   memory::desc weights_user; // HWIO
+  dnnl::primitive reorder;   // weights_user -> weights_md (dw: the other way); empty if equal
+  bool same() const { return weights_md == weights_user; }
 };
 
-memory::desc Md(memory::dims dims, memory::data_type dt, tag t) { return memory::desc(dims, dt, t); }
-
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
-  auto src = Md({g.n, g.c, g.h, g.w}, g.dt, tag::nhwc);
-  auto wei = Md({g.o, g.c, g.kh, g.kw}, g.dt, tag::any);
-  auto dst = Md({g.n, g.o, g.oh, g.ow}, g.dt, tag::nhwc);
   memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
 #if DNNL_VERSION_MAJOR >= 3
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      src, wei, dst, strides, pad_l, pad_r);
+      SrcMd(g), WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r);
 #else
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
-                                    dnnl::algorithm::convolution_direct, src, wei, dst,
-                                    strides, pad_l, pad_r);
+                                    dnnl::algorithm::convolution_direct, SrcMd(g),
+                                    WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r);
   return dnnl::convolution_forward::primitive_desc(d, Engine());
 #endif
 }
 
+// Backward data and backward weights take the same arguments (oneDNN 3.x and 2.x spell
+// them differently), with the forward descriptor as a hint.
+template <class Bwd>
+typename Bwd::primitive_desc BackwardPd(const Geometry& g,
+                                        const dnnl::convolution_forward::primitive_desc& fwd) {
+  memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
+#if DNNL_VERSION_MAJOR >= 3
+  return typename Bwd::primitive_desc(Engine(), dnnl::algorithm::convolution_direct, SrcMd(g),
+                                      WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r, fwd);
+#else
+  typename Bwd::desc d(dnnl::algorithm::convolution_direct, SrcMd(g), WeightsMd(g, tag::any),
+                       DstMd(g), strides, pad_l, pad_r);
+  return typename Bwd::primitive_desc(d, Engine(), fwd);
+#endif
+}
+
+dnnl::primitive Reorder(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
+
 Prims Build(const Geometry& g, int64_t kind) {
   auto fwd = ForwardPd(g);
-  auto user_w = Md({g.o, g.c, g.kh, g.kw}, g.dt, tag::hwio);
-  auto src = Md({g.n, g.c, g.h, g.w}, g.dt, tag::nhwc);
-  auto dst = Md({g.n, g.o, g.oh, g.ow}, g.dt, tag::nhwc);
-  memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
-  if (kind == kForward) return {fwd, dnnl::convolution_forward(fwd), fwd.weights_desc(), user_w};
-  auto wei_any = Md({g.o, g.c, g.kh, g.kw}, g.dt, tag::any);
-  if (kind == kBackwardData) {
-#if DNNL_VERSION_MAJOR >= 3
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, src, wei_any, dst, strides, pad_l, pad_r, fwd);
-#else
-    dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, src, wei_any,
-                                            dst, strides, pad_l, pad_r);
-    dnnl::convolution_backward_data::primitive_desc pd(d, Engine(), fwd);
-#endif
-    return {fwd, dnnl::convolution_backward_data(pd), pd.weights_desc(), user_w};
+  auto user = WeightsMd(g, tag::hwio);
+  Prims p;
+  if (kind == kForward) {
+    p = {dnnl::convolution_forward(fwd), fwd.weights_desc(), user, {}};
+  } else if (kind == kBackwardData) {
+    auto pd = BackwardPd<dnnl::convolution_backward_data>(g, fwd);
+    p = {dnnl::convolution_backward_data(pd), pd.weights_desc(), user, {}};
+  } else {
+    auto pd = BackwardPd<dnnl::convolution_backward_weights>(g, fwd);
+    p = {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), user, {}};
   }
-#if DNNL_VERSION_MAJOR >= 3
-  dnnl::convolution_backward_weights::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, src, wei_any, dst, strides, pad_l, pad_r, fwd);
-#else
-  dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, src, wei_any,
-                                             dst, strides, pad_l, pad_r);
-  dnnl::convolution_backward_weights::primitive_desc pd(d, Engine(), fwd);
-#endif
-  return {fwd, dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), user_w};
+  if (!p.same())
+    p.reorder = kind == kBackwardWeights ? Reorder(p.weights_md, user) : Reorder(user, p.weights_md);
+  return p;
 }
 
 const Prims& Cached(const Geometry& g, int64_t kind) {
@@ -131,27 +142,26 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
   std::lock_guard<std::mutex> run_lock(run_mu);
   try {
     const Prims& p = Cached(g, kind);
-    dnnl::stream stream(Engine());
     auto& eng = Engine();
-    auto x_md = Md({g.n, g.c, g.h, g.w}, dt, tag::nhwc);
-    auto y_md = Md({g.n, g.o, g.oh, g.ow}, dt, tag::nhwc);
+    dnnl::stream stream(eng);
+    auto reorder = [&](memory& from, memory& to) {
+      p.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
+    };
     if (kind == kBackwardWeights) {
-      memory x(x_md, eng, a.untyped_data()), dy(y_md, eng, b.untyped_data());
+      memory x(SrcMd(g), eng, a.untyped_data()), dy(DstMd(g), eng, b.untyped_data());
       memory dw_user(p.weights_user, eng, out->untyped_data());
-      bool same = p.weights_md == p.weights_user;
-      memory dw = same ? dw_user : memory(p.weights_md, eng);
+      memory dw = p.same() ? dw_user : memory(p.weights_md, eng);
       p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
-      if (!same) dnnl::reorder(dw, dw_user).execute(stream, dw, dw_user);
+      if (!p.same()) reorder(dw, dw_user);
     } else {
       memory w_user(p.weights_user, eng, b.untyped_data());
-      bool same = p.weights_md == p.weights_user;
-      memory w = same ? w_user : memory(p.weights_md, eng);
-      if (!same) dnnl::reorder(w_user, w).execute(stream, w_user, w);
+      memory w = p.same() ? w_user : memory(p.weights_md, eng);
+      if (!p.same()) reorder(w_user, w);
       if (kind == kForward) {
-        memory x(x_md, eng, a.untyped_data()), y(y_md, eng, out->untyped_data());
+        memory x(SrcMd(g), eng, a.untyped_data()), y(DstMd(g), eng, out->untyped_data());
         p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}});
       } else {
-        memory dy(y_md, eng, a.untyped_data()), dx(x_md, eng, out->untyped_data());
+        memory dy(DstMd(g), eng, a.untyped_data()), dx(SrcMd(g), eng, out->untyped_data());
         p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx}});
       }
     }
