@@ -10,13 +10,28 @@ to build the model and preprocess images (eval style, as in training's eval).
 """
 import functools
 import json
+import logging
 import os
 
 import numpy as np
 
+from rotjax import hardware
 from rotjax import models
+from rotjax import onednn_conv
 
 _STEP_PARENTS = ('checkpoints', 'best')
+
+
+def _runnable_conv(config) -> None:
+  """A run trained with model.conv=onednn still predicts where oneDNN can't run (a GPU,
+  a CPU without the dtype's kernels): its weights do not depend on the convolution code."""
+  if config.model.get('conv', 'auto') != 'onednn':
+    return
+  try:
+    onednn_conv.uses_onednn('onednn', hardware.compute_dtype(config.model.dtype))
+  except onednn_conv.OneDNNConvError as e:
+    logging.warning('%s; predicting with model.conv=auto instead', e)
+    config.model.conv = 'auto'
 
 
 class RotjaxModel:
@@ -29,6 +44,7 @@ class RotjaxModel:
     self.checkpoint_path = checkpoint_path
     self.num_classes = int(variables['params']['fc']['kernel'].shape[-1])
     self.class_names = tuple(class_names)
+    _runnable_conv(config)
     self.module = train.build_model(config, self.num_classes)
     self.batch_size = batch_size
     self._jitted = {}
@@ -41,6 +57,7 @@ class RotjaxModel:
   def image_size(self) -> int:
     return self.config.data.image_size
 
+  @onednn_conv.named_errors()
   def predict(self, images) -> np.ndarray:
     """uint8 [H, W, 3] or [B, H, W, 3] -> class probabilities [B, num_classes]."""
     return self._run('probs', images)
@@ -49,6 +66,7 @@ class RotjaxModel:
     """uint8 image(s) -> logits [B, num_classes]."""
     return self._run('logits', images)
 
+  @onednn_conv.named_errors()
   def features(self, images, layer: str = 'layer3') -> np.ndarray:
     """uint8 image(s) -> global-average-pooled features of `layer` [B, channels]."""
     if layer not in models.LAYER_NAMES:

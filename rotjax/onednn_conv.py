@@ -11,13 +11,22 @@ The C++ side (csrc/onednn_conv.cc) is compiled on first use into
 ~/.cache/rotjax/onednn/ (about 10 s), which needs a C++ compiler and oneDNN's
 headers and library (Debian: `apt-get install libdnnl-dev`). Where that fails,
 'auto' falls back to XLA's convolution and says why once in the log.
+
+What oneDNN can do depends on the CPU: bfloat16 kernels exist only with
+AVX512-BF16 or AMX, and `ONEDNN_MAX_CPU_ISA` lowers what it uses. So nothing is
+assumed: each dtype is probed once (`supported_dtypes`), and every convolution
+is prepared when the model is traced (`_prepare`); one oneDNN cannot take, or
+takes only with its slow reference kernels, goes to XLA under 'auto' and is an
+`OneDNNConvError` under 'onednn'. `ROTJAX_ONEDNN=0` turns oneDNN off.
 """
+import contextlib
 import ctypes
 import functools
 import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,12 +39,23 @@ from jax import lax
 
 IMPLS = ('auto', 'xla', 'onednn')
 SOURCE = Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
+MIN_VERSION = (2, 0)   # the C++ side speaks the 2.x and 3.x APIs
+HINT = 'set model.conv=xla to use XLA\'s convolutions instead'
 _TARGETS = {'forward': 'RotjaxConvForward', 'backward_data': 'RotjaxConvBackwardData',
             'backward_weights': 'RotjaxConvBackwardWeights'}
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+_DTYPE_CODES = {'float32': 0, 'bfloat16': 1}
+# The probe convolution: a ResNet 3x3 layer, small enough to build in milliseconds.
+_PROBE = dict(n=4, h=8, w=8, c=16, o=16, kernel=3, stride=1, pad=1)
 
 _lock = threading.Lock()
-_state = {}   # 'ok': bool, 'error': str, once the library was built or failed to
+_state = {}   # 'ok': bool, 'error': str, 'lib', 'version', once the library was built or failed to
+_prepared = {}   # (geometry, dtype) -> (status, info) from RotjaxConvPrepare
+_fallbacks_logged = set()
+
+
+class OneDNNConvError(RuntimeError):
+  """A convolution oneDNN could not create or run; the message names its shape and dtype."""
 
 
 def cache_dir() -> Path:
@@ -43,9 +63,28 @@ def cache_dir() -> Path:
   return Path(root) / 'onednn'
 
 
+def _include_dirs() -> list:
+  root = os.environ.get('ROTJAX_ONEDNN_ROOT')
+  return ([f'{root}/include'] if root else []) + ['/usr/include', '/usr/local/include']
+
+
+def header_version() -> str:
+  """The oneDNN version whose headers the library is compiled against ('' if none found)."""
+  for inc in _include_dirs():
+    header = Path(inc) / 'oneapi' / 'dnnl' / 'dnnl_version.h'
+    if header.exists():
+      text = header.read_text()
+      parts = [re.search(rf'#define DNNL_VERSION_{k}\s+(\d+)', text) for k in ('MAJOR', 'MINOR', 'PATCH')]
+      if all(parts):
+        return '.'.join(m.group(1) for m in parts)
+  return ''
+
+
 def _library_path() -> Path:
-  # Keyed on everything the binary depends on: our source, the FFI headers' jaxlib.
-  key = hashlib.sha256(SOURCE.read_bytes() + importlib.metadata.version('jaxlib').encode())
+  # Keyed on everything the binary depends on: our source, the FFI headers' jaxlib, and
+  # the oneDNN it is built against (an upgraded libdnnl-dev gets a fresh build).
+  key = hashlib.sha256(SOURCE.read_bytes() + importlib.metadata.version('jaxlib').encode()
+                       + header_version().encode())
   return cache_dir() / f'librotjax_onednn_{key.hexdigest()[:16]}.so'
 
 
@@ -71,21 +110,43 @@ def _compile(target: Path) -> None:
   os.replace(tmp, target)
 
 
+def disabled() -> bool:
+  """ROTJAX_ONEDNN=0: never build or load oneDNN (as on a machine without it)."""
+  return os.environ.get('ROTJAX_ONEDNN', '1') == '0'
+
+
+def _open(path: Path):
+  lib = ctypes.cdll.LoadLibrary(str(path))
+  lib.RotjaxOneDNNVersion.argtypes = [ctypes.c_char_p, ctypes.c_int64]
+  lib.RotjaxConvPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+                                    ctypes.c_char_p, ctypes.c_int64]
+  lib.RotjaxConvPrepare.restype = ctypes.c_int
+  out = ctypes.create_string_buffer(64)
+  lib.RotjaxOneDNNVersion(out, len(out))
+  version = out.value.decode()
+  if tuple(int(v) for v in version.split('.')[:2]) < MIN_VERSION:
+    raise RuntimeError(f'oneDNN {version} is too old (rotjax needs >= '
+                       f'{".".join(map(str, MIN_VERSION))})')
+  return lib, version
+
+
 def load() -> bool:
   """Builds (once per machine) and registers the oneDNN kernels; False if they can't be."""
   with _lock:
     if 'ok' not in _state:
       try:
+        if disabled():
+          raise RuntimeError('turned off by ROTJAX_ONEDNN=0')
         path = _library_path()
         if not path.exists():
           logging.info('Compiling the oneDNN convolution kernels into %s', path)
           _compile(path)
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        lib, version = _open(path)
         for name in _TARGETS.values():
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-        _state.update(ok=True, error='')
-      except (OSError, RuntimeError, AttributeError) as e:
-        _state.update(ok=False, error=str(e))
+        _state.update(ok=True, error='', lib=lib, version=version)
+      except (OSError, RuntimeError, AttributeError, ValueError) as e:
+        _state.update(ok=False, error=str(e), lib=None, version='')
         logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
   return _state['ok']
 
@@ -93,6 +154,57 @@ def load() -> bool:
 def unavailable_reason() -> str:
   load()
   return _state['error']
+
+
+def version() -> str:
+  """The oneDNN runtime's version ('' when it is not loaded)."""
+  return _state.get('version', '') if load() else ''
+
+
+def _prepare(geometry: tuple, dtype: str):
+  """(status, info) for one convolution: 0 optimized kernels, 1 reference only, 2 none.
+
+  Builds and caches its three oneDNN primitives, so a failure shows up here, while
+  the model is traced, not inside a running step.
+  """
+  key = (geometry, dtype)
+  if key not in _prepared:
+    out = ctypes.create_string_buffer(1024)
+    status = _state['lib'].RotjaxConvPrepare((ctypes.c_int64 * 15)(*geometry),
+                                             _DTYPE_CODES[dtype], out, len(out))
+    _prepared[key] = (status, out.value.decode(errors='replace'))
+  return _prepared[key]
+
+
+def _geometry(x_shape, w_shape, strides, padding) -> tuple:
+  out_hw = [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2)]
+  (pt, pb), (pl, pr) = padding
+  return (*x_shape, w_shape[0], w_shape[1], w_shape[3], *out_hw, *strides, pt, pb, pl, pr)
+
+
+def probe(dtype: str):
+  """(status, info) of a small ResNet convolution in `dtype`: what oneDNN can do here."""
+  if not load():
+    return 2, _state['error']
+  g = _PROBE
+  return _prepare(_geometry((g['n'], g['h'], g['w'], g['c']), (g['kernel'], g['kernel'], g['c'], g['o']),
+                            (g['stride'],) * 2, ((g['pad'],) * 2,) * 2), dtype)
+
+
+def supported_dtypes() -> tuple:
+  """The dtypes oneDNN has optimized convolution kernels for on this CPU."""
+  return tuple(d for d in _DTYPE_CODES if probe(d)[0] == 0)
+
+
+@contextlib.contextmanager
+def named_errors():
+  """Re-raises a oneDNN failure inside a compiled step as OneDNNConvError (also a decorator)."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if 'rotjax oneDNN conv' in str(e):
+      raise OneDNNConvError(str(e)) from e
+    raise
 
 
 def _attrs(strides, padding):
@@ -137,16 +249,40 @@ def _supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
 
 
+def _takes(lhs, rhs, strides, padding, strict: bool) -> bool:
+  """Whether oneDNN runs this convolution: prepared with optimized kernels, else XLA's
+  (under model.conv=onednn, `strict`, that is an error naming the convolution)."""
+  dtype = lhs.dtype.name
+  status, info = _prepare(_geometry(lhs.shape, rhs.shape, strides, padding), dtype)
+  if status == 0:
+    return True
+  why = ('oneDNN has only its slow reference kernels for it: ' if status == 1
+         else 'oneDNN cannot create it: ') + info
+  if strict:
+    raise OneDNNConvError(f'model.conv=onednn: a {dtype} convolution of input {tuple(lhs.shape)} '
+                          f'and kernel {tuple(rhs.shape)}: {why}; {HINT}')
+  if (dtype, status) not in _fallbacks_logged:
+    _fallbacks_logged.add((dtype, status))
+    logging.warning('A %s convolution (input %s, kernel %s) runs on XLA: %s', dtype,
+                    tuple(lhs.shape), tuple(rhs.shape), why)
+  return False
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None,
-                         **kwargs):
+                         strict=False, **kwargs):
   """`lax.conv_general_dilated` with the plain 2-D NHWC case on oneDNN (see module doc)."""
   if (not kwargs and load() and _supported(lhs, rhs, padding, lhs_dilation, rhs_dilation,
                                 dimension_numbers, feature_group_count)):
-    return conv2d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
+    if _takes(lhs, rhs, strides, pads, strict):
+      return conv2d(lhs, rhs, strides, pads)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)
+
+
+conv_general_dilated_strict = functools.partial(conv_general_dilated, strict=True)
 
 
 def check_impl(impl: str) -> None:
@@ -154,17 +290,40 @@ def check_impl(impl: str) -> None:
     raise ValueError(f'model.conv={impl!r} is unknown; allowed: {IMPLS}')
 
 
-def resolve(impl: str):
-  """The convolution function for `model.conv`: None means XLA's own.
+def uses_onednn(impl: str, dtype) -> tuple:
+  """(whether `model.conv=impl` runs `dtype` convolutions on oneDNN here, why).
 
-  'auto' is oneDNN when JAX's default backend is the CPU and the kernels build;
-  'onednn' insists (an error says why it can't); 'xla' never uses them.
+  'auto': oneDNN when JAX's default backend is the CPU, the kernels load, and oneDNN has
+  optimized kernels for the dtype on this CPU; 'onednn' insists (OneDNNConvError says why
+  it can't); 'xla' never loads them.
   """
   check_impl(impl)
-  if impl == 'xla' or (impl == 'auto' and jax.default_backend() != 'cpu'):
+  dtype = np.dtype(dtype).name
+  backend = jax.default_backend()
+  if impl == 'xla':
+    return False, 'model.conv=xla'
+  if backend != 'cpu':
+    if impl == 'onednn':
+      raise OneDNNConvError(f'model.conv=onednn runs only on the CPU; this run\'s backend is '
+                            f'{backend}: use model.conv=auto or xla')
+    return False, f'XLA\'s convolutions on {backend}'
+  if not load():
+    if impl == 'onednn':
+      raise OneDNNConvError(f'model.conv=onednn, but the oneDNN kernels are unavailable: '
+                            f'{_state["error"]}; {HINT}')
+    return False, f'oneDNN unavailable ({_state["error"]})'
+  status, info = probe(dtype)
+  if status != 0:
+    if impl == 'onednn':
+      raise OneDNNConvError(f'model.conv=onednn, but oneDNN {version()} has no optimized {dtype} '
+                            f'convolution on this CPU ({info}); {HINT} or another model.dtype')
+    return False, f'oneDNN {version()} has no optimized {dtype} convolution on this CPU ({info})'
+  return True, f'oneDNN {version()} {dtype} kernels ({info})'
+
+
+def resolve(impl: str, dtype='float32'):
+  """The convolution function for `model.conv` and the compute dtype: None means XLA's own."""
+  use, _ = uses_onednn(impl, dtype)
+  if not use:
     return None
-  if load():
-    return conv_general_dilated
-  if impl == 'onednn':
-    raise RuntimeError(f'model.conv=onednn, but the oneDNN kernels are unavailable: {_state["error"]}')
-  return None
+  return conv_general_dilated_strict if impl == 'onednn' else conv_general_dilated

@@ -16,8 +16,8 @@ _HEADERS = any(os.path.exists(os.path.join(d, 'oneapi/dnnl/dnnl.hpp'))
                          os.path.join(os.environ.get('ROTJAX_ONEDNN_ROOT', '/nonexistent'), 'include')))
 # .ci/run installs oneDNN and sets ROTJAX_REQUIRE_ONEDNN=1, so there these tests never skip.
 needs_onednn = pytest.mark.skipif(
-    not _HEADERS and os.environ.get('ROTJAX_REQUIRE_ONEDNN') != '1',
-    reason='oneDNN headers not installed (apt-get install libdnnl-dev)')
+    (not _HEADERS or onednn_conv.disabled()) and os.environ.get('ROTJAX_REQUIRE_ONEDNN') != '1',
+    reason='oneDNN headers not installed (apt-get install libdnnl-dev) or ROTJAX_ONEDNN=0')
 DN = ('NHWC', 'HWIO', 'NHWC')
 # (spatial, in, out, kernel, stride, padding): the stems, blocks and shortcuts of the ResNets.
 CASES = [(8, 3, 16, 3, 1, 1), (8, 16, 32, 3, 2, 1), (8, 16, 32, 1, 2, 0), (16, 3, 8, 7, 2, 3),
@@ -29,7 +29,15 @@ def _xla(x, w, s, p):
 
 
 def _ours(x, w, s, p):
-  return onednn_conv.conv_general_dilated(x, w, (s, s), [(p, p)] * 2, dimension_numbers=DN)
+  # strict: on oneDNN or an error, never a silent fall back to XLA that would compare XLA to XLA.
+  return onednn_conv.conv_general_dilated_strict(x, w, (s, s), [(p, p)] * 2, dimension_numbers=DN)
+
+
+def _skip_unless_onednn_has(dtype):
+  name = jnp.dtype(dtype).name
+  if name not in onednn_conv.supported_dtypes():
+    pytest.skip(f'oneDNN has no optimized {name} convolutions on this CPU '
+                f'(ONEDNN_MAX_CPU_ISA={os.environ.get("ONEDNN_MAX_CPU_ISA", "")!r})')
 
 
 @needs_onednn
@@ -41,6 +49,7 @@ def test_kernels_build_and_load():
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize('case', CASES)
 def test_values_and_gradients_match_xla(case, dtype, tol):
+  _skip_unless_onednn_has(dtype)
   hw, cin, cout, k, s, p = case
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, hw, hw, cin)), dtype)

@@ -6,9 +6,14 @@
 // PyTorch's CPU convolutions use. Layouts are JAX's: activations NHWC,
 // weights HWIO, both dense row-major.
 #include <cstdint>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -40,6 +45,35 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+const char* KindName(int64_t kind) {
+  return kind == kForward ? "forward" : kind == kBackwardData ? "backward-data" : "backward-weights";
+}
+
+// Names the convolution in every error, so that a failure deep inside a jitted step says
+// which layer it was and what to change.
+std::string Describe(const Geometry& g, int64_t kind) {
+  char buf[320];
+  std::snprintf(buf, sizeof(buf),
+                "%s convolution, input NHWC [%lld, %lld, %lld, %lld], kernel HWIO [%lld, %lld, "
+                "%lld, %lld], stride (%lld, %lld), padding ((%lld, %lld), (%lld, %lld)), dtype %s",
+                KindName(kind), (long long)g.n, (long long)g.h, (long long)g.w, (long long)g.c,
+                (long long)g.kh, (long long)g.kw, (long long)g.c, (long long)g.o, (long long)g.sh,
+                (long long)g.sw, (long long)g.pt, (long long)g.pb, (long long)g.pl, (long long)g.pr,
+                g.dt == memory::data_type::bf16 ? "bfloat16" : "float32");
+  return buf;
+}
+
+// Every primitive gets its scratchpad from us (scratchpad_mode::user). With oneDNN's default
+// ("library") the scratchpad of gemm-based convolutions lives in the creating thread's
+// thread-local storage; XLA runs custom calls on whichever pool thread is free, so a
+// primitive created on one thread and run on another read freed memory: the segmentation
+// fault of the fp32 backward-weights convolution under ONEDNN_MAX_CPU_ISA=AVX2 (issue 13).
+dnnl::primitive_attr Attr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 memory::desc Md(memory::dims dims, memory::data_type dt, tag t) { return memory::desc(dims, dt, t); }
 memory::desc SrcMd(const Geometry& g) { return Md({g.n, g.c, g.h, g.w}, g.dt, tag::nhwc); }
 memory::desc DstMd(const Geometry& g) { return Md({g.n, g.o, g.oh, g.ow}, g.dt, tag::nhwc); }
@@ -53,6 +87,9 @@ struct Prims {
   memory::desc weights_md;   // the layout oneDNN chose for the weights
   memory::desc weights_user; // HWIO
   dnnl::primitive reorder;   // weights_user -> weights_md (dw: the other way); empty if equal
+  memory::desc scratch_md;   // what the convolution needs as scratchpad (may be empty)
+  memory::desc reorder_scratch_md;
+  std::string impl;          // oneDNN's implementation name, e.g. "jit:avx2", "ref:any"
   bool same() const { return weights_md == weights_user; }
 };
 
@@ -61,12 +98,12 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g) {
 #if DNNL_VERSION_MAJOR >= 3
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      SrcMd(g), WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r);
+      SrcMd(g), WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r, Attr());
 #else
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
                                     dnnl::algorithm::convolution_direct, SrcMd(g),
                                     WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r);
-  return dnnl::convolution_forward::primitive_desc(d, Engine());
+  return dnnl::convolution_forward::primitive_desc(d, Attr(), Engine());
 #endif
 }
 
@@ -78,36 +115,52 @@ typename Bwd::primitive_desc BackwardPd(const Geometry& g,
   memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
 #if DNNL_VERSION_MAJOR >= 3
   return typename Bwd::primitive_desc(Engine(), dnnl::algorithm::convolution_direct, SrcMd(g),
-                                      WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r, fwd);
+                                      WeightsMd(g, tag::any), DstMd(g), strides, pad_l, pad_r, fwd,
+                                      Attr());
 #else
   typename Bwd::desc d(dnnl::algorithm::convolution_direct, SrcMd(g), WeightsMd(g, tag::any),
                        DstMd(g), strides, pad_l, pad_r);
-  return typename Bwd::primitive_desc(d, Engine(), fwd);
+  return typename Bwd::primitive_desc(d, Attr(), Engine(), fwd);
 #endif
 }
 
-dnnl::primitive Reorder(const memory::desc& from, const memory::desc& to) {
-  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+dnnl::reorder::primitive_desc ReorderPd(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, Attr());
+}
+
+template <class Pd>
+void Fill(Prims& p, const Pd& pd, const memory::desc& weights_md) {
+  p.weights_md = weights_md;
+  p.scratch_md = pd.scratchpad_desc();
+  p.impl = pd.impl_info_str();
 }
 
 Prims Build(const Geometry& g, int64_t kind) {
   auto fwd = ForwardPd(g);
-  auto user = WeightsMd(g, tag::hwio);
   Prims p;
+  p.weights_user = WeightsMd(g, tag::hwio);
   if (kind == kForward) {
-    p = {dnnl::convolution_forward(fwd), fwd.weights_desc(), user, {}};
+    p.prim = dnnl::convolution_forward(fwd);
+    Fill(p, fwd, fwd.weights_desc());
   } else if (kind == kBackwardData) {
     auto pd = BackwardPd<dnnl::convolution_backward_data>(g, fwd);
-    p = {dnnl::convolution_backward_data(pd), pd.weights_desc(), user, {}};
+    p.prim = dnnl::convolution_backward_data(pd);
+    Fill(p, pd, pd.weights_desc());
   } else {
     auto pd = BackwardPd<dnnl::convolution_backward_weights>(g, fwd);
-    p = {dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), user, {}};
+    p.prim = dnnl::convolution_backward_weights(pd);
+    Fill(p, pd, pd.diff_weights_desc());
   }
-  if (!p.same())
-    p.reorder = kind == kBackwardWeights ? Reorder(p.weights_md, user) : Reorder(user, p.weights_md);
+  if (!p.same()) {
+    auto pd = kind == kBackwardWeights ? ReorderPd(p.weights_md, p.weights_user)
+                                       : ReorderPd(p.weights_user, p.weights_md);
+    p.reorder = dnnl::reorder(pd);
+    p.reorder_scratch_md = pd.scratchpad_desc();
+  }
   return p;
 }
 
+// Builds on first use; a shape oneDNN cannot take throws here, and is tried again next time.
 const Prims& Cached(const Geometry& g, int64_t kind) {
   static std::mutex mu;
   static std::map<decltype(g.key(0)), std::unique_ptr<Prims>> cache;
@@ -115,6 +168,36 @@ const Prims& Cached(const Geometry& g, int64_t kind) {
   auto& slot = cache[g.key(kind)];
   if (!slot) slot = std::make_unique<Prims>(Build(g, kind));
   return *slot;
+}
+
+// One scratchpad for every call, grown to the largest asked for: the calls are serialized
+// (run_mu below), so they can share it.
+// Page-aligned, as oneDNN's own scratchpads are (its kernels may use aligned loads).
+void* Scratch(size_t bytes) {
+  static std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
+  static size_t capacity = 0;
+  if (bytes > capacity) {
+    size_t grown = (bytes + 4095) / 4096 * 4096;
+    void* p = std::aligned_alloc(4096, grown);
+    if (p == nullptr) throw std::bad_alloc();
+    buffer.reset(p);
+    capacity = grown;
+  }
+  return buffer.get();
+}
+
+// Which dtype code (0: float32, 1: bfloat16) is which oneDNN type.
+bool DataType(int64_t code, memory::data_type* dt) {
+  if (code == 0) *dt = memory::data_type::f32;
+  else if (code == 1) *dt = memory::data_type::bf16;
+  else return false;
+  return true;
+}
+
+void Copy(const std::string& text, char* out, int64_t size) {
+  if (out == nullptr || size <= 0) return;
+  std::strncpy(out, text.c_str(), size - 1);
+  out[size - 1] = 0;
 }
 
 ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
@@ -134,6 +217,7 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
     return ffi::Error::InvalidArgument("rotjax oneDNN conv: expects NHWC activations, HWIO weights");
   Geometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1], w_dims[3],
              y_dims[1], y_dims[2], sh, sw, pt, pb, pl, pr, dt};
+  const std::string hint = " (set model.conv=xla to use XLA's convolutions instead)";
   // One oneDNN call at a time: XLA runs independent thunks (and the devices of
   // a multi-device CPU client) on several threads, and concurrent OpenMP teams
   // from those threads deadlocked GNU libgomp in a 2-device pmap. Each call
@@ -144,14 +228,19 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
     const Prims& p = Cached(g, kind);
     auto& eng = Engine();
     dnnl::stream stream(eng);
+    auto scratch = [&](const memory::desc& md) {
+      return memory(md, eng, Scratch(md.get_size()));
+    };
     auto reorder = [&](memory& from, memory& to) {
-      p.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
+      p.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                 {DNNL_ARG_SCRATCHPAD, scratch(p.reorder_scratch_md)}});
     };
     if (kind == kBackwardWeights) {
       memory x(SrcMd(g), eng, a.untyped_data()), dy(DstMd(g), eng, b.untyped_data());
       memory dw_user(p.weights_user, eng, out->untyped_data());
       memory dw = p.same() ? dw_user : memory(p.weights_md, eng);
-      p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
+      p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw},
+                              {DNNL_ARG_SCRATCHPAD, scratch(p.scratch_md)}});
       if (!p.same()) reorder(dw, dw_user);
     } else {
       memory w_user(p.weights_user, eng, b.untyped_data());
@@ -159,15 +248,21 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
       if (!p.same()) reorder(w_user, w);
       if (kind == kForward) {
         memory x(SrcMd(g), eng, a.untyped_data()), y(DstMd(g), eng, out->untyped_data());
-        p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}});
+        p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y},
+                                {DNNL_ARG_SCRATCHPAD, scratch(p.scratch_md)}});
       } else {
         memory dy(DstMd(g), eng, a.untyped_data()), dx(SrcMd(g), eng, out->untyped_data());
-        p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx}});
+        p.prim.execute(stream, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx},
+                                {DNNL_ARG_SCRATCHPAD, scratch(p.scratch_md)}});
       }
     }
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("rotjax oneDNN conv: ") + e.what());
+    return ffi::Error::Internal("rotjax oneDNN conv: " + Describe(g, kind) + ": " + e.what() + hint);
+  } catch (const std::exception& e) {   // bad_alloc and friends: never past the FFI boundary
+    return ffi::Error::Internal("rotjax oneDNN conv: " + Describe(g, kind) + ": " + e.what() + hint);
+  } catch (...) {
+    return ffi::Error::Internal("rotjax oneDNN conv: " + Describe(g, kind) + ": unknown error" + hint);
   }
   return ffi::Error::Success();
 }
@@ -196,3 +291,54 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RotjaxConvForward, Impl<kForward>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RotjaxConvBackwardData, Impl<kBackwardData>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RotjaxConvBackwardWeights, Impl<kBackwardWeights>, Binding());
+
+// ------------------------------------------------------------------ plain C entry points
+// Called through ctypes when a model is traced, so that a convolution oneDNN cannot take
+// (or takes only with its slow reference kernels) goes to XLA instead of failing in a step.
+extern "C" {
+
+// oneDNN's runtime version, "major.minor.patch".
+int RotjaxOneDNNVersion(char* out, int64_t size) {
+  const dnnl_version_t* v = dnnl_version();
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%d.%d.%d", v->major, v->minor, v->patch);
+  Copy(buf, out, size);
+  return 0;
+}
+
+// Builds (and caches) the forward, backward-data and backward-weights primitives of one
+// convolution. geometry: n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr.
+// Returns 0 when all three have optimized kernels, 1 when some are oneDNN's reference
+// (slow, scalar) kernels, 2 when oneDNN cannot create them; `out` gets the implementation
+// names or the error.
+int RotjaxConvPrepare(const int64_t* geometry, int64_t dtype, char* out, int64_t size) {
+  const int64_t* q = geometry;
+  Geometry g{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9], q[10], q[11], q[12], q[13],
+             q[14], memory::data_type::f32};
+  if (!DataType(dtype, &g.dt)) {
+    Copy("unsupported dtype code", out, size);
+    return 2;
+  }
+  std::string impls;
+  bool reference = false;
+  for (int64_t kind : {kForward, kBackwardData, kBackwardWeights}) {
+    try {
+      const Prims& p = Cached(g, kind);
+      impls += std::string(impls.empty() ? "" : ", ") + KindName(kind) + "=" + p.impl;
+      reference = reference || p.impl.rfind("ref", 0) == 0;
+    } catch (const dnnl::error& e) {
+      Copy(Describe(g, kind) + ": " + e.what(), out, size);
+      return 2;
+    } catch (const std::exception& e) {
+      Copy(Describe(g, kind) + ": " + e.what(), out, size);
+      return 2;
+    } catch (...) {
+      Copy(Describe(g, kind) + ": unknown error", out, size);
+      return 2;
+    }
+  }
+  Copy(impls, out, size);
+  return reference ? 1 : 0;
+}
+
+}  // extern "C"

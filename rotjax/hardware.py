@@ -1,0 +1,141 @@
+"""What this machine can do, and the compute settings `auto` picks from it.
+
+`model.dtype=auto` and `model.conv=auto` mean "the fastest path that is correct on
+this machine". Nothing is assumed from the machine the defaults were tuned on:
+the CPU's instruction sets come from /proc/cpuinfo, oneDNN's abilities from a
+probe (onednn_conv.probe), and the choice and its reasons are logged once and
+written to run_info.json (`describe`).
+
+The rule, from scripts/benchmark.py on each CPU class (README, Performance):
+- bfloat16 compute where the hardware has native bf16: GPUs, TPUs, and CPUs with
+  AVX512-BF16 or AMX, where oneDNN's bf16 convolutions ran 1.6x its fp32 ones;
+- float32 elsewhere (AVX2-only or AVX-512 without BF16), where bf16 is emulated;
+- convolutions on oneDNN wherever it has optimized kernels for that dtype
+  (onednn_conv.uses_onednn), XLA's own otherwise.
+
+`ONEDNN_MAX_CPU_ISA` (oneDNN's switch to act as an older CPU) caps what rotjax
+believes the CPU has too, so `ONEDNN_MAX_CPU_ISA=AVX2` on any machine takes the
+whole path an AVX2-only machine takes. That is how the tests cover the lesser paths.
+"""
+import functools
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+
+from rotjax import onednn_conv
+
+DTYPES = ('auto', 'float32', 'bfloat16')
+# CPU classes, weakest first, with the /proc/cpuinfo flags that make each.
+ISA_CLASSES = (('older', ()), ('avx2', ('avx2', 'fma')), ('avx512', ('avx512f', 'avx512bw', 'avx512vl')),
+               ('avx512_bf16', ('avx512_bf16',)), ('amx', ('amx_bf16', 'amx_tile')))
+# ONEDNN_MAX_CPU_ISA values (lower case) and the class they cap the CPU at.
+_ONEDNN_CAPS = {'sse41': 'older', 'avx': 'older', 'avx2': 'avx2', 'avx2_vnni': 'avx2',
+                'avx2_vnni_2': 'avx2', 'avx512_core': 'avx512', 'avx512_core_vnni': 'avx512',
+                'avx512_core_bf16': 'avx512_bf16', 'avx512_core_fp16': 'avx512_bf16',
+                'avx10_1_512': 'avx512_bf16', 'avx512_core_amx': 'amx',
+                'avx512_core_amx_fp16': 'amx', 'all': 'amx', 'default': 'amx'}
+NATIVE_BF16_CLASSES = ('avx512_bf16', 'amx')
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def isa_class(flags=None, cap=None) -> str:
+  """The strongest class in ISA_CLASSES whose flags the CPU has, capped by ONEDNN_MAX_CPU_ISA."""
+  flags = cpu_flags() if flags is None else flags
+  best = 'older'
+  for name, needed in ISA_CLASSES[1:]:   # each class implies the ones before it
+    if all(f in flags for f in needed):
+      best = name
+  cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '') if cap is None else cap
+  cap_class = _ONEDNN_CAPS.get(cap.strip().lower())
+  if cap_class is not None:
+    names = [n for n, _ in ISA_CLASSES]
+    best = names[min(names.index(best), names.index(cap_class))]
+  return best
+
+
+def native_bf16(backend: str | None = None) -> bool:
+  """Whether bfloat16 arithmetic is native here (not emulated through float32)."""
+  backend = backend or jax.default_backend()
+  if backend != 'cpu':
+    return True   # every GPU and TPU JAX supports has bf16 matrix units
+  return isa_class() in NATIVE_BF16_CLASSES
+
+
+def compute_dtype(name: str):
+  """The compute dtype for `model.dtype` (params and BatchNorm statistics stay float32)."""
+  if name not in DTYPES:
+    raise ValueError(f'model.dtype={name!r} is unknown; allowed: {DTYPES}')
+  if name != 'auto':
+    return jnp.dtype(name)
+  return jnp.dtype(jnp.bfloat16) if native_bf16() else jnp.dtype(jnp.float32)
+
+
+def _dtype_reason(name: str) -> str:
+  if name != 'auto':
+    return f'model.dtype={name}'
+  backend = jax.default_backend()
+  if backend != 'cpu':
+    return f'auto: bfloat16 is native on {backend}'
+  cls = isa_class()
+  native = 'native' if cls in NATIVE_BF16_CLASSES else 'not native (emulated)'
+  return f'auto: CPU class {cls}, where bfloat16 is {native}'
+
+
+def describe(model_config) -> dict:
+  """What `model.dtype` and `model.conv` resolve to on this machine, and why (for the log
+  and run_info.json). Loads oneDNN only if the run may use it."""
+  dtype = compute_dtype(model_config.dtype)
+  conv = model_config.get('conv', 'auto')
+  on_onednn, conv_reason = onednn_conv.uses_onednn(conv, dtype)
+  info = {'backend': jax.default_backend(),
+          'device_kind': jax.devices()[0].device_kind,
+          'dtype': dtype.name, 'dtype_reason': _dtype_reason(model_config.dtype),
+          'conv': 'onednn' if on_onednn else 'xla', 'conv_reason': conv_reason}
+  if info['backend'] == 'cpu':
+    flags = cpu_flags()
+    info.update(cpu=cpu_model(), cpu_isa_class=isa_class(),
+                cpu_flags=sorted(f for f in flags if f.startswith(('avx', 'amx', 'fma'))),
+                onednn_max_cpu_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''))
+    if conv != 'xla':
+      info.update(onednn_version=onednn_conv.version(),
+                  onednn_dtypes=list(onednn_conv.supported_dtypes()),
+                  onednn_unavailable=onednn_conv.unavailable_reason())
+  return info
+
+
+def summary_line(info: dict) -> str:
+  """One log line: the choice and its reasons."""
+  where = info.get('cpu', info['device_kind'])
+  extra = ''
+  if 'onednn_version' in info:
+    extra = (f'; oneDNN {info["onednn_version"] or "unavailable"}, optimized dtypes '
+             f'{info["onednn_dtypes"] or "none"}')
+  isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
+  return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '
+          f'convolutions on {info["conv"]} [{info["conv_reason"]}]{extra}')

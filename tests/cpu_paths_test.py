@@ -1,0 +1,153 @@
+"""The default compute path on every class of CPU: train a step and predict, never a crash.
+
+oneDNN honours ONEDNN_MAX_CPU_ISA, and rotjax caps what it believes the CPU has by
+the same variable (hardware.py), so one machine covers the lesser CPUs:
+(a) ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only laptop or cloud CPU), (b) no oneDNN
+(ROTJAX_ONEDNN=0), (c) the machine as it is. Each runs in a fresh interpreter, as
+both variables are read once per process; the 2 host devices of conftest.py are
+kept, since the AVX2 crash of issue 13 needed a multi-device pmap.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rotjax import hardware
+from rotjax import onednn_conv
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+REQUIRED = os.environ.get('ROTJAX_REQUIRE_ONEDNN') == '1'
+
+
+def _env(**overrides):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('ONEDNN_MAX_CPU_ISA', None)
+  env.update(overrides)
+  return env
+
+
+def _run(args, env, timeout=600):
+  out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]   # a segfault shows as -11 here
+  return out
+
+
+def _onednn_expected() -> bool:
+  if REQUIRED:
+    assert onednn_conv.load(), onednn_conv.unavailable_reason()
+  return onednn_conv.load()
+
+
+@pytest.mark.parametrize('cpu', ['as-is', 'avx2', 'no-onednn'])
+def test_default_path_trains_and_predicts(cpu, image_folder, tmp_path):
+  env = _env(**{'as-is': {}, 'avx2': {'ONEDNN_MAX_CPU_ISA': 'AVX2'},
+                'no-onednn': {'ROTJAX_ONEDNN': '0'}}[cpu])
+  out = _run([os.path.join(HERE, 'cpu_paths_worker.py'), image_folder, str(tmp_path / 'run'),
+              'supervised'], env)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  compute = result['compute']
+  assert result['probs_shape'] == [3, 3] and result['probs_finite'] and result['epochs'] == 1
+  assert all(abs(s - 1) < 1e-3 for s in result['row_sums'])
+  if cpu == 'avx2':
+    # What an AVX2-only CPU gets: float32 (bf16 is emulated there) on oneDNN's AVX2 kernels.
+    assert compute['cpu_isa_class'] == 'avx2' and compute['dtype'] == 'float32'
+    assert compute['conv'] == ('onednn' if _onednn_expected() else 'xla')
+  elif cpu == 'no-onednn':
+    assert compute['conv'] == 'xla' and 'ROTJAX_ONEDNN=0' in compute['conv_reason']
+  else:
+    assert compute['dtype'] == ('bfloat16' if hardware.native_bf16() else 'float32')
+    assert compute['cpu_isa_class'] == hardware.isa_class()
+    expected_conv = _onednn_expected() and compute['dtype'] in onednn_conv.supported_dtypes()
+    assert compute['conv'] == ('onednn' if expected_conv else 'xla')
+  assert compute['dtype_reason'] and compute['conv_reason']
+
+
+CHECKS = '''
+import sys
+sys.path.insert(0, {here!r})
+import conftest
+from rotjax import config_checks, hardware, onednn_conv
+config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
+config.model.dtype = 'bfloat16'
+config.model.conv = 'auto'
+info = hardware.describe(config.model)
+print('AUTO', info['conv'], info['conv_reason'])
+config.model.conv = 'onednn'
+try:
+  config_checks.check_config(config)
+  print('ACCEPTED')
+except onednn_conv.OneDNNConvError as e:
+  print('REFUSED', e)
+'''
+
+
+def test_bf16_on_avx2_goes_to_xla_and_onednn_is_refused_up_front(image_folder, tmp_path):
+  if not _onednn_expected():
+    pytest.skip('oneDNN unavailable: nothing to refuse')
+  code = CHECKS.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)
+  out = _run(['-c', code], _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
+  assert 'AUTO xla oneDNN' in out and 'no optimized bfloat16 convolution' in out
+  refused = [line for line in out.splitlines() if line.startswith('REFUSED')]
+  assert refused, out
+  assert 'bfloat16' in refused[0] and 'model.conv=xla' in refused[0]
+
+
+HANDLER_ERROR = '''
+import jax, jax.numpy as jnp
+from rotjax import onednn_conv
+assert onednn_conv.load()
+x, w = jnp.ones((2, 8, 8, 16), jnp.bfloat16), jnp.ones((3, 3, 16, 16), jnp.bfloat16)
+try:
+  with onednn_conv.named_errors():
+    # conv2d calls the FFI handler directly, past the checks made while tracing.
+    jax.block_until_ready(jax.jit(lambda x, w: onednn_conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1))))(x, w))
+  print('RAN')
+except onednn_conv.OneDNNConvError as e:
+  print('NAMED', e)
+print('ALIVE')
+'''
+
+
+def test_an_error_inside_the_custom_call_is_a_named_exception():
+  if not _onednn_expected():
+    pytest.skip('oneDNN unavailable: no custom call to fail')
+  out = _run(['-c', HANDLER_ERROR], _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
+  assert 'ALIVE' in out and 'NAMED' in out, out
+  named = next(line for line in out.splitlines() if line.startswith('NAMED'))
+  assert 'input NHWC [2, 8, 8, 16]' in named and 'bfloat16' in named and 'model.conv=xla' in named
+
+
+def test_isa_classes_and_the_onednn_cap():
+  bf16 = frozenset({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'})
+  assert hardware.isa_class(frozenset({'avx2', 'fma'}), cap='') == 'avx2'
+  assert hardware.isa_class(frozenset({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl'}), cap='') == 'avx512'
+  assert hardware.isa_class(bf16, cap='') == 'avx512_bf16'
+  assert hardware.isa_class(bf16 | {'amx_bf16', 'amx_tile'}, cap='') == 'amx'
+  assert hardware.isa_class(bf16, cap='AVX2') == 'avx2'
+  assert hardware.isa_class(bf16, cap='avx512_core') == 'avx512'
+  assert hardware.isa_class(frozenset({'avx2', 'fma'}), cap='AVX512_CORE_AMX') == 'avx2'
+  assert hardware.isa_class(frozenset({'sse4_2'}), cap='') == 'older'
+
+
+XLA_ONLY = '''
+import sys
+sys.path.insert(0, {here!r})
+import conftest
+from rotjax import config_checks, hardware, onednn_conv
+config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
+config.model.conv = 'xla'
+config_checks.check_config(config)
+print('CONV', hardware.describe(config.model)['conv'])
+print('LOADED', 'ok' in onednn_conv._state)
+'''
+
+
+def test_model_conv_xla_never_builds_or_loads_onednn(image_folder, tmp_path):
+  code = XLA_ONLY.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)
+  out = _run(['-c', code], _env(ROTJAX_CACHE=str(tmp_path / 'cache'))).stdout
+  assert 'CONV xla' in out and 'LOADED False' in out, out
+  assert not (tmp_path / 'cache' / 'onednn').exists()
