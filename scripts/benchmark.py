@@ -2,7 +2,13 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
 
   python scripts/benchmark.py                 # ResNet18 (CIFAR stem), batch 128, Adam
   python scripts/benchmark.py --quick         # fewer configurations and repeats
+  python scripts/benchmark.py --cpu avx2      # every row as on an AVX2-only CPU (emulated)
   python scripts/benchmark.py --json out.json
+
+Both convolution paths (oneDNN, XLA) run in both dtypes, plus the default
+(`model.dtype=auto`, `model.conv=auto`: what this machine chooses, hardware.py), so
+the table shows whether `auto` picked the fastest path here. The header names the
+CPU, its ISA class (avx2 / avx512 / avx512_bf16 / amx) and oneDNN's version.
 
 Every configuration runs in its own child process (XLA flags are fixed when a
 process starts), on the same random in-memory data, once per round; rounds
@@ -15,7 +21,6 @@ round (median over rounds). Rows for PyTorch appear when torch is installed
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -53,9 +58,11 @@ def rotjax_worker(opts):
   from configs import supervised
   from rotjax import input_pipeline, parallel, train
 
+  from rotjax import hardware
   config = supervised.get_config()
-  config.model.width, config.model.dtype = opts['width'], opts['dtype']
+  config.model.width, config.model.dtype = opts['width'], opts.get('dtype', 'auto')
   config.model.conv = opts.get('conv', 'auto')
+  compute = hardware.describe(config.model)
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
   state, mask, _, _ = train.create_train_state(config, 10, steps_per_epoch=100)
@@ -79,6 +86,8 @@ def rotjax_worker(opts):
   step()  # one more warm-up
   result = {'train': _timed(step, opts['steps'], opts['repeats'], opts['batch'])}
   result['compile_s'] = first_call - opts['batch'] / result['train']['median']
+  result['compute'] = compute
+  result['dtype'] = compute['dtype']
 
   eval_batch = {'image': rng.integers(0, 256, (opts['eval_batch'], 32, 32, 3), dtype=np.uint8),
                 'label': np.zeros(opts['eval_batch'], np.int32),
@@ -210,28 +219,31 @@ def configurations(quick: bool, has_torch: bool):
   sys.path.insert(0, ROOT)
   from rotjax import platform as rj_platform
   rows = [
-      ('rotjax fp32, XLA defaults', 'rotjax', {'dtype': 'float32', 'conv': 'xla'},
-       {'ROTJAX_DEFAULT_FLAGS': '0'}),
-      ('rotjax fp32 (CPU defaults)', 'rotjax', {'dtype': 'float32'}, {}),
-      ('rotjax bf16 (CPU defaults)', 'rotjax', {'dtype': 'bfloat16', 'loop': True}, {}),
+      # The default: model.dtype=auto, model.conv=auto, as a CLI run on this machine.
+      (DEFAULT, 'rotjax', {'dtype': 'auto', 'conv': 'auto', 'loop': True}, {}),
+      # Each convolution path in each dtype: the choices `auto` picks among.
+      ('rotjax fp32, oneDNN convolutions', 'rotjax', {'dtype': 'float32', 'conv': 'onednn'}, {}),
+      ('rotjax fp32, XLA convolutions', 'rotjax', {'dtype': 'float32', 'conv': 'xla'}, {}),
+      ('rotjax bf16, oneDNN convolutions', 'rotjax', {'dtype': 'bfloat16', 'conv': 'onednn'}, {}),
       ('rotjax bf16, XLA convolutions', 'rotjax', {'dtype': 'bfloat16', 'conv': 'xla'}, {}),
   ]
   if not quick:
     rows += [
-        ('rotjax fp32, XLA convolutions', 'rotjax', {'dtype': 'float32', 'conv': 'xla'}, {}),
-        ('rotjax bf16, glibc malloc defaults', 'rotjax', {'dtype': 'bfloat16'},
+        ('rotjax fp32, XLA defaults', 'rotjax', {'dtype': 'float32', 'conv': 'xla'},
+         {'ROTJAX_DEFAULT_FLAGS': '0'}),
+        ('rotjax default, glibc malloc defaults', 'rotjax', {'dtype': 'auto'},
          {'ROTJAX_MALLOC_TUNING': '0'}),
-        ('rotjax bf16, 2 host devices', 'rotjax', {'dtype': 'bfloat16', 'loop': True},
+        ('rotjax default, 2 host devices', 'rotjax', {'dtype': 'auto', 'loop': True},
          {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'}),
     ]
   if has_torch:
     rows += [
-        ('PyTorch eager fp32', 'torch', {'dtype': 'float32', 'channels_last': False}, {}),
-        ('PyTorch eager channels_last fp32', 'torch', {'dtype': 'float32', 'channels_last': True}, {}),
+        (REFERENCE, 'torch', {'dtype': 'float32', 'channels_last': True}, {}),
+        (REFERENCE_BF16, 'torch', {'dtype': 'bfloat16', 'channels_last': True}, {}),
     ]
     if not quick:
       rows += [
-          ('PyTorch eager channels_last bf16', 'torch', {'dtype': 'bfloat16', 'channels_last': True}, {}),
+          ('PyTorch eager fp32', 'torch', {'dtype': 'float32', 'channels_last': False}, {}),
           # What rotjax's platform.keep_large_buffers_in_heap does, through glibc's
           # environment variables: does PyTorch gain from it too?
           ('PyTorch eager CL bf16, rotjax malloc', 'torch', {'dtype': 'bfloat16', 'channels_last': True},
@@ -240,21 +252,60 @@ def configurations(quick: bool, has_torch: bool):
   return rows
 
 
-def run_child(worker, opts, env_extra):
+# An AVX2-only CPU, emulated on a newer one: oneDNN (rotjax's and PyTorch's) and rotjax's
+# own choice through ONEDNN_MAX_CPU_ISA, PyTorch's other kernels through
+# ATEN_CPU_CAPABILITY, XLA's code generation through --xla_cpu_max_isa.
+EMULATED_CPUS = {'avx2': ({'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2'},
+                          '--xla_cpu_max_isa=AVX2')}
+
+
+def run_child(worker, opts, env_extra, cpu=None):
   env = dict(os.environ, **env_extra)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if worker == 'rotjax' and 'XLA_FLAGS' not in env_extra and env_extra.get('ROTJAX_DEFAULT_FLAGS') != '0':
     sys.path.insert(0, ROOT)
     from rotjax import platform as rj_platform  # the flags a CLI run gets
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + rj_platform.cpu_xla_flags()).strip()
+  if cpu:
+    cpu_env, xla_flag = EMULATED_CPUS[cpu]
+    env.update(cpu_env)
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flag).strip()
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', worker, '--opts', json.dumps(opts)]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if out.returncode != 0:
-    return {'error': out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    named = [l for l in lines if 'Error' in l.split(':')[0]]   # the exception line
+    return {'error': (named or lines or ['failed'])[-1][:300]}
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_flops(backend_devices) -> tuple[dict | None, str]:
+def machine_header(cpu=None) -> str:
+  """CPU model, ISA class and flags, oneDNN's version and what `auto` picks, from a child
+  process with the same environment as the rows (so an emulated CPU shows as such)."""
+  code = ('import json, ml_collections\n'
+          'from rotjax import platform; platform.configure()\n'
+          'from rotjax import hardware\n'
+          'info = hardware.describe(ml_collections.ConfigDict({"dtype": "auto", "conv": "auto"}))\n'
+          'print(json.dumps(info))')
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  if cpu:
+    env.update(EMULATED_CPUS[cpu][0])
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+  try:
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+  except (IndexError, json.JSONDecodeError):
+    return 'machine: unknown (' + (out.stderr.strip().splitlines() or ['?'])[-1] + ')'
+  isa = info.get('cpu_isa_class', info['backend'])
+  flags = ' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in info.get('cpu_flags', []))
+  emulated = f' [emulated: {cpu}-only CPU via ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, --xla_cpu_max_isa]' if cpu else ''
+  return (f'machine: {info.get("cpu", info["device_kind"])}, {os.cpu_count()} cores, ISA class {isa} '
+          f'(flags: {flags or "none"}){emulated}; oneDNN {info.get("onednn_version") or "unavailable"}'
+          f' (optimized dtypes: {", ".join(info.get("onednn_dtypes", [])) or "none"})\n'
+          f'default (auto): dtype {info["dtype"]} [{info["dtype_reason"]}], convolutions on '
+          f'{info["conv"]}')
+
+
+def peak_flops(backend_devices, cpu=None) -> tuple[dict | None, str]:
   """The machine's peak FLOP/s per compute dtype, where public specs give it, and how."""
   name = ' '.join(backend_devices or [])
   gpus = {'H100': (495e12, 989e12), 'H200': (495e12, 989e12), 'A100': (156e12, 312e12)}
@@ -268,6 +319,8 @@ def peak_flops(backend_devices) -> tuple[dict | None, str]:
     field = lambda key: next((l.split(':')[1].strip() for l in info.splitlines()
                               if l.startswith(key)), '')
     flags = set(field('flags').split())
+    if cpu == 'avx2':   # emulated: as if the AVX-512 and AMX units were not there
+      flags = {f for f in flags if not f.startswith(('avx512', 'amx'))}
     # Zen 4 (AMD family 25) runs AVX-512 on 256-bit pipes; Zen 5 and Intel's AVX-512
     # server cores have two 512-bit FMA pipes.
     zen4 = field('vendor_id') == 'AuthenticAMD' and field('cpu family') == '25'
@@ -286,7 +339,9 @@ def peak_flops(backend_devices) -> tuple[dict | None, str]:
     return None, 'unknown'
 
 
+DEFAULT = 'rotjax default (auto)'
 REFERENCE = 'PyTorch eager channels_last fp32'
+REFERENCE_BF16 = 'PyTorch eager channels_last bf16'
 
 
 def combine(name, worker, opts, per_round):
@@ -300,13 +355,23 @@ def combine(name, worker, opts, per_round):
   return row
 
 
+def _ratio(rounds, name, reference, key):
+  ratios = [r[name][key]['median'] / r[reference][key]['median'] for r in rounds
+            if key in r.get(name, {}) and key in r.get(reference, {})]
+  return float(np.median(ratios)) if ratios else None
+
+
 def add_ratios(results, rounds):
-  """ratio_train / ratio_eval: per round, this row's median over the reference's; median of those."""
+  """Per round, this row's median over a PyTorch row's; the median of those over rounds.
+
+  ratio_train / ratio_eval: against PyTorch eager channels_last fp32; ratio_same: train,
+  against PyTorch eager channels_last in the row's own compute dtype (equal precision).
+  """
   for row in results:
     for key in ('train', 'eval'):
-      ratios = [r[row['name']][key]['median'] / r[REFERENCE][key]['median'] for r in rounds
-                if key in r.get(row['name'], {}) and key in r.get(REFERENCE, {})]
-      row['ratio_' + key] = float(np.median(ratios)) if ratios else None
+      row['ratio_' + key] = _ratio(rounds, row['name'], REFERENCE, key)
+    same = REFERENCE_BF16 if row.get('dtype') == 'bfloat16' else REFERENCE
+    row['ratio_same'] = _ratio(rounds, row['name'], same, 'train')
 
 
 def fmt(stats):
@@ -328,6 +393,8 @@ def main():
   parser.add_argument('--loop_steps', type=int, default=20,
                       help='steps per epoch of the real loop (a CIFAR-10 epoch at batch 128 is 390)')
   parser.add_argument('--json', default='benchmark.json')
+  parser.add_argument('--cpu', choices=sorted(EMULATED_CPUS),
+                      help='emulate an older CPU class for every row (see EMULATED_CPUS)')
   args = parser.parse_args()
   if args.worker:
     opts = json.loads(args.opts)
@@ -355,30 +422,30 @@ def main():
       # The real loop and XLA's FLOP count once, in the first round.
       extras = round_index == 0
       child_opts = {**base, **opts, 'extras': extras, 'loop': opts.get('loop', False) and extras}
-      measured[name] = run_child(worker, child_opts, env)
+      measured[name] = run_child(worker, child_opts, env, args.cpu)
     rounds.append(measured)
   results = [combine(name, worker, opts, [r[name] for r in rounds]) for name, worker, opts, _ in rows]
 
   add_ratios(results, rounds)
   rj_devices = next((r.get('devices') for r in results if r['worker'] == 'rotjax' and 'devices' in r), [])
-  peak, peak_how = peak_flops(rj_devices)
+  peak, peak_how = peak_flops(rj_devices, args.cpu)
   # Every row trains the same network on the same batch: one FLOP count (from a row on
   # XLA's convolutions) serves all, PyTorch's and the oneDNN rows included.
   flops_per_step = next((r['flops_per_step'] for r in results if r.get('flops_per_step')), None)
-  header = (f'{"configuration":36s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
-            f'{"eval img/s [min-max]":>24s} {"x torch CL":>10s} {"compile s":>9s} '
+  header = (f'{"configuration":36s} {"dtype":>8s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
+            f'{"x same":>7s} {"eval img/s [min-max]":>24s} {"x torch CL":>10s} {"compile s":>9s} '
             f'{"loop/step":>9s} {"% peak":>7s}')
   print()
   print(f'ResNet18 CIFAR stem, width {args.width}, batch {args.batch} (eval {args.eval_batch}), '
-        f'Adam, {args.rounds} rounds x {args.repeats} repeats x {args.steps} steps; '
-        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores')
+        f'Adam, {args.rounds} rounds x {args.repeats} repeats x {args.steps} steps')
+  print(machine_header(args.cpu))
   print(header)
   print('-' * len(header))
   for r in results:
     if 'error' in r:
-      print(f'{r["name"]:36s} error: {r["error"]}')
+      print(f'{r["name"]:36s} {r.get("dtype", ""):>8s} error: {r["error"]}')
       continue
-    ratio = lambda key: (f'{r["ratio_" + key]:9.2f}x' if r.get('ratio_' + key) else '       n/a')
+    ratio = lambda key, w=9: (f'{r["ratio_" + key]:{w}.2f}x' if r.get('ratio_' + key) else ' ' * (w - 2) + 'n/a')
     loop = f'{r["loop"] / r["train"]["median"]:8.0%}' if r.get('loop') else '        -'
     compile_s = f'{r["compile_s"]:9.1f}' if 'compile_s' in r else '        -'
     frac = '      -'
@@ -386,10 +453,11 @@ def main():
       achieved = flops_per_step * r['train']['median'] / args.batch
       r['achieved_flops'] = achieved
       frac = f'{achieved / peak[r["dtype"]]:6.1%}'
-    print(f'{r["name"]:36s} {fmt(r["train"]):>24s} {ratio("train"):>10s} {fmt(r["eval"]):>24s} '
-          f'{ratio("eval"):>10s} {compile_s} {loop} {frac:>7s}')
+    print(f'{r["name"]:36s} {r["dtype"]:>8s} {fmt(r["train"]):>24s} {ratio("train"):>10s} '
+          f'{ratio("same", 6):>7s} {fmt(r["eval"]):>24s} {ratio("eval"):>10s} {compile_s} {loop} {frac:>7s}')
   print(f'\nimages/s: median [min-max] over all repeats of all rounds; x torch CL: median over '
-        f'rounds of the ratio within a round.\npeak used for % peak: '
+        f'rounds of the ratio within a round, against PyTorch eager channels_last fp32; x same: '
+        f'the same against PyTorch channels_last in the row\'s dtype (equal precision).\npeak used for % peak: '
         + (f'{peak["float32"] / 1e9:.0f} GFLOP/s fp32, {peak["bfloat16"] / 1e9:.0f} bf16'
            if peak else 'unknown') + f' ({peak_how}); '
         + (f'{flops_per_step / 1e9:.0f} GFLOP per train step (XLA\'s count)\n'
