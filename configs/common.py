@@ -10,6 +10,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_from = ''                # another run's workdir: load its backbone ('' = random init)
   config.head = ('fc',)                # re-initialised when init_from's shape differs
   config.trainable = ('all',)          # subtree names trained; everything else frozen
+  # BatchNorm in frozen subtrees, in training: 'batch' (the reports' PyTorch, frozen layers in
+  # .train() mode) normalises with batch statistics and updates the running ones, gamma/beta
+  # fixed; 'running' normalises with the running statistics and leaves them as they are.
+  config.freeze_bn = 'batch'
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet18'       # resnet18 | resnet34 | resnet50
@@ -41,6 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.rotation = ml_collections.ConfigDict()
   config.rotation.num_rotations = 4    # 4 | 6 | 8 directions, k * 360 / N degrees
   config.rotation.mode = 'all'         # all: N copies of each image (RotNet) | random: one each
+  # disc: every N (4 too) turned by the same bilinear resampling and cut to the same disc,
+  # pretext augmented by flips only (CIFAR) or square crops (ImageNet), so no trace of the
+  # pipeline turns with the image and N = 4, 6, 8 see the same pixels. square: N = 4 only,
+  # exact rot90 of the whole pad-cropped square (RotNet, the reports).
+  config.rotation.geometry = 'disc'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'adam'           # adam (the reports) | sgd (momentum, cosine)

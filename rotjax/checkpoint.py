@@ -8,6 +8,7 @@ run killed mid-write leaves no step that restore could mistake for a whole one
 Each latest step also carries its epoch's metrics row, so a run killed between
 the commit and the metrics.jsonl append loses no row on resume.
 """
+import json
 import logging
 import os
 
@@ -112,34 +113,55 @@ def load_variables(workdir: str) -> dict:
       restored = manager.restore(step, args=ocp.args.StandardRestore())
     logging.info('init_from: loaded %s step %d', directory, step)
     return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {}),
-            'step': int(step), 'path': os.path.join(directory, str(step))}
+            'step': int(step), 'path': os.path.join(directory, str(step)),
+            'config': run_config(workdir)}
   raise FileNotFoundError(f'init_from={workdir} is not a rotjax run: it has no complete '
                           f'checkpoint under {LATEST}/ or {BEST}/')
 
 
-def merge_params(init, loaded, head=('fc',), what='params'):
-  """`init` with every leaf replaced by `loaded`'s, except head leaves whose shape differs.
+def run_config(workdir: str) -> dict:
+  """A run's config.json as a dict ({} if it has none)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def merge_params(init, loaded, head=('fc',), what='params', reinit_head=False):
+  """`init` with every leaf replaced by `loaded`'s, except head leaves whose shape differs
+  (or every head leaf, with reinit_head).
 
   A head leaf of another shape (a 4-way rotation head into a 10-way classifier)
-  keeps its fresh init; any other shape mismatch or missing leaf is an error
-  naming the parameter. Returns (merged, names_loaded, names_kept_at_init).
+  keeps its fresh init; any other shape mismatch, missing leaf or loaded leaf
+  that `init` lacks (a resnet34 into a resnet18) is an error naming the
+  parameters. Returns (merged, names_loaded, names_kept_at_init).
   """
   init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init), sep='/')
   loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep='/')
+  extra = sorted(n for n in loaded_flat if n not in init_flat and not _under(n, head))
+  if extra:
+    raise ValueError(f'init_from has {len(extra)} {what} arrays this model lacks, e.g. '
+                     f'{extra[:3]}: was it trained with the same model.name, model.stem and '
+                     'model.width?')
   merged, kept = {}, []
   for name, value in init_flat.items():
-    in_head = any(name == h or name.startswith(h + '/') for h in head)
+    if _under(name, head) and (reinit_head or (
+        name in loaded_flat and np.shape(loaded_flat[name]) != value.shape)):
+      merged[name] = value
+      kept.append(name)
+      continue
     if name not in loaded_flat:
       raise ValueError(f'init_from has no {what} {name!r}: was it trained with the same '
                        'model.name, model.stem and model.width?')
     source = np.asarray(loaded_flat[name])
     if source.shape != value.shape:
-      if in_head:
-        merged[name] = value
-        kept.append(name)
-        continue
       raise ValueError(f'init_from {what} {name!r} has shape {source.shape}, '
                        f'this model needs {value.shape}')
     merged[name] = source.astype(value.dtype)
   loaded_names = [n for n in init_flat if n not in kept]
   return flax.traverse_util.unflatten_dict(merged, sep='/'), loaded_names, kept
+
+
+def _under(name: str, prefixes) -> bool:
+  return any(name == p or name.startswith(p + '/') for p in prefixes)

@@ -4,7 +4,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from rotjax import checkpoint
 from rotjax import freeze
+from rotjax import hardware
 from rotjax import input_pipeline
 from rotjax import models
 from rotjax import onednn_conv
@@ -13,8 +15,9 @@ from rotjax import preprocess
 from rotjax import rotation
 
 STAGES = ('pretext', 'finetune', 'supervised')
+FREEZE_BN = ('batch', 'running')
+ARCHITECTURE = ('name', 'stem', 'width')   # model fields a loaded checkpoint must share
 ROTATION_MODES = ('all', 'random')
-DTYPES = ('auto', 'float32', 'bfloat16')
 
 
 def _require(ok: bool, message: str) -> None:
@@ -31,9 +34,13 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
-  onednn_conv.check_impl(config.model.get('conv', 'auto'))
-  _require(config.model.dtype in DTYPES,
-           f'model.dtype={config.model.dtype!r} is unknown; allowed: {DTYPES}')
+  conv = config.model.get('conv', 'auto')
+  onednn_conv.check_impl(conv)
+  _require(conv != 'onednn' or jax.default_backend() == 'cpu',
+           f'model.conv=onednn runs only on the CPU, and this run\'s backend is '
+           f'{jax.default_backend()}: use model.conv=auto (XLA\'s convolutions there) or xla')
+  _require(config.model.dtype in hardware.DTYPES,
+           f'model.dtype={config.model.dtype!r} is unknown; allowed: {hardware.DTYPES}')
   _require(config.data.dataset in input_pipeline.DATASETS,
            f'data.dataset={config.data.dataset!r} is unknown; allowed: {input_pipeline.DATASETS}')
   kind, path = input_pipeline.parse_source(config.data.source)
@@ -50,6 +57,7 @@ def check_config(config) -> None:
   rotation.check_num_rotations(config.rotation.num_rotations)
   _require(config.rotation.mode in ROTATION_MODES,
            f'rotation.mode={config.rotation.mode!r} is unknown; allowed: {ROTATION_MODES}')
+  rotation.check_geometry(rotation.geometry_of(config.rotation), config.rotation.num_rotations)
   _require(0 <= config.label_smoothing < 1,
            f'label_smoothing={config.label_smoothing} must be in [0, 1)')
   _require(config.optim.name in optim.OPTIMIZERS,
@@ -60,26 +68,42 @@ def check_config(config) -> None:
   _require(config.batch_size >= 1 and config.eval_batch_size >= 1,
            'batch_size and eval_batch_size must be >= 1')
   _require(config.log_every_steps >= 1, 'log_every_steps must be >= 1')
+  _require(config.freeze_bn in FREEZE_BN,
+           f'freeze_bn={config.freeze_bn!r} is unknown; allowed: {FREEZE_BN}')
   if config.init_from:
-    _check_init_from(config.init_from)
+    _check_init_from(config)
   _check_trainable(config)
   _check_writable(config.workdir)
 
 
-def _check_init_from(init_from: str) -> None:
-  """A rotjax run: a directory with a committed step under checkpoints/ or best/."""
+def _check_init_from(config) -> None:
+  """A rotjax run (a committed step under checkpoints/ or best/) of this run's architecture."""
+  init_from = config.init_from
   path = os.path.abspath(os.path.expanduser(init_from))
   _require(os.path.isdir(path), f'init_from={init_from} does not exist')
   steps = [d for sub in ('best', 'checkpoints') if os.path.isdir(os.path.join(path, sub))
            for d in os.listdir(os.path.join(path, sub)) if d.isdigit()]
   _require(bool(steps), f'init_from={init_from} is not a rotjax run: it has no complete '
            'checkpoint under checkpoints/ or best/ (pass the workdir of a finished stage)')
+  source = checkpoint.run_config(path).get('model', {})
+  _require(bool(source), f'init_from={init_from} has no config.json naming its model: '
+           'cannot check that it has this run\'s architecture')
+  for field in ARCHITECTURE:
+    # Loading drops nothing silently: another depth, stem or width is another network.
+    _require(source.get(field) == config.model[field],
+             f'init_from={init_from} was trained with model.{field}={source.get(field)!r}, '
+             f'this run has model.{field}={config.model[field]!r}: load a run of the same '
+             'architecture')
 
 
 def _check_trainable(config) -> None:
-  """`trainable` names against the model's parameter tree: shapes only, no compute."""
+  """`trainable` names against the model's parameter tree: shapes only, no compute.
+
+  Built with the run's own dtype and `model.conv`, so a model.conv=xla run never loads
+  oneDNN, and a convolution model.conv=onednn cannot run fails here, before training."""
   model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
-                              stem=config.model.stem)
+                              stem=config.model.stem, conv_impl=config.model.get('conv', 'auto'),
+                              dtype=hardware.compute_dtype(config.model.dtype))
   size = config.data.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))
@@ -110,7 +134,8 @@ def check_batch(config, num_devices: int, num_shards: int = 1) -> None:
 
 
 def check_dataset(config, dataset) -> None:
-  _require(dataset.steps_per_epoch(config.batch_size) > 0,
-           f'batch_size={config.batch_size} is larger than the {dataset.size("train")} training '
-           f'images (per data shard: {dataset.size("train") // dataset.num_shards})')
+  # A batch larger than the data is fine (one padded step per epoch); an empty shard is not.
+  _require(dataset.size('train') >= dataset.num_shards,
+           f'the {dataset.size("train")} training images do not fill the '
+           f'{dataset.num_shards} data shards (data.num_shards / processes)')
   _require(dataset.size('val') > 0, 'the validation split is empty: raise data.val_fraction')

@@ -127,18 +127,18 @@ def predictions(model, images):
   if model.config.stage != 'pretext':
     return model.predict(images).argmax(-1), None
   import jax
-  from rotjax import preprocess
-  from rotjax import rotation
-  config = model.config
+  from rotjax import train
+  prepare = train.make_prepare_fn(model.config, train=False)
 
   @jax.jit
-  def rotated(variables, batch):
-    x = preprocess.preprocess(batch, jax.random.key(0), train=False,
-                              style=config.data.preprocess, image_size=config.data.image_size)
-    x, labels = rotation.rotate_all(x, config.rotation.num_rotations, jax.random.key(1))
+  def rotated(variables, batch, index):
+    # The loop's eval pipeline and keys (index: each image's place in the split): the
+    # very images its val/test accuracy scored.
+    x, labels, _ = prepare({'image': batch, 'index': index}, train.eval_key(model.config.seed))
     logits, _ = model.module.apply(variables, x, train=False)
     return logits.argmax(-1), labels
-  outs = [jax.device_get(rotated(model.variables, images[i:i + 128]))
+  outs = [jax.device_get(rotated(model.variables, images[i:i + 128],
+                                 np.arange(i, min(i + 128, len(images)), dtype=np.int32)))
           for i in range(0, len(images), 128)]
   return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 

@@ -3,7 +3,10 @@
 `trainable` names subtrees by path prefix ('layer4', 'fc', or deeper such as
 'layer4/1'); ('all',) trains everything. The mask goes to optax.multi_transform
 (optim.py), so frozen leaves get exactly zero updates: no momentum, no weight
-decay. The frozen prefixes go to the model, whose BatchNorm layers there use
+decay. BatchNorm statistics are not parameters: by default (`freeze_bn='batch'`,
+the reports' PyTorch semantics) frozen BatchNorm layers normalise with batch
+statistics and keep updating their running statistics; with 'running' the
+frozen prefixes go to the model, whose BatchNorm layers there use (and keep)
 their running statistics.
 """
 from typing import Sequence
@@ -49,7 +52,8 @@ def trainable_mask(params, trainable: Sequence[str]):
 
 
 def frozen_prefixes(params, trainable: Sequence[str]) -> tuple[str, ...]:
-  """The smallest subtrees that hold only frozen parameters (for the model's BatchNorm)."""
+  """The smallest subtrees that hold only frozen parameters (the model's `frozen`, for
+  freeze_bn='running')."""
   labels = flax.traverse_util.flatten_dict(trainable_mask(params, trainable))
   frozen = []
 

@@ -72,8 +72,10 @@ class Dataset:
     return batch_size // self.process_count
 
   def steps_per_epoch(self, batch_size: int) -> int:
-    """Full global batches per epoch: the same on every process (the smallest shard decides)."""
-    return (self.size('train') // self.num_shards) // (batch_size // self.num_shards)
+    """Global batches per epoch, the last one padded (train_batches): every training image
+    once. The largest data shard decides, the same count on every process:
+    ceil(ceil(n / shards) / (batch / shards)) = ceil(n / batch)."""
+    return -(-self.size('train') // batch_size)
 
   def eval_steps(self, split: str, batch_size: int) -> int:
     """Evaluation batches covering the largest process's part of `split`."""
@@ -348,7 +350,7 @@ def _check_same_classes(data_config, classes, test_classes):
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(0,),
                   num_steps: int | None = None) -> Iterator[dict]:
-  """One epoch of this process's parts of the global batches.
+  """One epoch of this process's parts of the global batches, every example once.
 
   Each data shard is shuffled on its own with (seed, epoch, shard), and global
   batch i joins the shards' i-th slices. `split` holds the shards `shards`
@@ -356,6 +358,15 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   every shard yields the very batches that processes holding one shard each
   assemble. The order depends only on (seed, epoch, number of shards): a resumed
   run sees exactly the batches an uninterrupted one would.
+
+  A shard's last slice, when short, is filled up to the full batch (static shapes:
+  nothing recompiles) with its first examples of the epoch again, and `mask` is 0 on
+  those rows: the loss gives them weight 0 (train.train_step). Repeats of real
+  images rather than zeros, because the rows still enter that step's BatchNorm
+  batch statistics: repeats keep them statistics of training images (a few counted
+  twice), where zeros would pull every mean and variance towards black images.
+  flax's masked BatchNorm is no way out: it pmean's per-device means, which is
+  wrong when devices hold different numbers of real rows (and NaN on a device with none).
   """
   per_shard = batch_size // len(shards)
   orders = []
@@ -364,11 +375,22 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
     key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
     orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
   if num_steps is None:
-    num_steps = min(len(o) for o in orders) // per_shard
+    num_steps = -(-max(len(o) for o in orders) // per_shard)
   for i in range(num_steps):
-    # Sorted within each shard's slice: a faster gather of the same set.
-    idx = np.concatenate([np.sort(o[i * per_shard:(i + 1) * per_shard]) for o in orders])
-    yield {'image': split.images[idx], 'label': split.labels[idx]}
+    idx, mask = zip(*(_padded_slice(o, i * per_shard, per_shard) for o in orders))
+    idx = np.concatenate(idx)
+    yield {'image': split.images[idx], 'label': split.labels[idx],
+           'mask': np.concatenate(mask)}
+
+
+def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """order[start:start + size] (sorted: a faster gather of the same set), filled up past the
+  end of `order` with its first entries again; (indices, mask), mask 0 on the fill."""
+  positions = np.arange(start, start + size)
+  idx = order[positions % len(order)]
+  mask = (positions < len(order)).astype(np.float32)
+  by_index = np.argsort(idx, kind='stable')
+  return idx[by_index], mask[by_index]
 
 
 def eval_batches(split: Split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:

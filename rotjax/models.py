@@ -5,8 +5,12 @@ named `0`, `1`, ... inside each layer, so `layer4` means the same thing here as
 in the reports. `__call__` returns `(logits, feats)` like big_vision's models;
 `feats` holds every block's output map and the pooled vector.
 
-BatchNorm layers inside a frozen subtree (`frozen` path prefixes) always use
-their running statistics: a frozen layer must neither learn nor drift.
+BatchNorm layers inside the `frozen` subtrees (path prefixes) use their running
+statistics in training too, and leave them as they are. train.py names subtrees
+here only for `freeze_bn='running'`: by default (the reports' PyTorch, whose
+frozen layers stay in .train() mode) a frozen BatchNorm normalises with batch
+statistics and updates its running ones like any other; the freeze mask alone
+keeps its gamma and beta fixed.
 """
 import functools
 from typing import Any, Sequence
@@ -31,7 +35,8 @@ class _Block(nn.Module):
   conv_impl: str = 'auto'    # onednn_conv.IMPLS: 'auto' runs CPU convolutions on oneDNN
 
   def norm(self, name, train):
-    # Running statistics in eval and in frozen subtrees; synced over `axis_name` otherwise.
+    # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
+    # statistics synced over `axis_name` otherwise.
     frozen = not train or _is_frozen('/'.join((*self.path, name)), self.frozen)
     return nn.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
@@ -40,7 +45,7 @@ class _Block(nn.Module):
   def conv(self, features, kernel, strides=1, name=None):
     return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
                    use_bias=False, dtype=self.dtype, name=name,
-                   conv_general_dilated=onednn_conv.resolve(self.conv_impl),
+                   conv_general_dilated=onednn_conv.resolve(self.conv_impl, self.dtype),
                    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
 
 
@@ -124,9 +129,10 @@ class ResNet(_Block):
                    strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
                    dtype=self.dtype, conv_impl=self.conv_impl, name=name)(x, train)
       feats[name] = x
-    x = jnp.mean(x, axis=(1, 2))
+    # Pooled and classified in float32: bf16 logits would round the loss and the argmax.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     feats['pooled'] = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='fc')(x)
     return logits.astype(jnp.float32), feats
 
 

@@ -4,6 +4,7 @@ Rebuilt from the run files alone (study_run.json, metrics.jsonl, summary.json,
 config.json, run_info.json); checkpoints are never opened.
 """
 import os
+import re
 
 import numpy as np
 from absl import app
@@ -19,9 +20,17 @@ STAGE_LABELS = {1: '1 rotation pretext', 2: '2 fine-tune pretrained (layer4+fc)'
 SHORT_LABELS = {1: '1 pretext\n(rotation)', 2: '2 fine-tune\npretrained', 3: '3 fine-tune\nrandom init',
                 4: '4 supervised\npretrained', 5: '5 supervised\nrandom init'}
 DEFAULT_REFERENCE = {'model': 'resnet18', 'num_rotations': 4, 'label_smoothing': 0.1,
-                     'samples_per_class': 0}
+                     'samples_per_class': 0, 'freeze_bn': sweep.FREEZE_BN_DEFAULT}
 TABLES = (('model', 'Stage × model'), ('label_smoothing', 'Stage × label smoothing'),
-          ('num_rotations', 'Stage × rotations'))
+          ('num_rotations', 'Stage × rotations'), ('freeze_bn', 'Stage × frozen-layer BatchNorm'))
+TABLE_NOTES = {'freeze_bn': (
+    'freeze_bn=batch: BatchNorm in the frozen layers normalises with batch statistics and keeps '
+    'updating its running statistics, gamma and beta fixed (the reports\' PyTorch: frozen layers '
+    'in .train() mode). freeze_bn=running: it normalises with its running statistics and leaves '
+    'them; from random init (stage 3) those are mean 0 and variance 1, so layers 1-3 run '
+    'unnormalised. Only the stages with frozen layers are shown.')}
+# What rotjax did before freeze_bn existed, for runs whose config.json does not name it.
+LEGACY_FREEZE_BN = 'running'
 
 
 def load_runs(study_dir: str) -> list[dict]:
@@ -29,8 +38,12 @@ def load_runs(study_dir: str) -> list[dict]:
   runs = []
   for row in results.collect(study_dir):
     workdir = os.path.join(study_dir, row['workdir'])
-    runs.append({**row, 'history': metrics.read_metrics(workdir),
-                 'config': results.read_json(os.path.join(workdir, 'config.json'), {}),
+    config = results.read_json(os.path.join(workdir, 'config.json'), {})
+    # How the run trained, not how the plan names it: a run finished before freeze_bn
+    # existed sits in the folder that now means the default.
+    freeze_bn = config.get('freeze_bn', LEGACY_FREEZE_BN) if config else row['freeze_bn']
+    runs.append({**row, 'freeze_bn': freeze_bn, 'history': metrics.read_metrics(workdir),
+                 'config': config,
                  'run_info': results.read_json(os.path.join(workdir, 'run_info.json'), {})})
   return runs
 
@@ -47,9 +60,15 @@ def reference(study_dir: str) -> dict:
   return {**DEFAULT_REFERENCE, **manifest.get('reference', {})}
 
 
+def depends_on(axis: str, stage: int) -> bool:
+  """Whether a stage's results can depend on the axis (freeze_bn: only with frozen layers)."""
+  return axis != 'freeze_bn' or sweep.has_frozen_layers(stage)
+
+
 def select(runs, fixed: dict) -> list[dict]:
-  """Runs whose fields equal every value in fixed."""
-  return [r for r in runs if all(r[k] == v for k, v in fixed.items())]
+  """Runs whose fields equal every value in fixed (any value of an axis the run ignores)."""
+  return [r for r in runs
+          if all(r[k] == v or not depends_on(k, r['stage']) for k, v in fixed.items())]
 
 
 def mean_std(values) -> tuple[float, float, int]:
@@ -79,9 +98,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def stage_cells(runs, axis: str, ref: dict) -> dict:
   """cells[axis value][stage] = mean/std/n of test accuracy, other axes at the reference."""
   fixed = {k: v for k, v in ref.items() if k not in (axis, 'dataset', 'seed')}
+  runs = [r for r in select(runs, fixed) if depends_on(axis, r['stage'])]
   cells = {}
-  for value in sorted({r[axis] for r in select(runs, fixed)}, key=_order_key):
-    chosen = select(runs, {**fixed, axis: value})
+  for value in sorted({r[axis] for r in runs}, key=_order_key):
+    chosen = [r for r in runs if r[axis] == value]
     cells[value] = {s: mean_std(r['test_accuracy'] for r in chosen if r['stage'] == s)
                     for s in sorted({r['stage'] for r in chosen})}
   return cells
@@ -151,22 +171,37 @@ def _values(runs, get) -> str:
   return ', '.join(map(str, values)) or '-'
 
 
+def _pretext_seed(run: dict):
+  match = re.search(r'-seed(\d+)', run.get('pretext_run') or '')
+  return int(match.group(1)) if match else None
+
+
 def settings_table(runs) -> str:
   """What the runs used, from their config.json and run_info.json."""
   columns = (
       ('epochs', lambda r: r['config'].get('num_epochs')),
       ('model width', lambda r: r['config'].get('model', {}).get('width')),
-      ('dtype', lambda r: r['config'].get('model', {}).get('dtype')),
+      # What `auto` resolved to on the machine that trained the run (run_info.json).
+      ('dtype', lambda r: r['run_info'].get('compute', {}).get('dtype')
+       or r['config'].get('model', {}).get('dtype')),
+      ('convolutions', lambda r: r['run_info'].get('compute', {}).get('conv')),
       ('image size', lambda r: r['config'].get('data', {}).get('image_size')),
       ('batch', lambda r: r['config'].get('batch_size')),
       ('optimizer', lambda r: '{name} lr {learning_rate:g}'.format(**r['config']['optim'])
        if r['config'].get('optim') else None),
       ('trainable', lambda r: '+'.join(r['config'].get('trainable', ()))),
+      # How the pretext rotates (rotation.geometry: 'disc', or the reports' 'square' rot90).
+      ('rotation', lambda r: '{num_rotations} x {geometry}'.format(
+          num_rotations=r['config']['rotation']['num_rotations'],
+          geometry=r['config']['rotation'].get('geometry', 'square'))
+       if r['stage'] == 1 and r['config'].get('rotation') else None),
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),
       ('test images', lambda r: r['run_info'].get('test_images')),
       ('devices', lambda r: r['run_info'].get('num_devices')),
-      ('seeds', lambda r: r['seed']))
+      ('seeds', lambda r: r['seed']),
+      # Which pretext the pretrained stages loaded: one per seed, or one shared by all.
+      ('pretext seed', _pretext_seed))
   rows = []
   for stage in sorted({r['stage'] for r in runs}):
     chosen = [r for r in runs if r['stage'] == stage]
@@ -197,8 +232,9 @@ def dataset_section(runs, ref: dict, dataset: str, out_dir: str) -> list[str]:
     cells = stage_cells(runs, axis, ref)
     if not cells or (axis != 'model' and len(cells) < 2):
       continue  # Only tables with data (a sweep table needs two values of its axis).
+    note = [TABLE_NOTES[axis], ''] if axis in TABLE_NOTES else []
     lines += [f'### {title}', '', 'Test accuracy (%) at the best-validation epoch, mean ± std over '
-              f'seeds; other axes at the reference setting.', '', stage_table(cells, axis), '']
+              f'seeds; other axes at the reference setting.', ''] + note + [stage_table(cells, axis), '']
     name = f'stages_{dataset}_{axis}.png'
     plots.stage_bars({f'{axis}={v}': c for v, c in cells.items()}, SHORT_LABELS,
                      f'{dataset}: {title.lower()} (mean ± std over seeds)', os.path.join(out_dir, name))

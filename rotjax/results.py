@@ -10,7 +10,7 @@ import os
 
 RECORD = 'study_run.json'
 COLUMNS = ('stage', 'dataset', 'model', 'num_rotations', 'label_smoothing', 'samples_per_class',
-           'seed', 'epochs', 'best_val_accuracy', 'test_accuracy', 'min_val_loss',
+           'seed', 'freeze_bn', 'epochs', 'best_val_accuracy', 'test_accuracy', 'min_val_loss',
            'wall_seconds', 'images_per_second', 'workdir', 'pretext_run', 'status', 'error')
 
 
@@ -56,6 +56,8 @@ def _from_config(workdir: str) -> dict:
           'num_rotations': config['rotation']['num_rotations'],
           'label_smoothing': config['label_smoothing'],
           'samples_per_class': config['data']['samples_per_class'], 'seed': config['seed'],
+          # rotjax before freeze_bn used the running statistics in frozen BatchNorm.
+          'freeze_bn': config.get('freeze_bn', 'running'),
           'pretext_run': config.get('init_from', ''), 'status': 'unknown', 'error': ''}
 
 

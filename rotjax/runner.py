@@ -2,10 +2,12 @@
 import json
 import logging
 import os
+import re
 import time
 import traceback
 
 from rotjax import input_pipeline
+from rotjax import report
 from rotjax import results
 from rotjax import sweep
 from rotjax import train
@@ -54,6 +56,27 @@ def _train(run_config, datasets) -> tuple[str, str, dict]:
   return 'done', '', summary
 
 
+def report_figures(report_path: str) -> list[str]:
+  """The image files report.md shows, in its order (its links are relative to the study folder)."""
+  with open(report_path) as f:
+    return re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', f.read())
+
+
+def write_report(study_dir: str) -> str:
+  """Rebuilds results.csv, report.md and its figures; returns report.md's path, '' if that failed.
+
+  Never raises: a plotting or table bug must not stop a study of many hours (the runs are what
+  matter, and `python -m rotjax.report DIR` rebuilds the report once the bug is fixed).
+  """
+  try:
+    # Looked up at call time, so a test can monkeypatch report.build_report.
+    return report.build_report(study_dir)
+  except Exception:  # Whatever broke, the study goes on; the traceback says what.
+    logging.error('report of %s failed (rebuild: python -m rotjax.report %s):\n%s',
+                  study_dir, study_dir, traceback.format_exc())
+    return ''
+
+
 def _line(k, n, name, status, seconds, summary, error) -> str:
   detail = error
   if summary:
@@ -63,7 +86,12 @@ def _line(k, n, name, status, seconds, summary, error) -> str:
 
 
 def run_study(config, datasets=None) -> list[dict]:
-  """Trains every run of the plan in order; returns the rows of results.csv."""
+  """Trains every run of the plan in order; returns the rows of results.csv.
+
+  results.csv is rewritten after every run, and report.md with its figures after every run that
+  trained, so an interrupted study has both up to date. Call write_report at the end for a report
+  that also lists the runs this call only skipped or found finished (run_study_and_report does).
+  """
   study_dir = os.path.abspath(os.path.expanduser(config.workdir))
   if not config.workdir:
     raise ValueError('workdir is required: pass --config.workdir=PATH')
@@ -91,4 +119,27 @@ def run_study(config, datasets=None) -> list[dict]:
     print(_line(k, len(runs), run.name, state, time.time() - t0, summary, error), flush=True)
     rows = results.collect(study_dir)
     results.write_csv(rows, os.path.join(study_dir, 'results.csv'))
+    if state in ('done', 'failed'):
+      write_report(study_dir)
   return rows
+
+
+def final_line(study_dir: str, rows: list[dict], report_path: str) -> str:
+  """What the study did and which report files it wrote (or how to rebuild a failed report)."""
+  counts = {}
+  for row in rows:
+    counts[row['status']] = counts.get(row['status'], 0) + 1
+  line = f'study {study_dir}: {len(rows)} runs (' + ', '.join(
+      f'{n} {status}' for status, n in sorted(counts.items())) + ')'
+  if not report_path:
+    return f'{line}; the report failed (error above), rebuild: python -m rotjax.report {study_dir}'
+  figures = report_figures(report_path)
+  return f'{line}; wrote {report_path} and {len(figures)} figures beside it: {", ".join(figures)}'
+
+
+def run_study_and_report(config, datasets=None) -> str:
+  """run_study, then the report once more; returns the line naming report.md and its figures."""
+  rows = run_study(config, datasets)
+  # Runs this call only skipped or found finished had no report build of their own.
+  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  return final_line(study_dir, rows, write_report(study_dir))

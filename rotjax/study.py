@@ -1,4 +1,9 @@
-"""Command line: python -m rotjax.study --config configs/study.py --config.workdir=DIR."""
+"""Command line: python -m rotjax.study --config configs/study.py --config.workdir=DIR.
+
+Trains the study's runs, then writes results.csv, report.md and the report's PNG figures
+into DIR; its last line names them. The report is also rebuilt after every run that trained,
+so an interrupted study has an up-to-date one. `python -m rotjax.report DIR` rebuilds it alone.
+"""
 from absl import app
 from absl import flags
 from absl import logging
@@ -19,12 +24,7 @@ def main(argv):
   import jax  # After platform.configure(): XLA flags must be set before jax starts.
   from rotjax import runner
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
-  rows = runner.run_study(FLAGS.config)
-  counts = {}
-  for row in rows:
-    counts[row['status']] = counts.get(row['status'], 0) + 1
-  print(f'study {FLAGS.config.workdir}: {len(rows)} runs, {counts}; '
-        f'next: python -m rotjax.report {FLAGS.config.workdir}', flush=True)
+  print(runner.run_study_and_report(FLAGS.config), flush=True)
 
 
 if __name__ == '__main__':

@@ -23,9 +23,11 @@ from flax.training import train_state
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import config_checks
 from rotjax import freeze
+from rotjax import hardware
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
 from rotjax import models
+from rotjax import onednn_conv
 from rotjax import optim
 from rotjax import parallel
 from rotjax import preprocess
@@ -42,23 +44,59 @@ class TrainState(train_state.TrainState):
 # ---------------------------------------------------------------- pure functions
 
 def make_prepare_fn(config, *, train: bool) -> Callable:
-  """(batch, rng) -> (images, labels, weights): augmentation, rotation, normalisation."""
+  """(batch, rng) -> (images, labels, weights): augmentation, rotation, normalisation.
+
+  Example i draws every random number (crop, flip, direction, sub-pixel shift) from
+  fold_in(rng, batch['index'][i]) (its place in the batch where there is no index):
+  the steps pass its place in the global batch or in the split (with_index), so its
+  images do not depend on how many devices or processes share the batch.
+  """
+  pretext = config.stage == 'pretext'
+  geometry = rotation.geometry_of(config.rotation) if pretext else None
+
   def prepare(batch, rng):
-    aug_rng, rot_rng = jax.random.split(rng)
-    images = preprocess.preprocess(batch['image'], aug_rng, train=train,
+    count = batch['image'].shape[0]
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, batch.get('index', jnp.arange(count)))
+    aug_keys, rot_keys = preprocess.split_each(keys, 2)
+    # The 'disc' pretext augments without pad-crop fill or stretch: their edges would
+    # turn with the image and give N = 6 or 8 directions away (preprocess.py).
+    images = preprocess.preprocess(batch['image'], aug_keys, train=train,
                                    style=config.data.preprocess,
-                                   image_size=config.data.image_size)
-    weights = batch.get('mask', jnp.ones(images.shape[0], jnp.float32))
-    if config.stage != 'pretext':
+                                   image_size=config.data.image_size,
+                                   isotropic=geometry == 'disc')
+    weights = batch.get('mask', jnp.ones(count, jnp.float32))
+    if not pretext:
       return images, batch['label'], weights
     num = config.rotation.num_rotations
     if train and config.rotation.mode == 'random':
-      images, labels = rotation.rotate_random(images, num, rot_rng)
+      images, labels = rotation.rotate_random(images, num, rot_keys, geometry)
       return images, labels, weights
     # Eval always scores every direction of every image.
-    images, labels = rotation.rotate_all(images, num, rot_rng)
+    images, labels = rotation.rotate_all(images, num, rot_keys, geometry)
     return images, labels, jnp.tile(weights, num)
   return prepare
+
+
+def with_index(batch, axis_name='batch'):
+  """`batch` with each example's global index: the caller's (evaluate: the place in the
+  split), else the place in the global batch (devices hold consecutive parts of it)."""
+  if 'index' in batch:
+    return batch
+  count = batch['image'].shape[0]
+  return {**batch, 'index': jax.lax.axis_index(axis_name) * count + jnp.arange(count)}
+
+
+def eval_key(seed: int):
+  """The key every evaluation folds each example's index into (evaluate.py reuses it)."""
+  return jax.random.key(seed + 1)
+
+
+def split_index(batch_number: int, local_batch: int, process_index: int = 0,
+                process_count: int = 1) -> np.ndarray:
+  """Places in the whole split of an eval batch's examples: process p holds its every
+  process_count-th example from p on (input_pipeline.load_dataset), padding past the end."""
+  local = batch_number * local_batch + np.arange(local_batch)
+  return (local * process_count + process_index).astype(np.int32)
 
 
 def cross_entropy(logits, labels, smoothing: float):
@@ -69,8 +107,14 @@ def cross_entropy(logits, labels, smoothing: float):
 
 def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'):
   """(state, batch, rng) -> (state, metrics). Pure; gradients and statistics pmean'd."""
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis_name))
-  images, labels, _ = prepare_fn(batch, rng)
+  # Keyed on the step, not on the device: prepare_fn keys each example on its place in
+  # the global batch, so one device or several draw the same augmentation.
+  rng = jax.random.fold_in(rng, state.step)
+  images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
+  # The mean over the real rows of the global batch (the epoch's last batch is padded,
+  # with weight 0): each device divides its weighted sum by the mean real-row count per
+  # device, so the pmean below of losses, gradients and metrics is sum(w * x) / sum(w).
+  weights = weights / jax.lax.pmean(jnp.sum(weights), axis_name)
 
   def loss_fn(params):
     # Frozen leaves are constants to autodiff: no backward pass is built for them.
@@ -79,18 +123,19 @@ def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='bat
     (logits, _), updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    return cross_entropy(logits, labels, smoothing).mean(), (logits, updates['batch_stats'])
+    loss = jnp.sum(cross_entropy(logits, labels, smoothing) * weights)
+    return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  metrics = {'loss': loss, 'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
   return state, jax.lax.pmean(metrics, axis_name)
 
 
 def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
   """Sums of loss and correct predictions over the real (unpadded) examples."""
-  images, labels, weights = prepare_fn(batch, rng)
+  images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
   logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                              images, train=False)
   sums = {'loss': jnp.sum(cross_entropy(logits, labels, smoothing) * weights),
@@ -105,17 +150,10 @@ def num_outputs(config, dataset) -> int:
   return config.rotation.num_rotations if config.stage == 'pretext' else dataset.num_classes
 
 
-def compute_dtype(name: str):
-  """'auto' is bfloat16 compute (params and BatchNorm statistics stay float32) on every
-  backend: on GPUs it is the fast path, and on the 2-core CPU, with the oneDNN convolutions,
-  scripts/benchmark.py measured the bf16 train step 1.6-1.7x and eval 2.0x faster than fp32."""
-  return jnp.bfloat16 if name == 'auto' else jnp.dtype(name)
-
-
 def build_model(config, num_classes: int, frozen=()):
   return models.create_model(
       config.model.name, num_classes=num_classes, width=config.model.width,
-      stem=config.model.stem, dtype=compute_dtype(config.model.dtype), frozen=frozen,
+      stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
       axis_name='batch' if config.model.sync_bn else None, conv_impl=config.model.get('conv', 'auto'))
 
 
@@ -130,13 +168,22 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   variables = init_variables(probe, jax.random.key(config.seed), config.data.image_size)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   mask = freeze.trainable_mask(params, config.trainable)
-  model = build_model(config, num_classes, frozen=freeze.frozen_prefixes(params, config.trainable))
+  # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
+  # BatchNorm like any other in training; only 'running' tells the model which subtrees
+  # normalise with their running statistics instead.
+  running = freeze.frozen_prefixes(params, config.trainable) if config.freeze_bn == 'running' else ()
+  model = build_model(config, num_classes, frozen=running)
   init_info = {}
   if config.init_from:
     loaded = checkpoint_lib.load_variables(config.init_from)
-    params, names, kept = checkpoint_lib.merge_params(params, loaded['params'], config.head)
+    # Another stage's head answers another question (rotations, not classes) even where the
+    # shapes agree: a 4-class dataset from an N = 4 pretext must not start from its head.
+    reinit_head = loaded['config'].get('stage') != config.stage
+    params, names, kept = checkpoint_lib.merge_params(params, loaded['params'], config.head,
+                                                      reinit_head=reinit_head)
     batch_stats, _, _ = checkpoint_lib.merge_params(batch_stats, loaded['batch_stats'],
-                                                    config.head, what='batch_stats')
+                                                    config.head, what='batch_stats',
+                                                    reinit_head=reinit_head)
     logging.info('init_from %s: loaded %d parameter arrays; re-initialised %s',
                  loaded['path'], len(names), kept or 'nothing')
     init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept}
@@ -150,8 +197,12 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
 def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, rng):
   """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
-  for batch in input_pipeline.eval_batches(getattr(dataset, split), dataset.local_batch(batch_size),
-                                           dataset.eval_steps(split, batch_size)):
+  local_batch = dataset.local_batch(batch_size)
+  for i, batch in enumerate(input_pipeline.eval_batches(getattr(dataset, split), local_batch,
+                                                        dataset.eval_steps(split, batch_size))):
+    # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
+    # split: the same metrics on any number of devices and processes.
+    batch['index'] = split_index(i, local_batch, dataset.process_index, dataset.process_count)
     sums = p_eval_step(state, input_pipeline.shard(batch, num_local_devices), rng)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
@@ -159,6 +210,7 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
 
 
+@onednn_conv.named_errors()
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
   config_checks.check_config(config)
@@ -184,13 +236,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if restored is not None:
     state = restored
     logging.info('resuming %s from step %d', workdir, int(state.step))
+    _check_epoch_length(ckpt.latest_row(), steps_per_epoch, workdir)
   start_epoch = int(state.step) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
   history = _recover_last_row(log, ckpt, start_epoch)
   if restored is not None and history and summarize(history)['best_epoch'] == start_epoch:
     ckpt.ensure_best(int(state.step), state)
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
-  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total)
+  compute = hardware.describe(config.model)
+  logging.info('%s', hardware.summary_line(compute))
+  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute)
 
   state = parallel.replicate(state, devices)
   prepare_train = make_prepare_fn(config, train=True)
@@ -203,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                         smoothing=config.label_smoothing),
       axis_name='batch', devices=devices)
   rng = jax.random.key(config.seed)
-  eval_rng = parallel.replicate(jax.random.key(config.seed + 1), devices)
+  eval_rng = parallel.replicate(eval_key(config.seed), devices)
   rng = parallel.replicate(rng, devices)
   images_per_step = config.batch_size * (
       config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
@@ -284,6 +339,16 @@ def _recover_last_row(log, ckpt, start_epoch: int) -> list[dict]:
   return history
 
 
+def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:
+  """A resumed run keeps its steps per epoch: the epoch it resumes at, its data order and
+  its learning-rate schedule are all counted in them."""
+  if row and row['step'] != row['epoch'] * steps_per_epoch:
+    raise ValueError(
+        f'{workdir} was trained with {row["step"] // row["epoch"]} steps per epoch, this run '
+        f'has {steps_per_epoch} (another batch_size or training set, or a rotjax that dropped '
+        "each epoch's last partial batch): resume with its settings or use a new workdir")
+
+
 def _check_finite(fetched, epoch, step):
   for m in fetched:
     if not np.isfinite(m['loss']):
@@ -299,7 +364,7 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total):
+def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute):
   if jax.process_index() != 0:
     return
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -307,4 +372,4 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
       'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
-      'total_parameters': total, **init_info})
+      'total_parameters': total, 'compute': compute, **init_info})

@@ -1,3 +1,4 @@
+import json
 import os
 
 import flax
@@ -49,6 +50,59 @@ def test_shape_mismatch_outside_head_names_the_parameter():
     checkpoint.merge_params(init, loaded)
 
 
+def test_loaded_arrays_the_model_lacks_outside_the_head_are_an_error():
+  """A resnet34 into a resnet18: layer1 block 2 has nowhere to go."""
+  init = {'layer1': {'0': {'conv1': {'kernel': np.zeros((3, 3, 4, 4))}}}, 'fc': {'kernel': np.zeros((4, 3))}}
+  loaded = {'layer1': {'0': {'conv1': {'kernel': np.ones((3, 3, 4, 4))}},
+                       '2': {'conv1': {'kernel': np.ones((3, 3, 4, 4))}}},
+            'fc': {'kernel': np.ones((4, 4)), 'extra': np.ones(4)}}
+  with pytest.raises(ValueError, match=r"1 params arrays this model lacks, e.g. \['layer1/2/conv1/kernel'\]"):
+    checkpoint.merge_params(init, loaded)
+  del loaded['layer1']['2']   # extra head arrays are the head's business: re-initialised anyway
+  merged, _, kept = checkpoint.merge_params(init, loaded)
+  assert kept == ['fc/kernel'] and merged['layer1']['0']['conv1']['kernel'].sum() > 0
+
+
+def _fake_run(workdir, config, num_classes):
+  """A finished run's files: its state as a best checkpoint, and its config.json."""
+  state, _, _, _ = train.create_train_state(config, num_classes, 4)
+  ckpt = checkpoint.Checkpoints(str(workdir))
+  ckpt.save(4, jax.device_get(state), is_best=True)
+  ckpt.close()
+  (workdir / 'config.json').write_text(json.dumps(config.to_dict()))
+  return str(workdir)
+
+
+@pytest.mark.parametrize('field,value', [('name', 'resnet34'), ('stem', 'imagenet'), ('width', 8)])
+def test_init_from_of_another_architecture_is_refused_before_compute(
+    make_config, tmp_path, monkeypatch, field, value):
+  source = make_config('pretext', tmp_path / 'pre')
+  source.model[field] = value
+  os.makedirs(tmp_path / 'pre' / 'checkpoints' / '4')   # a committed step, as the check sees it
+  (tmp_path / 'pre' / 'config.json').write_text(json.dumps(source.to_dict()))
+  monkeypatch.setattr(train, 'create_train_state', lambda *a, **k: pytest.fail('compute started'))
+  fine = make_config('finetune', tmp_path / 'fine', init_from=str(tmp_path / 'pre'))
+  ours = fine.model[field]
+  with pytest.raises(ValueError, match=rf'trained with model\.{field}={value!r}, this run has '
+                                       rf'model\.{field}={ours!r}'):
+    train.train_and_evaluate(fine)
+
+
+def test_head_is_reinitialised_when_the_source_stage_differs(make_config, tmp_path):
+  """A 3-class supervised run into a 3-class fine-tune: the shapes agree, the head still resets."""
+  source = _fake_run(tmp_path / 'sup', make_config('supervised', tmp_path / 'sup', seed=5), 3)
+  saved = _flat(checkpoint.load_variables(source)['params'])
+  for stage, reinit in (('finetune', True), ('supervised', False)):
+    config = make_config(stage, tmp_path / stage, init_from=source)
+    state, _, _, info = train.create_train_state(config, 3, 4)
+    fresh, _, _, _ = train.create_train_state(make_config(stage, tmp_path / 'x'), 3, 4)
+    assert info['reinitialised'] == (['fc/bias', 'fc/kernel'] if reinit else [])
+    params = _flat(state.params)
+    expected = _flat(fresh.params) if reinit else saved
+    np.testing.assert_array_equal(params['fc/kernel'], expected['fc/kernel'])
+    np.testing.assert_array_equal(params['layer1/0/conv1/kernel'], saved['layer1/0/conv1/kernel'])
+
+
 def test_missing_init_from_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     checkpoint.load_variables(str(tmp_path / 'nope'))
@@ -68,4 +122,4 @@ def test_partial_checkpoint_is_never_restored(make_config, tmp_path):
   manager = checkpoint.Checkpoints(str(tmp_path / 'run'))
   restored = manager.restore_latest(state)
   manager.close()
-  assert int(restored.step) == len(dataset.train) // config.batch_size
+  assert int(restored.step) == -(-len(dataset.train) // config.batch_size)

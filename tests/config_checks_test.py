@@ -28,6 +28,7 @@ CASES = [
     ('source_folder', 'supervised', lambda t: {'data.source': f'folder:{t}/nope'}, r'data.source folder .*nope does not exist'),
     ('num_rotations', 'pretext', {'rotation.num_rotations': 5}, r'rotation.num_rotations=5 is not supported; allowed: \(4, 6, 8\)'),
     ('rotation_mode', 'pretext', {'rotation.mode': 'some'}, r"rotation.mode='some' is unknown; allowed"),
+    ('rotation_geometry', 'pretext', {'rotation.num_rotations': 8, 'rotation.geometry': 'square'}, r"rotation.geometry='square' needs num_rotations=4"),
     ('smoothing_one', 'supervised', {'label_smoothing': 1.0}, r'label_smoothing=1.0 must be in \[0, 1\)'),
     ('smoothing_negative', 'supervised', {'label_smoothing': -0.1}, r'label_smoothing=-0.1 must be in \[0, 1\)'),
     ('batch_size', 'supervised', {'batch_size': 7}, r'batch_size=7 is not divisible by the 2 devices'),

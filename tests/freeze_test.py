@@ -35,9 +35,16 @@ def test_unknown_trainable_name_is_an_error():
     freeze.trainable_mask(_params(), ('layer5', 'fc'))
 
 
-@pytest.mark.parametrize('optimizer', ['adam', 'sgd'])
-def test_frozen_leaves_stay_bit_identical(make_config, tmp_path, optimizer):
+@pytest.mark.parametrize('optimizer,freeze_bn', [('adam', None), ('sgd', None), ('adam', 'running')])
+def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
+    make_config, tmp_path, optimizer, freeze_bn):
+  """Frozen params never move. Frozen BatchNorm statistics keep updating by default (the
+  reports' PyTorch: frozen layers in .train() mode) and stay put with freeze_bn='running'."""
   config = make_config('finetune', tmp_path, **{'optim.name': optimizer})
+  if freeze_bn is None:
+    assert config.freeze_bn == 'batch'
+  else:
+    config.freeze_bn = freeze_bn
   dataset = input_pipeline.load_dataset(config.data)
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
   before = jax.device_get(state)
@@ -59,7 +66,28 @@ def test_frozen_leaves_stay_bit_identical(make_config, tmp_path, optimizer):
       trainable = top in ('layer4', 'fc')
       if tree == 'params':
         assert (flat_mask[name] == 'trainable') == trainable
-      if trainable:
-        assert not np.array_equal(old[name], new[name]), f'{tree}/{name} did not train'
+      moves = trainable or (tree == 'batch_stats' and config.freeze_bn == 'batch')
+      if moves:
+        assert not np.array_equal(old[name], new[name]), f'{tree}/{name} did not move'
       else:
         np.testing.assert_array_equal(old[name], new[name], err_msg=f'{tree}/{name} moved')
+
+
+def test_frozen_bn_normalises_with_batch_statistics_by_default(make_config, tmp_path):
+  """Stage 3 from random init: the running statistics are mean 0 / variance 1, so only
+  freeze_bn='batch' normalises a frozen layer's output (per channel mean ~0, variance ~1)."""
+  config = make_config('finetune', tmp_path, **{'model.sync_bn': False})  # outside pmap
+  dataset = input_pipeline.load_dataset(config.data)
+  images = jnp.asarray(dataset.train.images[:16], jnp.float32) / 255.0
+  moments = {}
+  for freeze_bn in ('batch', 'running'):
+    config.freeze_bn = freeze_bn
+    state, _, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    # bn1 of the stem, before its ReLU: captured from the frozen BatchNorm module itself.
+    _, inter = state.apply_fn(variables, images, train=True, mutable=['batch_stats', 'intermediates'],
+                              capture_intermediates=lambda m, _: m.name == 'bn1' and len(m.path) == 1)
+    out = np.asarray(inter['intermediates']['bn1']['__call__'][0])
+    moments[freeze_bn] = (np.abs(out.mean((0, 1, 2))).max(), out.var((0, 1, 2)).mean())
+  assert moments['batch'][0] < 1e-3 and abs(moments['batch'][1] - 1) < 0.05, moments
+  assert moments['running'][0] > 0.05, moments   # the raw conv output: not centred

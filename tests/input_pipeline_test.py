@@ -36,7 +36,7 @@ def test_batches_are_keyed_on_seed_and_epoch(image_folder, tmp_path):
   first = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 1)]
   again = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 1)]
   other = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 2)]
-  assert len(first) == len(ds.train) // 8
+  assert len(first) == -(-len(ds.train) // 8)   # the last batch padded, not dropped
   np.testing.assert_array_equal(np.stack(first), np.stack(again))
   assert not np.array_equal(np.stack(first), np.stack(other))
   sharded = input_pipeline.shard(next(input_pipeline.train_batches(ds.train, 8, 0, 1)), 2)
@@ -71,7 +71,7 @@ def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
                  for f in cached if f.endswith('.labels.npy'))
   assert sizes == [12, 12, 24, 36, 36, 72], sizes  # test and train+val: per process, whole
   steps = whole.steps_per_epoch(8)
-  assert steps == parts[0].steps_per_epoch(8) == 54 // 2 // 4
+  assert steps == parts[0].steps_per_epoch(8) == -(-54 // 8)
   for epoch in (1, 2):
     one = list(input_pipeline.train_batches(whole.train, 8, 0, epoch, whole.shards, steps))
     two = [list(input_pipeline.train_batches(p.train, 4, 0, epoch, p.shards, steps)) for p in parts]
@@ -83,6 +83,42 @@ def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
   assert counts[0] == counts[1] == 5   # 18 val images: 9 per process, 2 per batch
   masks = [sum(b['mask'].sum() for b in input_pipeline.eval_batches(p.val, 2, 5)) for p in parts]
   assert masks == [9, 9]
+
+
+def _seen(batches) -> list[int]:
+  """Labels (here: example ids) of the real rows of an epoch's batches."""
+  return sorted(int(x) for b in batches for x in b['label'][b['mask'] == 1])
+
+
+def test_every_labelled_image_is_seen_once_per_epoch_the_padding_masked():
+  """200 labels at batch 128 dropped 72 of them every epoch; scaled down: 25 at batch 16."""
+  n, batch = 25, 16
+  ids = np.arange(n, dtype=np.int32)
+  split = input_pipeline.Split(np.broadcast_to(ids[:, None, None, None], (n, 2, 2, 3)).astype(np.uint8), ids)
+  for num_shards in (1, 2):
+    dataset = input_pipeline.Dataset(split, split, split, ('a',), num_shards=num_shards)
+    assert dataset.steps_per_epoch(batch) == 2
+  for shards in ((0,), (0, 1)):
+    for epoch in (1, 2):
+      batches = list(input_pipeline.train_batches(split, batch, 0, epoch, shards))
+      assert len(batches) == 2 and all(b['image'].shape[0] == batch for b in batches)
+      assert _seen(batches) == list(range(n))
+      last = batches[-1]
+      assert last['mask'].sum() == n - batch and (last['mask'] == 0).sum() == 2 * batch - n
+      # The padding repeats real images of the epoch (their own labels), never zeros.
+      padded = last['mask'] == 0
+      np.testing.assert_array_equal(last['image'][padded][:, 0, 0, 0], last['label'][padded])
+      assert len(set(last['label'][padded].tolist()) & set(_seen(batches[:1]))) == 2 * batch - n
+  # Two processes, one shard each (13 and 12 images): as many steps, each image once.
+  parts = [split.take(np.arange(p, n, 2)) for p in (0, 1)]
+  two = [list(input_pipeline.train_batches(part, batch // 2, 0, 1, (p,), 2))
+         for p, part in enumerate(parts)]
+  assert [len(b) for b in two] == [2, 2]
+  assert sorted(_seen(two[0]) + _seen(two[1])) == list(range(n))
+  one = list(input_pipeline.train_batches(split, batch, 0, 1, (0, 1)))
+  for a, b0, b1 in zip(one, *two):
+    for key in ('label', 'mask'):
+      np.testing.assert_array_equal(a[key], np.concatenate([b0[key], b1[key]]))
 
 
 def test_shards_must_match_the_processes(image_folder, tmp_path):

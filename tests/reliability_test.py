@@ -39,7 +39,7 @@ def reference(image_folder, tmp_path_factory):
   config = tiny_config('supervised', workdir, image_folder, num_epochs=2)
   train.train_and_evaluate(config)
   dataset = input_pipeline.load_dataset(config.data)
-  return workdir, _rows(workdir), len(dataset.train) // config.batch_size
+  return workdir, _rows(workdir), -(-len(dataset.train) // config.batch_size)
 
 
 def _restore_latest(config, workdir):

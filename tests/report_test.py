@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from configs import study as study_config
 from rotjax import plots
 from rotjax import report
 from rotjax import results
@@ -12,7 +13,7 @@ from rotjax import sweep
 
 
 def _write_run(study_dir, run: sweep.Run, val_acc: float, *, epochs=2, status='done',
-               record=True, num_epochs=2):
+               record=True, num_epochs=2, legacy=False):
   """A run's files as the study writes them: metrics.jsonl, summary, config, run_info."""
   workdir = os.path.join(study_dir, run.name)
   os.makedirs(workdir)
@@ -34,6 +35,7 @@ def _write_run(study_dir, run: sweep.Run, val_acc: float, *, epochs=2, status='d
   results.write_json(os.path.join(workdir, 'config.json'), {
       'stage': stage_name, 'num_epochs': num_epochs, 'seed': run.seed, 'batch_size': 16,
       'label_smoothing': run.label_smoothing, 'trainable': ['all'],
+      **({} if legacy else {'freeze_bn': run.freeze_bn}),   # legacy: before freeze_bn existed
       'init_from': os.path.join(study_dir, pretext) if pretext else '',
       'model': {'name': run.model, 'width': 16, 'dtype': 'bfloat16'},
       'data': {'dataset': run.dataset, 'image_size': 32, 'samples_per_class': run.samples_per_class},
@@ -54,6 +56,10 @@ SPC_ACC = {(2, 10): 0.40, (5, 10): 0.20, (2, 100): 0.50, (5, 100): 0.45,
            (2, 0): 0.60, (5, 0): 0.70}
 
 
+# Stages 2 and 3 with freeze_bn='running' (the reference runs use 'batch').
+BN_RUNNING_ACC = {2: 0.55, 3: 0.25}
+
+
 @pytest.fixture(scope='module')
 def study_dir(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp('study')
@@ -66,6 +72,9 @@ def study_dir(tmp_path_factory):
     for (stage, spc), acc in SPC_ACC.items():
       run = sweep.Run(stage, label_smoothing=0.1, seed=seed, **{**base, 'samples_per_class': spc})
       _write_run(tmp_path, run, acc)
+    for stage, acc in BN_RUNNING_ACC.items():
+      _write_run(tmp_path, sweep.Run(stage, label_smoothing=0.1, seed=seed, freeze_bn='running',
+                                     **base), acc)
   results.write_json(os.path.join(tmp_path, 'study.json'), {'reference': {
       'dataset': 'cifar10', 'model': 'resnet18', 'num_rotations': 4, 'label_smoothing': 0.1,
       'samples_per_class': 0, 'seed': 0}})
@@ -84,7 +93,7 @@ def report_text(study_dir):
 
 def test_results_csv_has_one_row_per_run_with_pretext_and_numbers(study_dir, report_text):
   rows = results.read_csv(os.path.join(study_dir, 'results.csv'))
-  assert len(rows) == 2 * (3 + 2 + len(SPC_ACC)) + 1
+  assert len(rows) == 2 * (3 + 2 + len(SPC_ACC) + len(BN_RUNNING_ACC)) + 1
   assert set(rows[0]) == set(results.COLUMNS)
   finetune = [r for r in rows if r['stage'] == '2' and r['samples_per_class'] == '10']
   assert len(finetune) == 2
@@ -108,6 +117,42 @@ def test_report_tables_cells_are_mean_std_n_and_only_tables_with_data(study_dir,
                'curves_cifar10_5_supervised_random.png'):
     assert f']({name})' in text
     assert os.path.getsize(os.path.join(study_dir, name)) > 10_000
+
+
+def test_frozen_bn_table_has_stages_2_and_3_both_ways(study_dir, report_text):
+  section = report_text.split('### Stage × frozen-layer BatchNorm')[1].split('###')[0]
+  assert '| stage | freeze_bn=batch | freeze_bn=running |' in section
+  rows = [l for l in section.splitlines() if l.startswith('| ') and l[2].isdigit()]
+  # Stage 2 at the reference: val 0.60 -> test 0.59 for both seeds; stage 3: 0.4/0.6 -> 0.39/0.59.
+  assert rows == ['| 2 fine-tune pretrained (layer4+fc) | 59.0 ± 0.0 (n=2) | 54.0 ± 0.0 (n=2) |',
+                  '| 3 fine-tune random init (layer4+fc) | 49.0 ± 14.1 (n=2) | 24.0 ± 0.0 (n=2) |']
+  # The other tables hold freeze_bn at the reference: the running runs are not in them.
+  model_table = report_text.split('### Stage × model')[1].split('###')[0]
+  assert '54.0' not in model_table and '24.0' not in model_table
+  assert ']({})'.format('stages_cifar10_freeze_bn.png') in report_text
+
+
+def test_bn_runs_have_their_own_folders_and_share_the_pretext():
+  run = sweep.Run(3, 'cifar10', 'resnet18', 4, 0.1, 0, 0, freeze_bn='running')
+  assert run.name == 'cifar10-resnet18-rot4-ls0.1-spcall-seed0-bnrunning/3_finetune_random'
+  pretrained = sweep.Run(2, 'cifar10', 'resnet18', 4, 0.1, 0, 0, freeze_bn='running')
+  assert pretrained.pretext.name == 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/1_pretext'
+  # Nothing frozen, nothing to choose: stage 4 is the one reference run either way.
+  assert sweep.Run(4, 'cifar10', 'resnet18', 4, 0.1, 0, 0, freeze_bn='running').name == (
+      'cifar10-resnet18-rot4-ls0.1-spcall-seed0/4_supervised_pretrained')
+  # The full study's `bn` sweep: stages 2 and 3 of each seed once more, with running statistics.
+  config = study_config.get_config()
+  config.workdir = '/tmp/unused'
+  running = [r for r in sweep.plan(config) if r.freeze_bn == 'running']
+  assert sorted((r.stage, r.seed) for r in running) == [(s, k) for s in (2, 3) for k in range(3)]
+  assert {sweep.run_config(config, r).freeze_bn for r in running} == {'running'}
+
+
+def test_run_trained_before_freeze_bn_is_reported_as_running(tmp_path):
+  """Its folder now names the default; its config.json says how it really trained."""
+  _write_run(tmp_path, sweep.Run(3, 'cifar10', 'resnet18', 4, 0.1, 0, 0), 0.5, legacy=True)
+  (run,) = report.load_runs(str(tmp_path))
+  assert run['freeze_bn'] == 'running'
 
 
 def test_accuracy_crossover_is_interpolated_between_100_and_all(report_text):
@@ -134,3 +179,30 @@ def test_run_without_study_record_is_read_from_its_config(tmp_path):
   _write_run(tmp_path, run, 0.8, record=False)
   (row,) = results.collect(str(tmp_path))
   assert (row['stage'], row['status'], row['best_val_accuracy']) == (4, 'finished', 0.8)
+
+
+def test_cpu_preset_seeds_share_one_pretext_and_vary_stages_2_and_3():
+  # issue 15.7: error bars on fine-tune pretrained vs random init, the pretext trained once.
+  config = study_config.get_config('cpu')
+  config.workdir = '/tmp/study'
+  runs = sweep.plan(config)
+  pretexts = [r for r in runs if r.stage == 1]
+  assert [r.seed for r in pretexts] == [0]
+  for stage in (2, 3):
+    seeds = sorted(r.seed for r in runs if r.stage == stage and r.samples_per_class == 0
+                   and r.freeze_bn == 'batch')
+    assert seeds == [0, 1, 2], (stage, seeds)
+  loaded = {r.pretext.name for r in runs if r.pretext is not None}
+  assert loaded == {pretexts[0].name}
+  seed2 = next(r for r in runs if r.stage == 2 and r.seed == 2)
+  assert sweep.run_config(config, seed2).init_from.endswith(pretexts[0].name)
+  assert sweep.run_config(config, seed2).seed == 2
+
+
+def test_by_default_every_seed_has_its_own_pretext():
+  config = study_config.get_config()
+  config.workdir = '/tmp/study'
+  assert sorted({r.seed for r in sweep.plan(config) if r.stage == 1}) == [0, 1, 2]
+  config.pretext_seed = -2
+  with pytest.raises(ValueError, match='pretext_seed=-2'):
+    sweep.plan(config)

@@ -73,8 +73,25 @@ class FakeTrain:
     return summary
 
 
+class FakeReport:
+  """Stands in for report.build_report: notes each run's status at every build; may fail."""
+
+  def __init__(self, fail=False):
+    self.builds, self.fail = [], fail
+
+  def __call__(self, study_dir):
+    self.builds.append({r['workdir']: r['status'] for r in results.collect(study_dir)})
+    if self.fail:
+      raise RuntimeError('plot bug')
+    path = os.path.join(study_dir, 'report.md')
+    with open(path, 'w') as f:
+      f.write('# study\n\n![a.png](a.png)\n![b c.png](b_c.png)\n')
+    return path
+
+
 def _run(config, fake, monkeypatch):
   monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  monkeypatch.setattr(report, 'build_report', FakeReport())  # these tests are about the runs
   rows = runner.run_study(config, datasets=runner.DatasetCache(lambda data_config: 'DATA'))
   return {r['workdir']: r for r in rows}
 
@@ -113,6 +130,40 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path, monkeyp
   assert len(manifest['runs']) == 7 and manifest['reference']['samples_per_class'] == 0
 
 
+def test_report_is_rebuilt_after_each_trained_run_and_at_the_end(tmp_path, monkeypatch):
+  config, fake_report = _config(tmp_path), FakeReport()
+  monkeypatch.setattr(train, 'train_and_evaluate', FakeTrain(fail=('3_finetune_random',)))
+  monkeypatch.setattr(report, 'build_report', fake_report)
+  line = runner.run_study_and_report(config, datasets=runner.DatasetCache(lambda data_config: 'DATA'))
+  # One build after each of the 7 runs (the failed one too), each seeing that run's final
+  # status (an interrupted study's report is current), then one at the end.
+  assert [len(b) for b in fake_report.builds] == [1, 2, 3, 4, 5, 6, 7, 7]
+  assert all('running' not in b.values() for b in fake_report.builds)
+  assert sorted(fake_report.builds[-1].values()) == ['done'] * 6 + ['failed']
+  assert line == (f'study {tmp_path}: 7 runs (6 done, 1 failed); wrote {tmp_path}/report.md '
+                  'and 2 figures beside it: a.png, b_c.png')
+  # A rerun trains nothing and still ends with its report.
+  rerun_report = FakeReport()
+  monkeypatch.setattr(report, 'build_report', rerun_report)
+  monkeypatch.setattr(train, 'train_and_evaluate', FakeTrain())
+  runner.run_study_and_report(config, datasets=runner.DatasetCache(lambda data_config: 'DATA'))
+  assert len(rerun_report.builds) == 2  # the failed run, retried, and the end
+  assert sorted(rerun_report.builds[-1].values()) == ['done'] + ['finished'] * 6
+
+
+def test_a_failing_report_is_logged_and_the_study_goes_on(tmp_path, monkeypatch, caplog):
+  fake_train, fake_report = FakeTrain(), FakeReport(fail=True)
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(report, 'build_report', fake_report)
+  line = runner.run_study_and_report(_config(tmp_path),
+                                     datasets=runner.DatasetCache(lambda data_config: 'DATA'))
+  assert len(fake_train.calls) == 7 and len(fake_report.builds) == 8
+  assert line == (f'study {tmp_path}: 7 runs (7 done); the report failed (error above), '
+                  f'rebuild: python -m rotjax.report {tmp_path}')
+  assert 'RuntimeError: plot bug' in caplog.text
+  assert len(results.read_csv(os.path.join(tmp_path, 'results.csv'))) == 7
+
+
 def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   config = _config(tmp_path / 'study')
   config.base = make_config('pretext', tmp_path / 'unused')
@@ -120,10 +171,18 @@ def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
                              'image_size': 16, 'stem': 'cifar'}
   config.epochs = {'pretext': 1, 'finetune': 1, 'supervised': 1}
   config.stages, config.sweeps = (2,), ()   # stage 2 pulls in its pretext
-  rows = runner.run_study(config)
+  line = runner.run_study_and_report(config)
+  rows = results.collect(config.workdir)
   assert [(r['stage'], r['status'], r['epochs']) for r in rows] == [(1, 'done', 1), (2, 'done', 1)]
   finetune = os.path.join(config.workdir, rows[1]['workdir'])
   info = results.read_json(os.path.join(finetune, 'run_info.json'))
   assert info['init_from'].startswith(os.path.join(config.workdir, rows[0]['workdir']) + os.sep)
-  text = open(report.build_report(config.workdir)).read()
-  assert '| 2 fine-tune pretrained (layer4+fc) |' in text
+  # The study alone leaves the report and its figures, and its last line names them.
+  report_path = os.path.join(config.workdir, 'report.md')
+  assert '| 2 fine-tune pretrained (layer4+fc) |' in open(report_path).read()
+  figures = runner.report_figures(report_path)
+  assert 'curves_cifar10_2_finetune_pretrained.png' in figures
+  for name in figures:
+    with open(os.path.join(config.workdir, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
+  assert line.endswith(f'wrote {report_path} and {len(figures)} figures beside it: ' + ', '.join(figures))

@@ -32,7 +32,7 @@ def _step_on(devices, state, mask, batch):
   """One train step on `devices` with deterministic inputs (normalisation only)."""
   from rotjax import preprocess
   prepare = lambda batch, rng: (preprocess.normalize(batch['image'], preprocess.CIFAR_MEAN,
-                                                     preprocess.CIFAR_STD), batch['label'], None)
+                                                     preprocess.CIFAR_STD), batch['label'], batch['mask'])
   step = jax.pmap(functools.partial(train.train_step, prepare_fn=prepare, mask=mask, smoothing=0.1),
                   axis_name='batch', devices=devices)
   new_state, m = step(parallel.replicate(state, devices), input_pipeline.shard(batch, len(devices)),
@@ -56,6 +56,43 @@ def test_one_and_two_devices_agree_on_the_same_global_batch(make_config, tmp_pat
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
   for a, b in zip(jax.tree.leaves(one[1].batch_stats), jax.tree.leaves(two[1].batch_stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)')
+def test_padded_rows_carry_no_weight_and_the_loss_is_the_mean_over_real_rows(make_config, tmp_path):
+  """An epoch's last batch: 5 real rows, 3 repeats of them with mask 0. On 2 devices the real
+  rows split 4 / 1, so the mean must be taken over the global batch, not per device."""
+  from rotjax import preprocess
+  config = make_config('supervised', tmp_path, **{'optim.name': 'sgd', 'optim.warmup_epochs': 0})
+  dataset = input_pipeline.load_dataset(config.data)
+  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  rows = np.array([0, 1, 2, 3, 4, 0, 1, 2])
+  batch = {'image': dataset.train.images[rows], 'label': dataset.train.labels[rows],
+           'mask': np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)}
+  devices = jax.local_devices()[:2]
+  metrics, stepped = _step_on(devices, state, mask, batch)
+  # The same forward pass (BatchNorm over all 8 rows), then the mean over the 5 real rows.
+  forward = jax.pmap(lambda images: state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      preprocess.normalize(images, preprocess.CIFAR_MEAN, preprocess.CIFAR_STD),
+      train=True, mutable=['batch_stats'])[0][0], axis_name='batch', devices=devices[:1])
+  logits = forward(batch['image'][None])[0]
+  losses = np.asarray(train.cross_entropy(logits, batch['label'], 0.1))
+  np.testing.assert_allclose(metrics['loss'], losses[:5].mean(), rtol=1e-5)
+  correct = np.asarray(jnp.argmax(logits, -1) == batch['label'])
+  np.testing.assert_allclose(metrics['accuracy'], correct[:5].mean(), rtol=1e-6)
+  # Labels of the padded rows change nothing.
+  relabelled = {**batch, 'label': np.where(batch['mask'] == 1, batch['label'],
+                                           (batch['label'] + 1) % dataset.num_classes)}
+  _, other = _step_on(devices, state, mask, relabelled)
+  for a, b in zip(jax.tree.leaves(stepped.params), jax.tree.leaves(other.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resuming_with_another_epoch_length_is_an_error():
+  train._check_epoch_length({'epoch': 2, 'step': 14}, 7, 'run')   # same settings: fine
+  with pytest.raises(ValueError, match='run was trained with 6 steps per epoch, this run has 7'):
+    train._check_epoch_length({'epoch': 2, 'step': 12}, 7, 'run')
 
 
 def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothing(make_config,
@@ -93,6 +130,8 @@ def test_smoke_pretext_end_to_end_writes_metrics_and_checkpoints(make_config, tm
   for key in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'test_loss', 'test_accuracy'):
     assert np.isfinite(rows[-1][key])
   assert summary['epochs'] == 2
+  # 54 training images at batch 8: 7 steps, the last one padded (dropping it left 6 unseen).
+  assert [r['step'] for r in rows] == [7, 14]
   assert os.listdir(tmp_path / 'pre' / 'checkpoints')
   assert json.load(open(tmp_path / 'pre' / 'config.json'))['stage'] == 'pretext'
 
