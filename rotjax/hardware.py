@@ -40,28 +40,25 @@ NATIVE_BF16_CLASSES = ('avx512_bf16', 'amx')
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset:
-  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def _cpuinfo(field: str) -> str:
+  """The first `field` line of /proc/cpuinfo ('' where there is none)."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('flags'):
-          return frozenset(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  return frozenset()
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
+        if line.startswith(field):
           return line.split(':', 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return ''
+
+
+def cpu_flags() -> frozenset:
+  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+  return frozenset(_cpuinfo('flags').split())
+
+
+def cpu_model() -> str:
+  return _cpuinfo('model name') or platform.processor() or platform.machine()
 
 
 def isa_class(flags=None, cap=None) -> str:

@@ -28,6 +28,37 @@ class DatasetCache:
     return self.loaded[key]
 
 
+# Settings that do not change what a run learns: where it lives and how it logs.
+_NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
+                        'distributed', 'data.cache_dir', 'data.source')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def changed_settings(run_config) -> list[str]:
+  """Settings in which the run already in the workdir (its config.json) differs from the plan.
+
+  A run trained by an older rotjax or with other settings must not be reported under the
+  plan's labels (e.g. a stage 3 from before freeze_bn, whose frozen BatchNorm used running
+  statistics) nor be resumed as if it were the planned one. A setting missing from the old
+  config.json counts as changed.
+  """
+  old = results.read_json(os.path.join(run_config.workdir, 'config.json'), {})
+  if not old:
+    return []
+  old, new = _flatten(old), _flatten(run_config.to_dict())
+  ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
+  return sorted(k for k, v in new.items() if not ignored(k) and old.get(k, '<missing>') != v)
+
+
 def is_finished(run_config) -> bool:
   """summary.json says the run trained all its epochs."""
   summary = results.read_json(os.path.join(run_config.workdir, 'summary.json'), {})
@@ -105,7 +136,12 @@ def run_study(config, datasets=None) -> list[dict]:
               'pretext_run': run.pretext.name if run.pretext else ''}
     t0, summary, error = time.time(), {}, ''
     pretext_status = status.get(record['pretext_run'], ('finished', ''))
-    if is_finished(run_config):
+    changed = changed_settings(run_config)
+    if changed:
+      state, error = 'stale', (f'{run_config.workdir} holds a run trained with other settings '
+                               f'({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""}): '
+                               'delete that folder to train it as planned')
+    elif is_finished(run_config):
       state = 'finished'
     elif pretext_status[0] not in ('done', 'finished'):
       state, error = 'skipped', f'pretext {record["pretext_run"]} {pretext_status[0]}: {pretext_status[1]}'

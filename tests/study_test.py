@@ -67,6 +67,8 @@ class FakeTrain:
     self.calls.append(os.path.relpath(config.workdir, os.path.dirname(os.path.dirname(config.workdir))))
     if any(config.workdir.endswith(f) for f in self.fail):
       raise RuntimeError('boom')
+    os.makedirs(config.workdir, exist_ok=True)
+    train._write_json(os.path.join(config.workdir, 'config.json'), config.to_dict())  # as train does
     summary = {'epochs': config.num_epochs, 'best_val_accuracy': 0.5, 'test_accuracy': 0.4,
                'min_val_loss': 1.0, 'wall_seconds': 1.0, 'images_per_second': 10.0}
     results.write_json(os.path.join(config.workdir, 'summary.json'), summary)
@@ -186,3 +188,21 @@ def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
     with open(os.path.join(config.workdir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
   assert line.endswith(f'wrote {report_path} and {len(figures)} figures beside it: ' + ', '.join(figures))
+
+
+def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path, monkeypatch):
+  # A stage 3 trained before freeze_bn existed (its frozen BatchNorm used running statistics)
+  # must not be reported, nor resumed, as the planned freeze_bn='batch' run.
+  config = _config(tmp_path)
+  _run(config, FakeTrain(), monkeypatch)
+  old = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/3_finetune_random'
+  path = os.path.join(tmp_path, old, 'config.json')
+  saved = results.read_json(path)
+  del saved['freeze_bn']
+  results.write_json(path, saved)
+  again = FakeTrain()
+  rows = _run(config, again, monkeypatch)
+  assert again.calls == []
+  assert rows[old]['status'] == 'stale' and 'freeze_bn' in rows[old]['error']
+  assert 'delete that folder' in rows[old]['error']
+  assert {r['status'] for w, r in rows.items() if w != old} == {'finished'}
