@@ -28,7 +28,15 @@ TABLE_NOTES = {'freeze_bn': (
     'updating its running statistics, gamma and beta fixed (the reports\' PyTorch: frozen layers '
     'in .train() mode). freeze_bn=running: it normalises with its running statistics and leaves '
     'them; from random init (stage 3) those are mean 0 and variance 1, so layers 1-3 run '
-    'unnormalised. Only the stages with frozen layers are shown.')}
+    'unnormalised. Only the stages with frozen layers are shown.'),
+    'num_rotations': (
+        'Stage 1 is N-way: chance is 25.0% at N = 4, 16.7% at N = 6 and 12.5% at N = 8, so '
+        'pretext accuracies compare only against their own chance. With rotation.geometry=disc '
+        '(the settings table says which geometry each pretext used) every N sees the same '
+        'pixels: the same resampling, sub-pixel shifts and disc, no padding bars. What is left at '
+        'N = 6 and 8 is the pixel grid turning with the content, which a network can read from '
+        'the finest texture (README, design notes); their pretext accuracies may include some '
+        'of it, N = 4 none.')}
 # What rotjax did before freeze_bn existed, for runs whose config.json does not name it.
 LEGACY_FREEZE_BN = 'running'
 

@@ -187,7 +187,9 @@ def test_cpu_preset_seeds_share_one_pretext_and_vary_stages_2_and_3():
   config.workdir = '/tmp/study'
   runs = sweep.plan(config)
   pretexts = [r for r in runs if r.stage == 1]
-  assert [r.seed for r in pretexts] == [0]
+  assert {r.seed for r in pretexts} == {0}
+  assert sorted(r.num_rotations for r in pretexts) == [4, 6, 8]   # compared on one footing
+  pretexts = [r for r in pretexts if r.num_rotations == 4]
   for stage in (2, 3):
     seeds = sorted(r.seed for r in runs if r.stage == stage and r.samples_per_class == 0
                    and r.freeze_bn == 'batch')
