@@ -150,3 +150,26 @@ def test_model_conv_xla_never_builds_or_loads_onednn(image_folder, tmp_path):
   out = _run(['-c', code], _env(ROTJAX_CACHE=str(tmp_path / 'cache'))).stdout
   assert 'CONV xla' in out and 'LOADED False' in out, out
   assert not (tmp_path / 'cache' / 'onednn').exists()
+
+
+TOO_OLD = '''
+from rotjax import onednn_conv, hardware
+onednn_conv.MIN_VERSION = (99, 0)   # as if the installed oneDNN were older than rotjax needs
+print('LOADED', onednn_conv.load())
+print('REASON', onednn_conv.unavailable_reason())
+print('AUTO', onednn_conv.resolve('auto', 'float32'))
+try:
+  onednn_conv.resolve('onednn', 'float32')
+except onednn_conv.OneDNNConvError as e:
+  print('NAMED', e)
+'''
+
+
+def test_a_too_old_onednn_falls_back_and_is_named():
+  if not _onednn_expected():
+    pytest.skip('oneDNN unavailable: no version to check')
+  out = _run(['-c', TOO_OLD], _env()).stdout
+  assert 'LOADED False' in out and 'AUTO None' in out, out
+  assert 'too old' in next(l for l in out.splitlines() if l.startswith('REASON'))
+  named = next(l for l in out.splitlines() if l.startswith('NAMED'))
+  assert 'too old' in named and 'model.conv=xla' in named
