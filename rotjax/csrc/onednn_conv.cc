@@ -87,6 +87,7 @@ struct Prims {
   memory::desc weights_md;   // the layout oneDNN chose for the weights
   memory::desc weights_user; // HWIO
   dnnl::primitive reorder;   // weights_user -> weights_md (dw: the other way); empty if equal
+  memory blocked;            // weights (dw) in weights_md, when that is not HWIO; zeroed once
   memory::desc scratch_md;   // what the convolution needs as scratchpad (may be empty)
   memory::desc reorder_scratch_md;
   std::string impl;          // oneDNN's implementation name, e.g. "jit:avx2", "ref:any"
@@ -128,6 +129,19 @@ dnnl::reorder::primitive_desc ReorderPd(const memory::desc& from, const memory::
   return dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, Attr());
 }
 
+// oneDNN 2.6.3's jit_1x1:avx2 backward-weights kernel (1x1 convolutions on AVX2-only CPUs,
+// or under ONEDNN_MAX_CPU_ISA=AVX2) gave the strided 1x1 layer of a width-4 ResNet a
+// different weight gradient from run to run inside a jitted model (off by up to 5.8), though
+// right and repeatable on the same shapes alone; the cause is not pinned down. It is passed
+// over for the next implementation oneDNN offers, or, there being none, the convolution
+// goes to XLA (tests/cpu_paths_test.py). Throws if only broken kernels are left.
+template <class Pd>
+void SkipBroken(Pd& pd, const char* broken) {
+  while (std::string(pd.impl_info_str()).rfind(broken, 0) == 0) {
+    if (!pd.next_impl()) throw dnnl::error(dnnl_unimplemented, "only a known-broken kernel left");
+  }
+}
+
 template <class Pd>
 void Fill(Prims& p, const Pd& pd, const memory::desc& weights_md) {
   p.weights_md = weights_md;
@@ -148,6 +162,7 @@ Prims Build(const Geometry& g, int64_t kind) {
     Fill(p, pd, pd.weights_desc());
   } else {
     auto pd = BackwardPd<dnnl::convolution_backward_weights>(g, fwd);
+    SkipBroken(pd, "jit_1x1:avx2");
     p.prim = dnnl::convolution_backward_weights(pd);
     Fill(p, pd, pd.diff_weights_desc());
   }
@@ -156,6 +171,13 @@ Prims Build(const Geometry& g, int64_t kind) {
                                        : ReorderPd(p.weights_user, p.weights_md);
     p.reorder = dnnl::reorder(pd);
     p.reorder_scratch_md = pd.scratchpad_desc();
+    // One buffer per primitive, zeroed once, rather than fresh memory on every call: with
+    // fresh memory, under ONEDNN_MAX_CPU_ISA=AVX2 a width-4 ResNet's first train step came
+    // out different from the same step run again (0.4% on its weights; oneDNN's blocked
+    // layouts pad channels to the block, 8 with AVX2, and we suspect that padding); with
+    // it the step repeats bit for bit. The calls are serialized (run_mu), so one is enough.
+    p.blocked = memory(p.weights_md, Engine());
+    std::memset(p.blocked.get_data_handle(), 0, p.weights_md.get_size());
   }
   return p;
 }
@@ -238,13 +260,13 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
     if (kind == kBackwardWeights) {
       memory x(SrcMd(g), eng, a.untyped_data()), dy(DstMd(g), eng, b.untyped_data());
       memory dw_user(p.weights_user, eng, out->untyped_data());
-      memory dw = p.same() ? dw_user : memory(p.weights_md, eng);
+      memory dw = p.same() ? dw_user : p.blocked;
       p.prim.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw},
                               {DNNL_ARG_SCRATCHPAD, scratch(p.scratch_md)}});
       if (!p.same()) reorder(dw, dw_user);
     } else {
       memory w_user(p.weights_user, eng, b.untyped_data());
-      memory w = p.same() ? w_user : memory(p.weights_md, eng);
+      memory w = p.same() ? w_user : p.blocked;
       if (!p.same()) reorder(w_user, w);
       if (kind == kForward) {
         memory x(SrcMd(g), eng, a.untyped_data()), y(DstMd(g), eng, out->untyped_data());
