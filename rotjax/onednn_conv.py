@@ -162,7 +162,8 @@ def version() -> str:
 
 
 def _prepare(geometry: tuple, dtype: str):
-  """(status, info) for one convolution: 0 optimized kernels, 1 reference only, 2 none.
+  """(status, info) for one convolution: 0 optimized kernels, 1 reference only, 2 none,
+  3 optimized but for the weight gradient (which XLA then computes).
 
   Builds and caches its three oneDNN primitives, so a failure shows up here, while
   the model is traced, not inside a running step.
@@ -218,22 +219,31 @@ def _call(kind, out_shape, out_dtype, a, b, strides, padding):
       a, b, **_attrs(strides, padding))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, w, strides, padding):
-  """NHWC x HWIO -> NHWC, no dilation or groups; strides (h, w), padding ((t, b), (l, r))."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x, w, strides, padding, xla_dw=False):
+  """NHWC x HWIO -> NHWC, no dilation or groups; strides (h, w), padding ((t, b), (l, r)).
+
+  xla_dw: the weight gradient by XLA's convolution, for shapes whose oneDNN
+  backward-weights kernel is passed over (status 3 of `_prepare`).
+  """
   out_hw = [(x.shape[1 + i] + sum(padding[i]) - w.shape[i]) // strides[i] + 1 for i in range(2)]
   return _call('forward', (x.shape[0], *out_hw, w.shape[3]), x.dtype, x, w, strides, padding)
 
 
-def _conv2d_fwd(x, w, strides, padding):
-  return conv2d(x, w, strides, padding), (x, w)
+def _conv2d_fwd(x, w, strides, padding, xla_dw):
+  return conv2d(x, w, strides, padding, xla_dw), (x, w)
 
 
-def _conv2d_bwd(strides, padding, residuals, dy):
+def _conv2d_bwd(strides, padding, xla_dw, residuals, dy):
   x, w = residuals
   dy = dy.astype(x.dtype)
   dx = _call('backward_data', x.shape, x.dtype, dy, w, strides, padding)
-  dw = _call('backward_weights', w.shape, w.dtype, x, dy, strides, padding)
+  if xla_dw:
+    _, pullback = jax.vjp(lambda w_: lax.conv_general_dilated(x, w_, strides, padding,
+                                                              dimension_numbers=_NHWC), w)
+    dw, = pullback(dy)
+  else:
+    dw = _call('backward_weights', w.shape, w.dtype, x, dy, strides, padding)
   return dx, dw
 
 
@@ -249,13 +259,13 @@ def _supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
 
 
-def _takes(lhs, rhs, strides, padding, strict: bool) -> bool:
-  """Whether oneDNN runs this convolution: prepared with optimized kernels, else XLA's
+def _takes(lhs, rhs, strides, padding, strict: bool) -> int:
+  """Whether oneDNN runs this convolution (the `_prepare` status 0 or 3), else XLA's
   (under model.conv=onednn, `strict`, that is an error naming the convolution)."""
   dtype = lhs.dtype.name
   status, info = _prepare(_geometry(lhs.shape, rhs.shape, strides, padding), dtype)
-  if status == 0:
-    return True
+  if status in (0, 3):
+    return status
   why = ('oneDNN has only its slow reference kernels for it: ' if status == 1
          else 'oneDNN cannot create it: ') + info
   if strict:
@@ -265,7 +275,7 @@ def _takes(lhs, rhs, strides, padding, strict: bool) -> bool:
     _fallbacks_logged.add((dtype, status))
     logging.warning('A %s convolution (input %s, kernel %s) runs on XLA: %s', dtype,
                     tuple(lhs.shape), tuple(rhs.shape), why)
-  return False
+  return None
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -275,8 +285,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if (not kwargs and load() and _supported(lhs, rhs, padding, lhs_dilation, rhs_dilation,
                                 dimension_numbers, feature_group_count)):
     strides, pads = tuple(window_strides), tuple(tuple(p) for p in padding)
-    if _takes(lhs, rhs, strides, pads, strict):
-      return conv2d(lhs, rhs, strides, pads)
+    status = _takes(lhs, rhs, strides, pads, strict)
+    if status is not None:
+      return conv2d(lhs, rhs, strides, pads, status == 3)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, precision=precision,
                                   **kwargs)

@@ -202,7 +202,7 @@ def test_the_same_gradient_bit_for_bit_every_time(cpu, image_folder, tmp_path):
   # Under ONEDNN_MAX_CPU_ISA=AVX2, oneDNN 2.6.3's jit_1x1:avx2 backward-weights kernel gave a
   # width-4 ResNet's strided 1x1 layer a different weight gradient from run to run (off by
   # up to 5.8 against the first run; CI's resume test saw the drift); rotjax passes that
-  # kernel over (csrc/onednn_conv.cc, SkipBroken), so the layer runs on XLA there.
+  # kernel over (csrc/onednn_conv.cc, SkipBroken): that weight gradient is computed by XLA.
   env = _env(XLA_FLAGS='--xla_force_host_platform_device_count=1',
              **({'ONEDNN_MAX_CPU_ISA': 'AVX2'} if cpu == 'avx2' else {}))
   code = REPEATS.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)

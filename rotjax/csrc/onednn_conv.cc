@@ -133,8 +133,9 @@ dnnl::reorder::primitive_desc ReorderPd(const memory::desc& from, const memory::
 // or under ONEDNN_MAX_CPU_ISA=AVX2) gave the strided 1x1 layer of a width-4 ResNet a
 // different weight gradient from run to run inside a jitted model (off by up to 5.8), though
 // right and repeatable on the same shapes alone; the cause is not pinned down. It is passed
-// over for the next implementation oneDNN offers, or, there being none, the convolution
-// goes to XLA (tests/cpu_paths_test.py). Throws if only broken kernels are left.
+// over for the next implementation oneDNN offers, or, there being none, that gradient is
+// computed by XLA (RotjaxConvPrepare returns 3; tests/cpu_paths_test.py). Throws if only
+// broken kernels are left.
 template <class Pd>
 void SkipBroken(Pd& pd, const char* broken) {
   while (std::string(pd.impl_info_str()).rfind(broken, 0) == 0) {
@@ -330,9 +331,10 @@ int RotjaxOneDNNVersion(char* out, int64_t size) {
 
 // Builds (and caches) the forward, backward-data and backward-weights primitives of one
 // convolution. geometry: n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr.
-// Returns 0 when all three have optimized kernels, 1 when some are oneDNN's reference
-// (slow, scalar) kernels, 2 when oneDNN cannot create them; `out` gets the implementation
-// names or the error.
+// Returns 0 when all three have optimized kernels; 3 when forward and backward-data have
+// and backward-weights has none (e.g. SkipBroken: the caller computes that gradient
+// elsewhere); 1 when some are oneDNN's reference (slow, scalar) kernels; 2 when oneDNN
+// cannot create them. `out` gets the implementation names or the error.
 int RotjaxConvPrepare(const int64_t* geometry, int64_t dtype, char* out, int64_t size) {
   const int64_t* q = geometry;
   Geometry g{q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9], q[10], q[11], q[12], q[13],
@@ -344,20 +346,25 @@ int RotjaxConvPrepare(const int64_t* geometry, int64_t dtype, char* out, int64_t
   std::string impls;
   bool reference = false;
   for (int64_t kind : {kForward, kBackwardData, kBackwardWeights}) {
+    std::string error;
     try {
       const Prims& p = Cached(g, kind);
       impls += std::string(impls.empty() ? "" : ", ") + KindName(kind) + "=" + p.impl;
       reference = reference || p.impl.rfind("ref", 0) == 0;
+      continue;
     } catch (const dnnl::error& e) {
-      Copy(Describe(g, kind) + ": " + e.what(), out, size);
-      return 2;
+      error = e.what();
     } catch (const std::exception& e) {
-      Copy(Describe(g, kind) + ": " + e.what(), out, size);
-      return 2;
+      error = e.what();
     } catch (...) {
-      Copy(Describe(g, kind) + ": unknown error", out, size);
-      return 2;
+      error = "unknown error";
     }
+    if (kind == kBackwardWeights && !reference) {
+      Copy(impls + ", backward-weights=none (" + error + ")", out, size);
+      return 3;
+    }
+    Copy(Describe(g, kind) + ": " + error, out, size);
+    return 2;
   }
   Copy(impls, out, size);
   return reference ? 1 : 0;
