@@ -177,8 +177,13 @@ def _prepare(geometry: tuple, dtype: str):
   return _prepared[key]
 
 
+def _out_hw(x_shape, w_shape, strides, padding) -> list:
+  """Output height and width of an NHWC x HWIO convolution."""
+  return [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2)]
+
+
 def _geometry(x_shape, w_shape, strides, padding) -> tuple:
-  out_hw = [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2)]
+  out_hw = _out_hw(x_shape, w_shape, strides, padding)
   (pt, pb), (pl, pr) = padding
   return (*x_shape, w_shape[0], w_shape[1], w_shape[3], *out_hw, *strides, pt, pb, pl, pr)
 
@@ -226,7 +231,7 @@ def conv2d(x, w, strides, padding, xla_dw=False):
   xla_dw: the weight gradient by XLA's convolution, for shapes whose oneDNN
   backward-weights kernel is passed over (status 3 of `_prepare`).
   """
-  out_hw = [(x.shape[1 + i] + sum(padding[i]) - w.shape[i]) // strides[i] + 1 for i in range(2)]
+  out_hw = _out_hw(x.shape, w.shape, strides, padding)
   return _call('forward', (x.shape[0], *out_hw, w.shape[3]), x.dtype, x, w, strides, padding)
 
 
