@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rotjax import onednn_conv
+from rotjax import batchnorm, onednn_conv
 
 STEMS = ('cifar', 'imagenet')
 
@@ -38,7 +38,7 @@ class _Block(nn.Module):
     # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
     # statistics synced over `axis_name` otherwise.
     frozen = not train or _is_frozen('/'.join((*self.path, name)), self.frozen)
-    return nn.BatchNorm(
+    return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         axis_name=None if frozen else self.axis_name, name=name)
 

@@ -21,6 +21,7 @@ round (median over rounds). Rows for PyTorch appear when torch is installed
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -393,6 +394,8 @@ def main():
   parser.add_argument('--loop_steps', type=int, default=20,
                       help='steps per epoch of the real loop (a CIFAR-10 epoch at batch 128 is 390)')
   parser.add_argument('--json', default='benchmark.json')
+  parser.add_argument('--only', metavar='REGEX',
+                      help='run only the rows whose name matches (the PyTorch fp32 reference always runs)')
   parser.add_argument('--cpu', choices=sorted(EMULATED_CPUS),
                       help='emulate an older CPU class for every row (see EMULATED_CPUS)')
   args = parser.parse_args()
@@ -412,12 +415,17 @@ def main():
   base = {'batch': args.batch, 'eval_batch': args.eval_batch, 'width': args.width,
           'steps': args.steps, 'repeats': args.repeats, 'loop_steps': args.loop_steps}
   rows = configurations(args.quick, has_torch)
+  if args.only:
+    rows = [row for row in rows if re.search(args.only, row[0]) or row[0] == REFERENCE]
   # Rounds: every configuration once per round, so that a slow spell of the machine
   # hits all of them alike; a ratio is taken within each round, then the median.
   rounds = []
   for round_index in range(args.rounds):
     measured = {}
-    for name, worker, opts, env in rows:
+    # Each round starts at a different row: the first process of a round tends to run
+    # on a machine still busy from the previous one, and no row should always pay for it.
+    shift = round_index % len(rows)
+    for name, worker, opts, env in rows[shift:] + rows[:shift]:
       print(f'round {round_index + 1}/{args.rounds}: {name} ...', flush=True)
       # The real loop and XLA's FLOP count once, in the first round.
       extras = round_index == 0

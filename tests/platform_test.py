@@ -30,6 +30,24 @@ libc.malloc_stats()
 '''
 
 
+# Frees a 2.2 GB block at the top of the heap (over glibc's largest positive trim
+# threshold, 2**31 - 1) and prints whether the heap's end moved back (a trim).
+TRIM_PROBE = '''
+import ctypes
+from rotjax import platform
+platform.keep_large_buffers_in_heap()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+block = libc.malloc(2_200_000_000)
+assert block, 'malloc failed'
+end = libc.sbrk(0)
+libc.free(block)
+print(libc.sbrk(0) < end)
+'''
+
+
 def _probe(**env):
   out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True,
                        env=dict(os.environ, PYTHONPATH=ROOT, **env))
@@ -46,3 +64,13 @@ def test_large_buffers_stay_in_the_one_heap():
   tuned, mmapped, arenas = _probe(ROTJAX_MALLOC_TUNING='0')
   assert not tuned and mmapped >= 64 << 20   # glibc's default: a fresh mmap per large buffer
   assert arenas >= 2                         # and an arena per thread
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
+def test_freed_memory_is_never_given_back():
+  trimmed = lambda **env: subprocess.run(
+      [sys.executable, '-c', TRIM_PROBE], capture_output=True, text=True, check=True,
+      env=dict(os.environ, PYTHONPATH=ROOT, **env)).stdout.strip()
+  assert trimmed() == 'False'                          # tuned: the heap keeps its pages
+  # glibc's default threshold gives them back (mmap off, so that the block is in the heap).
+  assert trimmed(ROTJAX_MALLOC_TUNING='0', MALLOC_MMAP_MAX_='0') == 'True'
