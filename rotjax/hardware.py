@@ -120,7 +120,8 @@ def describe(model_config) -> dict:
                 cpu_flags=sorted(f for f in flags if f.startswith(('avx', 'amx', 'fma'))),
                 onednn_max_cpu_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''))
     if conv != 'xla':
-      info.update(onednn_version=onednn_conv.version(),
+      info.update(onednn_version=onednn_conv.version(), onednn_source=onednn_conv.source(),
+                  onednn_found=[f'{i.source} {i.version}' for i in onednn_conv.installations()],
                   onednn_dtypes=list(onednn_conv.supported_dtypes()),
                   onednn_unavailable=onednn_conv.unavailable_reason())
   return info
@@ -131,7 +132,9 @@ def summary_line(info: dict) -> str:
   where = info.get('cpu', info['device_kind'])
   extra = ''
   if 'onednn_version' in info:
-    extra = (f'; oneDNN {info["onednn_version"] or "unavailable"}, optimized dtypes '
+    loaded = (f'{info["onednn_version"]} ({info["onednn_source"]})' if info['onednn_version']
+              else 'unavailable')
+    extra = (f'; oneDNN {loaded}, optimized dtypes '
              f'{info["onednn_dtypes"] or "none"}')
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
   return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '

@@ -21,6 +21,7 @@ takes only with its slow reference kernels, goes to XLA under 'auto' and is an
 """
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -63,32 +65,70 @@ def cache_dir() -> Path:
   return Path(root) / 'onednn'
 
 
-def _include_dirs() -> list:
+@dataclasses.dataclass(frozen=True)
+class Installation:
+  """One oneDNN to build against: where its headers and library are, and its version."""
+  source: str          # 'ROTJAX_ONEDNN_ROOT', 'pip' (the onednn-*-cpu-gomp wheels) or 'system'
+  include: str
+  lib_dir: str | None  # None: the linker's default paths (the system library)
+  version: str         # from its dnnl_version.h
+
+
+def _header_version(include: str) -> str:
+  header = Path(include) / 'oneapi' / 'dnnl' / 'dnnl_version.h'
+  if not header.exists():
+    return ''
+  text = header.read_text()
+  parts = [re.search(rf'#define DNNL_VERSION_{k}\s+(\d+)', text) for k in ('MAJOR', 'MINOR', 'PATCH')]
+  return '.'.join(m.group(1) for m in parts) if all(parts) else ''
+
+
+def installations() -> list:
+  """Every oneDNN found: ROTJAX_ONEDNN_ROOT alone when set, else the pip wheels'
+  (pyproject.toml's onednn-devel-cpu-gomp, installed under sys.prefix) and the system's
+  (Debian's libdnnl-dev)."""
   root = os.environ.get('ROTJAX_ONEDNN_ROOT')
-  return ([f'{root}/include'] if root else []) + ['/usr/include', '/usr/local/include']
+  if root:
+    places = [('ROTJAX_ONEDNN_ROOT', f'{root}/include', f'{root}/lib')]
+  else:
+    places = [('pip', f'{sys.prefix}/include', f'{sys.prefix}/lib'),
+              ('system', '/usr/include', None), ('system', '/usr/local/include', None)]
+  found, seen = [], set()
+  for source, include, lib_dir in places:
+    version = _header_version(include)
+    if version and os.path.realpath(include) not in seen:
+      seen.add(os.path.realpath(include))
+      found.append(Installation(source, include, lib_dir, version))
+  return found
 
 
-def header_version() -> str:
-  """The oneDNN version whose headers the library is compiled against ('' if none found)."""
-  for inc in _include_dirs():
-    header = Path(inc) / 'oneapi' / 'dnnl' / 'dnnl_version.h'
-    if header.exists():
-      text = header.read_text()
-      parts = [re.search(rf'#define DNNL_VERSION_{k}\s+(\d+)', text) for k in ('MAJOR', 'MINOR', 'PATCH')]
-      if all(parts):
-        return '.'.join(m.group(1) for m in parts)
-  return ''
+def _version_key(inst: Installation) -> tuple:
+  return tuple(int(v) for v in inst.version.split('.'))
 
 
-def _library_path() -> Path:
+def preferred(found: list, isa_class: str) -> list:
+  """The installations in the order to try them on a CPU of `isa_class` (hardware.isa_class).
+
+  Without AVX-512 the newest first: oneDNN 3.x has brgemm convolution kernels for AVX2,
+  2.x only its older jit ones (ResNet18 fp32 train step on the Zen 5 under
+  ONEDNN_MAX_CPU_ISA=AVX2: 64 img/s with 3.2 against 55 with 2.6). With AVX-512 the
+  system's first, then the oldest: there both have brgemm kernels and Debian's 2.6 ran
+  the bf16 step 7% faster than 3.2 (README, Performance).
+  """
+  if isa_class in ('older', 'avx2'):
+    return sorted(found, key=_version_key, reverse=True)
+  return sorted(found, key=lambda inst: (inst.source != 'system', _version_key(inst)))
+
+
+def _library_path(inst: Installation) -> Path:
   # Keyed on everything the binary depends on: our source, the FFI headers' jaxlib, and
   # the oneDNN it is built against (an upgraded libdnnl-dev gets a fresh build).
   key = hashlib.sha256(SOURCE.read_bytes() + importlib.metadata.version('jaxlib').encode()
-                       + header_version().encode())
+                       + f'{inst.source}:{inst.include}:{inst.version}'.encode())
   return cache_dir() / f'librotjax_onednn_{key.hexdigest()[:16]}.so'
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, inst: Installation) -> None:
   cxx = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
   if not cxx:
     raise RuntimeError('no C++ compiler found (set CXX or install g++)')
@@ -96,17 +136,17 @@ def _compile(target: Path) -> None:
   # Build beside the target and rename: another process may be loading it.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}',
-         str(SOURCE), '-o', tmp, '-ldnnl']
-  if os.environ.get('ROTJAX_ONEDNN_ROOT'):   # a oneDNN outside the system paths
-    root = os.environ['ROTJAX_ONEDNN_ROOT']
-    cmd[1:1] = [f'-I{root}/include', f'-L{root}/lib', f'-Wl,-rpath,{root}/lib']
+  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{inst.include}',
+         f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp]
+  if inst.lib_dir:   # its own library, found again at run time through the rpath
+    cmd += [f'-L{inst.lib_dir}', f'-Wl,-rpath,{inst.lib_dir}']
+  cmd += ['-ldnnl']
   result = subprocess.run(cmd, capture_output=True, text=True)
   if result.returncode != 0:
     os.unlink(tmp)
     detail = result.stderr.strip().splitlines()
-    raise RuntimeError(f'compiling {SOURCE.name} failed ({" ".join(cmd[:1])}): '
-                       + ' | '.join(detail[:3]) + '; is oneDNN installed (apt-get install libdnnl-dev)?')
+    raise RuntimeError(f'compiling {SOURCE.name} against oneDNN {inst.version} ({inst.source}) '
+                       f'failed ({" ".join(cmd[:1])}): ' + ' | '.join(detail[:3]))
   os.replace(tmp, target)
 
 
@@ -117,17 +157,32 @@ def disabled() -> bool:
 
 def _open(path: Path):
   lib = ctypes.cdll.LoadLibrary(str(path))
-  lib.RotjaxOneDNNVersion.argtypes = [ctypes.c_char_p, ctypes.c_int64]
   lib.RotjaxConvPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                                     ctypes.c_char_p, ctypes.c_int64]
   lib.RotjaxConvPrepare.restype = ctypes.c_int
-  out = ctypes.create_string_buffer(64)
-  lib.RotjaxOneDNNVersion(out, len(out))
-  version = out.value.decode()
+
+  def text(fn):
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
+    out = ctypes.create_string_buffer(64)
+    fn(out, len(out))
+    return out.value.decode()
+  version, headers = text(lib.RotjaxOneDNNVersion), text(lib.RotjaxOneDNNHeaderVersion)
+  if version.split('.')[:2] != headers.split('.')[:2]:
+    raise RuntimeError(f'built against oneDNN {headers} headers but runs with the {version} '
+                       'library')
   if tuple(int(v) for v in version.split('.')[:2]) < MIN_VERSION:
     raise RuntimeError(f'oneDNN {version} is too old (rotjax needs >= '
                        f'{".".join(map(str, MIN_VERSION))})')
   return lib, version
+
+
+def _build_and_open(inst: Installation):
+  path = _library_path(inst)
+  if not path.exists():
+    logging.info('Compiling the oneDNN %s (%s) convolution kernels into %s', inst.version,
+                 inst.source, path)
+    _compile(path, inst)
+  return _open(path)
 
 
 def load() -> bool:
@@ -137,16 +192,25 @@ def load() -> bool:
       try:
         if disabled():
           raise RuntimeError('turned off by ROTJAX_ONEDNN=0')
-        path = _library_path()
-        if not path.exists():
-          logging.info('Compiling the oneDNN convolution kernels into %s', path)
-          _compile(path)
-        lib, version = _open(path)
+        from rotjax import hardware   # here: hardware imports this module
+        found = preferred(installations(), hardware.isa_class())
+        if not found:
+          raise RuntimeError('no oneDNN headers found (pip install onednn-devel-cpu-gomp, '
+                             'or apt-get install libdnnl-dev)')
+        errors = []
+        for inst in found:   # the first that builds and loads
+          try:
+            lib, version = _build_and_open(inst)
+            break
+          except (OSError, RuntimeError, AttributeError, ValueError) as e:
+            errors.append(f'{inst.source} oneDNN {inst.version}: {e}')
+        else:
+          raise RuntimeError('; '.join(errors))
         for name in _TARGETS.values():
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-        _state.update(ok=True, error='', lib=lib, version=version)
+        _state.update(ok=True, error='', lib=lib, version=version, installation=inst)
       except (OSError, RuntimeError, AttributeError, ValueError) as e:
-        _state.update(ok=False, error=str(e), lib=None, version='')
+        _state.update(ok=False, error=str(e), lib=None, version='', installation=None)
         logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
   return _state['ok']
 
@@ -159,6 +223,11 @@ def unavailable_reason() -> str:
 def version() -> str:
   """The oneDNN runtime's version ('' when it is not loaded)."""
   return _state.get('version', '') if load() else ''
+
+
+def source() -> str:
+  """Which oneDNN is loaded: 'pip', 'system' or 'ROTJAX_ONEDNN_ROOT' ('' when none)."""
+  return _state['installation'].source if load() else ''
 
 
 def _prepare(geometry: tuple, dtype: str):

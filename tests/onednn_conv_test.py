@@ -11,13 +11,11 @@ import pytest
 from rotjax import models
 from rotjax import onednn_conv
 
-_HEADERS = any(os.path.exists(os.path.join(d, 'oneapi/dnnl/dnnl.hpp'))
-               for d in ('/usr/include', '/usr/local/include',
-                         os.path.join(os.environ.get('ROTJAX_ONEDNN_ROOT', '/nonexistent'), 'include')))
+_HEADERS = bool(onednn_conv.installations())
 # .ci/run installs oneDNN and sets ROTJAX_REQUIRE_ONEDNN=1, so there these tests never skip.
 needs_onednn = pytest.mark.skipif(
     (not _HEADERS or onednn_conv.disabled()) and os.environ.get('ROTJAX_REQUIRE_ONEDNN') != '1',
-    reason='oneDNN headers not installed (apt-get install libdnnl-dev) or ROTJAX_ONEDNN=0')
+    reason='no oneDNN installed (pip install onednn-devel-cpu-gomp) or ROTJAX_ONEDNN=0')
 DN = ('NHWC', 'HWIO', 'NHWC')
 # (spatial, in, out, kernel, stride, padding): the stems, blocks and shortcuts of the ResNets.
 CASES = [(8, 3, 16, 3, 1, 1), (8, 16, 32, 3, 2, 1), (8, 16, 32, 1, 2, 0), (16, 3, 8, 7, 2, 3),
@@ -114,3 +112,52 @@ def test_without_a_compiler_auto_falls_back_and_onednn_says_why(tmp_path):
   env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), ROTJAX_CACHE=str(tmp_path))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
   assert 'model.conv=onednn, but the oneDNN kernels are unavailable' in out.stdout
+
+
+def test_which_onednn_each_cpu_class_tries_first():
+  inst = lambda source, version: onednn_conv.Installation(source, '/x', None, version)
+  system, pip = inst('system', '2.6.3'), inst('pip', '3.2.0')
+  # Without AVX-512 the newest (brgemm kernels for AVX2); with it the system's first.
+  for isa in ('older', 'avx2'):
+    assert onednn_conv.preferred([system, pip], isa) == [pip, system]
+  for isa in ('avx512', 'avx512_bf16', 'amx'):
+    assert onednn_conv.preferred([pip, system], isa) == [system, pip]
+  assert onednn_conv.preferred([pip], 'avx512') == [pip]
+  assert onednn_conv.preferred([], 'avx2') == []
+
+
+def test_found_installations_are_real(tmp_path):
+  """Only directories holding dnnl_version.h count; ROTJAX_ONEDNN_ROOT replaces the search."""
+  root = tmp_path / 'onednn'
+  (root / 'include' / 'oneapi' / 'dnnl').mkdir(parents=True)
+  (root / 'include' / 'oneapi' / 'dnnl' / 'dnnl_version.h').write_text(
+      '#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 9\n#define DNNL_VERSION_PATCH 1\n')
+  code = 'from rotjax import onednn_conv as c; print([(i.source, i.version) for i in c.installations()])'
+  run = lambda **env: subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                                     check=True, env=dict(os.environ, **env)).stdout.strip()
+  assert run(ROTJAX_ONEDNN_ROOT=str(root)) == "[('ROTJAX_ONEDNN_ROOT', '3.9.1')]"
+  assert run(ROTJAX_ONEDNN_ROOT=str(tmp_path / 'empty')) == '[]'
+
+
+_BOTH = {i.source for i in onednn_conv.installations()} >= {'pip', 'system'}
+
+
+@pytest.mark.skipif(not _BOTH or onednn_conv.disabled(), reason='needs the pip and the system oneDNN')
+def test_headers_of_one_onednn_with_the_library_of_another_are_refused(tmp_path):
+  """A build whose headers and library differ never loads; load() goes on to the next."""
+  code = '''
+from rotjax import onednn_conv as c
+pip = next(i for i in c.installations() if i.source == 'pip')
+system = next(i for i in c.installations() if i.source == 'system')
+for headers, lib_dir in ((pip.include, None), (system.include, pip.lib_dir)):
+  try:
+    c._build_and_open(c.Installation('mixed', headers, lib_dir, 'x'))
+    print('LOADED')
+  except (OSError, RuntimeError) as e:
+    print('REFUSED', str(e).splitlines()[0][:200])
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=dict(os.environ, ROTJAX_CACHE=str(tmp_path)))
+  assert out.returncode == 0, out.stderr[-2000:]   # an error, never a crash
+  lines = out.stdout.splitlines()
+  assert len(lines) == 2 and all(l.startswith('REFUSED') for l in lines), lines

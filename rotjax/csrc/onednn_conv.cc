@@ -321,6 +321,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RotjaxConvBackwardWeights, Impl<kBackwardWeights>,
 extern "C" {
 
 // oneDNN's runtime version, "major.minor.patch".
+// The version of the headers this library was compiled against: it must be the one it
+// runs with (a header from one oneDNN and a library from another would disagree on the ABI).
+int RotjaxOneDNNHeaderVersion(char* out, int64_t size) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%d.%d.%d", DNNL_VERSION_MAJOR, DNNL_VERSION_MINOR,
+                DNNL_VERSION_PATCH);
+  Copy(buf, out, size);
+  return 0;
+}
+
 int RotjaxOneDNNVersion(char* out, int64_t size) {
   const dnnl_version_t* v = dnnl_version();
   char buf[64];
