@@ -9,8 +9,10 @@ sends the plain 2-D NHWC/HWIO case to oneDNN and everything else to XLA.
 
 The C++ side (csrc/onednn_conv.cc) is compiled on first use into
 ~/.cache/rotjax/onednn/ (about 10 s), which needs a C++ compiler and oneDNN's
-headers and library (Debian: `apt-get install libdnnl-dev`). Where that fails,
-'auto' falls back to XLA's convolution and says why once in the log.
+headers and library: pip's oneDNN 3.2 (pyproject.toml) or the system's
+(Debian: `apt-get install libdnnl-dev`), whichever `preferred` puts first for
+this CPU. Where that fails, 'auto' falls back to XLA's convolution and says why
+once in the log.
 
 What oneDNN can do depends on the CPU: bfloat16 kernels exist only with
 AVX512-BF16 or AMX, and `ONEDNN_MAX_CPU_ISA` lowers what it uses. So nothing is
