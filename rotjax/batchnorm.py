@@ -39,16 +39,17 @@ def _moments(x, axis_name):
   return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-def _normalize(x, mean, var, scale, bias, epsilon, dtype):
+def _normalize(x, mean, inv_std, scale, bias, dtype):
   # flax's _normalize, term for term (so the forward pass matches it).
-  mul = lax.rsqrt(var + epsilon) * scale
+  mul = inv_std * scale
   return ((x.astype(jnp.float32) - mean) * mul + bias).astype(dtype or x.dtype)
 
 
 def _forward(x, scale, bias, epsilon, axis_name, dtype):
   mean, var = _moments(x, axis_name)
-  y = _normalize(x, mean, var, scale, bias, epsilon, dtype)
-  return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale)
+  inv_std = lax.rsqrt(var + epsilon)
+  y = _normalize(x, mean, inv_std, scale, bias, dtype)
+  return (y, mean, var), (x, mean, inv_std, scale)
 
 
 def _backward(epsilon, axis_name, dtype, residuals, cotangents):
@@ -99,8 +100,8 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     if self.use_running_average:
-      return _normalize(x, running_mean.value, running_var.value, scale, bias, self.epsilon,
-                        self.dtype)
+      return _normalize(x, running_mean.value, lax.rsqrt(running_var.value + self.epsilon),
+                        scale, bias, self.dtype)
     # Like flax, no cross-device mean while initialising (init runs outside pmap).
     axis_name = None if self.is_initializing() else self.axis_name
     y, mean, var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.dtype)

@@ -187,6 +187,11 @@ def _build_and_open(inst: Installation):
   return _open(path)
 
 
+# What building or loading the library can raise (a missing compiler or header, a failed
+# link or dlopen, a missing symbol, a bad version string): each means "not this oneDNN".
+_LOAD_ERRORS = (OSError, RuntimeError, AttributeError, ValueError)
+
+
 def load() -> bool:
   """Builds (once per machine) and registers the oneDNN kernels; False if they can't be."""
   with _lock:
@@ -204,14 +209,14 @@ def load() -> bool:
           try:
             lib, version = _build_and_open(inst)
             break
-          except (OSError, RuntimeError, AttributeError, ValueError) as e:
+          except _LOAD_ERRORS as e:
             errors.append(f'{inst.source} oneDNN {inst.version}: {e}')
         else:
           raise RuntimeError('; '.join(errors))
         for name in _TARGETS.values():
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
         _state.update(ok=True, error='', lib=lib, version=version, installation=inst)
-      except (OSError, RuntimeError, AttributeError, ValueError) as e:
+      except _LOAD_ERRORS as e:
         _state.update(ok=False, error=str(e), lib=None, version='', installation=None)
         logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
   return _state['ok']
@@ -335,7 +340,7 @@ def _supported(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
 
 
-def _takes(lhs, rhs, strides, padding, strict: bool) -> int:
+def _takes(lhs, rhs, strides, padding, strict: bool) -> int | None:
   """Whether oneDNN runs this convolution (the `_prepare` status 0 or 3), else XLA's
   (under model.conv=onednn, `strict`, that is an error naming the convolution)."""
   dtype = lhs.dtype.name

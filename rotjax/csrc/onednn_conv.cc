@@ -320,7 +320,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RotjaxConvBackwardWeights, Impl<kBackwardWeights>,
 // (or takes only with its slow reference kernels) goes to XLA instead of failing in a step.
 extern "C" {
 
-// oneDNN's runtime version, "major.minor.patch".
 // The version of the headers this library was compiled against: it must be the one it
 // runs with (a header from one oneDNN and a library from another would disagree on the ABI).
 int RotjaxOneDNNHeaderVersion(char* out, int64_t size) {
@@ -331,6 +330,7 @@ int RotjaxOneDNNHeaderVersion(char* out, int64_t size) {
   return 0;
 }
 
+// oneDNN's runtime version, "major.minor.patch".
 int RotjaxOneDNNVersion(char* out, int64_t size) {
   const dnnl_version_t* v = dnnl_version();
   char buf[64];
