@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 20          # progress bar refresh (a host sync)
   config.keep_checkpoints = 3
   config.progress = True
+  # Compiled programs kept between processes (rotjax/compile_cache.py): 'auto'
+  # (~/.cache/rotjax/jit), a folder, or '' to turn it off; ROTJAX_COMPILE_CACHE wins.
+  config.compile_cache = 'auto'
   return config
 
 

@@ -3,6 +3,8 @@ the same scalars as TensorBoard event files beside it (`tensorboard --logdir WOR
 import json
 import logging
 import os
+import socket
+import time
 
 import numpy as np
 
@@ -51,14 +53,44 @@ class MetricsLog:
       self.writer = None
 
 
+class EventWriter:
+  """TensorBoard scalars in an event file, written without TensorFlow.
+
+  clu's and tensorboard's own writers import TensorFlow (10 s of a run's start on a
+  2-core CPU, and not installed on the GPU machines); an event file is only
+  length-prefixed, CRC-checked Event protos, which tensorboard's RecordWriter writes.
+  """
+
+  def __init__(self, workdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer import record_writer
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self._file = open(os.path.join(workdir, name), 'wb')
+    self._records = record_writer.RecordWriter(self._file)
+    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    values = [self._summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
+    self._write(self._event(wall_time=time.time(), step=step, summary=self._summary(value=values)))
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def create_writer(workdir: str):
-  """clu's TensorBoard writer, or None (with a warning) where tensorboard is not installed."""
+  """A TensorBoard event writer, or None (with a warning) where tensorboard is not installed."""
   try:
-    from clu import metric_writers
+    return EventWriter(workdir)
   except ImportError as e:
     logging.warning('no TensorBoard event files (%s); metrics.jsonl is still written', e)
     return None
-  return metric_writers.SummaryWriter(workdir)
 
 
 def tensorboard_scalars(row: dict) -> dict:

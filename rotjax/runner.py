@@ -30,7 +30,8 @@ class DatasetCache:
 
 # Settings that do not change what a run learns: where it lives and how it logs.
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
-                        'distributed', 'data.cache_dir', 'data.source')
+                        'distributed', 'data.cache_dir', 'data.source',
+                        'compile_cache')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

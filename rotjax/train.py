@@ -21,6 +21,7 @@ from flax import jax_utils
 from flax.training import train_state
 
 from rotjax import checkpoint as checkpoint_lib
+from rotjax import compile_cache
 from rotjax import config_checks
 from rotjax import freeze
 from rotjax import hardware
@@ -218,14 +219,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
   num_devices, num_local_devices = len(devices), len(parallel.local(devices))
+  # Before the first compile: stages 2 and 3 (4 and 5, every seed, every resume) then
+  # load the programs an earlier process compiled.
+  compile_cache.enable(config.compile_cache)
   num_shards = input_pipeline.num_data_shards(config.data, jax.process_count())
   config_checks.check_batch(config, num_devices, num_shards)
   dataset = dataset or input_pipeline.load_dataset(config.data, jax.process_index(),
                                                    jax.process_count())
   config_checks.check_dataset(config, dataset)
+  data_loaded = time.time()
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   num_classes = num_outputs(config, dataset)
-  state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+  with compile_cache.logged('model init'):
+    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
   trainable, total = freeze.count(state.params, mask)
   logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
                config.stage, config.model.name, trainable, total, num_devices,
@@ -249,14 +255,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
 
   state = parallel.replicate(state, devices)
   prepare_train = make_prepare_fn(config, train=True)
-  p_train_step = jax.pmap(
+  p_train_step = compile_cache.log_first_call(jax.pmap(
       functools.partial(train_step, prepare_fn=prepare_train, mask=mask,
                         smoothing=config.label_smoothing),
-      axis_name='batch', donate_argnums=(0,), devices=devices)
-  p_eval_step = jax.pmap(
+      axis_name='batch', donate_argnums=(0,), devices=devices), 'train step', since=data_loaded)
+  p_eval_step = compile_cache.log_first_call(jax.pmap(
       functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
                         smoothing=config.label_smoothing),
-      axis_name='batch', devices=devices)
+      axis_name='batch', devices=devices), 'eval step')
   rng = jax.random.key(config.seed)
   eval_rng = parallel.replicate(eval_key(config.seed), devices)
   rng = parallel.replicate(rng, devices)
@@ -372,4 +378,5 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
       'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
-      'total_parameters': total, 'compute': compute, **init_info})
+      'total_parameters': total, 'compute': compute,
+      'compile_cache': compile_cache.status(), **init_info})

@@ -1,0 +1,92 @@
+"""The persistent compilation cache: where it lives, when it is off, and that a second
+process loads what the first compiled (stage 3 runs stage 2's programs)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from rotjax import compile_cache
+from rotjax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('value', ['0', 'off', '', 'none'])
+def test_environment_turns_it_off(monkeypatch, value):
+  monkeypatch.setenv(compile_cache.ENV, value)
+  assert compile_cache.resolve('auto') is None
+
+
+def test_auto_lives_under_the_rotjax_cache_keyed_by_machine(monkeypatch, tmp_path):
+  monkeypatch.delenv(compile_cache.ENV, raising=False)
+  monkeypatch.setenv('ROTJAX_CACHE', str(tmp_path))
+  path = compile_cache.resolve('auto')
+  assert os.path.dirname(path) == str(tmp_path / 'jit')
+  key = os.path.basename(path)
+  assert f'jax{jax.__version__}' in key and jax.default_backend() in key
+  if jax.default_backend() == 'cpu':
+    from rotjax import hardware
+    # XLA compiles for the host CPU: another instruction-set class must not share entries.
+    assert hardware.isa_class() in key
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    assert compile_cache.resolve('auto') != path or hardware.isa_class() == 'avx2'
+
+
+def test_environment_moves_it_and_wins_over_the_setting(monkeypatch, tmp_path):
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / 'elsewhere'))
+  assert compile_cache.resolve('') .startswith(str(tmp_path / 'elsewhere'))
+  monkeypatch.delenv(compile_cache.ENV)
+  assert compile_cache.resolve('') is None
+  assert compile_cache.resolve(str(tmp_path / 'mine')).startswith(str(tmp_path / 'mine'))
+
+
+def _python(code, env, cwd=ROOT):
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=cwd,
+                        env={**os.environ, **env}, timeout=300)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a folder')
+  out = _python('from absl import logging; logging.set_verbosity("info");'
+                'from rotjax import compile_cache; import jax.numpy as jnp;'
+                'print("path", compile_cache.enable("auto")); print("sum", float(jnp.ones(3).sum()))',
+                {compile_cache.ENV: str(blocker / 'jit')})
+  assert out.returncode == 0, out.stderr
+  assert 'path None' in out.stdout and 'sum 3.0' in out.stdout
+  assert 'cannot be written' in out.stderr and str(blocker) in out.stderr
+
+
+def _stage(workdir, source, cache, *overrides, config='finetune'):
+  flags = [f'--config={ROOT}/configs/{config}.py:smoke', f'--config.workdir={workdir}',
+           f'--config.data.source=folder:{source}', '--config.data.image_size=16',
+           '--config.data.cache_dir=', '--config.data.max_train_images=0',
+           '--config.data.max_eval_images=0', '--config.data.val_fraction=0.25',
+           '--config.model.width=4', '--config.model.dtype=float32', '--config.batch_size=8',
+           '--config.eval_batch_size=8', '--config.num_epochs=1', *overrides]
+  # Tiny programs compile in well under the cache's 0.5 s floor: store them all here.
+  env = {**os.environ, compile_cache.ENV: str(cache), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  out = subprocess.run([sys.executable, '-m', 'rotjax.main', *flags], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return {name: source for name, source in
+          re.findall(r'\] (model init|train step|eval step): (.+?) in [0-9.]+ s', out.stderr)}
+
+
+def test_stage3_loads_the_programs_stage2_compiled(tmp_path, make_config, image_folder):
+  pretext = make_config('pretext', tmp_path / 'pretext', num_epochs=1)
+  train.train_and_evaluate(pretext)
+  cache = tmp_path / 'jit'
+  stage2 = _stage(tmp_path / 'stage2', image_folder, cache, f'--config.init_from={tmp_path}/pretext')
+  assert stage2['train step'].startswith('compiled'), stage2
+  stage3 = _stage(tmp_path / 'stage3', image_folder, cache)
+  # Same model, freeze mask and shapes: the same programs, loaded instead of compiled.
+  assert stage3 == {'model init': 'loaded from the compilation cache',
+                    'train step': 'loaded from the compilation cache',
+                    'eval step': 'loaded from the compilation cache'}, stage3
+  info = json.load(open(tmp_path / 'stage3' / 'run_info.json'))
+  assert info['compile_cache']['path'].startswith(str(cache))
