@@ -166,7 +166,9 @@ def restore_variables(step_dir: str) -> dict:
 def load(path: str, batch_size: int = 256) -> RotjaxModel:
   """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
   import ml_collections
+  from rotjax import compile_cache
   workdir, step_dir = resolve_checkpoint(path)
+  compile_cache.enable('auto')   # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   class_names = _class_names(workdir, config)
@@ -189,7 +191,8 @@ def _class_names(workdir, config):
 def random_init(config, num_classes: int, seed: int = 0) -> RotjaxModel:
   """A freshly initialised model of `config`'s architecture (the 'random' baseline)."""
   import jax
-  from rotjax import train
+  from rotjax import compile_cache, train
+  compile_cache.enable('auto')
   module = train.build_model(config, num_classes)
   variables = jax.device_get(train.init_variables(module, jax.random.key(seed),
                                                   config.data.image_size))

@@ -20,6 +20,7 @@ whole path an AVX2-only machine takes. That is how the tests cover the lesser pa
 import functools
 import os
 import platform
+import re
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +77,28 @@ def isa_class(flags=None, cap=None) -> str:
   return best
 
 
-def native_bf16(backend: str | None = None) -> bool:
+# NVIDIA GPUs with bf16 matrix units (tensor cores): Ampere (compute capability 8.0) and
+# later. V100 (7.0), T4 (7.5) and P100 (6.0) run bf16 through float32 (XLA converts around
+# every matmul and convolution): slower than float32 itself, so `auto` picks float32 there.
+MIN_BF16_CUDA_CAPABILITY = (8, 0)
+
+
+def cuda_capability(device) -> tuple | None:
+  """(major, minor) of an NVIDIA GPU, None where the device does not say (not CUDA)."""
+  text = str(getattr(device, 'compute_capability', '') or '')
+  match = re.match(r'(\d+)\.(\d+)', text)
+  return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def native_bf16(backend: str | None = None, device=None) -> bool:
   """Whether bfloat16 arithmetic is native here (not emulated through float32)."""
   backend = backend or jax.default_backend()
-  if backend != 'cpu':
-    return True   # every GPU and TPU JAX supports has bf16 matrix units
-  return isa_class() in NATIVE_BF16_CLASSES
+  if backend == 'cpu':
+    return isa_class() in NATIVE_BF16_CLASSES
+  capability = cuda_capability(device if device is not None else jax.devices()[0])
+  if capability is not None:
+    return capability >= MIN_BF16_CUDA_CAPABILITY
+  return True   # TPUs, and GPUs that report no CUDA capability (ROCm: MI200 and later)
 
 
 def compute_dtype(name: str):
@@ -93,12 +110,21 @@ def compute_dtype(name: str):
   return jnp.dtype(jnp.bfloat16) if native_bf16() else jnp.dtype(jnp.float32)
 
 
-def _dtype_reason(name: str) -> str:
+def _dtype_reason(name: str, backend: str | None = None, device=None) -> str:
   if name != 'auto':
     return f'model.dtype={name}'
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if backend != 'cpu':
-    return f'auto: bfloat16 is native on {backend}'
+    device = device if device is not None else jax.devices()[0]
+    capability = cuda_capability(device)
+    if capability is None:
+      return f'auto: bfloat16 is native on {backend}'
+    cc = '.'.join(map(str, capability))
+    need = '.'.join(map(str, MIN_BF16_CUDA_CAPABILITY))
+    if capability >= MIN_BF16_CUDA_CAPABILITY:
+      return f'auto: {device.device_kind} (compute capability {cc}) has bfloat16 tensor cores'
+    return (f'auto: {device.device_kind} (compute capability {cc}) has no bfloat16 tensor cores '
+            f'(they need {need} or later), so float32')
   cls = isa_class()
   native = 'native' if cls in NATIVE_BF16_CLASSES else 'not native (emulated)'
   return f'auto: CPU class {cls}, where bfloat16 is {native}'
