@@ -2,7 +2,10 @@ r"""The study (issue 3): stage 1 rotation pretext, then stages 2-5 from it, over
 
   python -m rotjax.study --config configs/study.py --config.workdir=runs/study
   python -m rotjax.report runs/study
-Presets: default (the reports' full study), `:smoke` (tests, seconds), `:cpu` (2 CPU cores).
+Presets: default (the reports' full study), `:smoke` (tests, seconds), `:cpu` (2 CPU cores),
+`:gpu` (the five stages at full scale on one GPU) and its sweeps, one preset each, run in
+this order into the same workdir (each reuses the runs the earlier ones finished):
+`:gpu_labels`, `:gpu_rotations`, `:gpu_smoothing`, `:gpu_models` (time models in `_make_gpu`).
 
 Runs are the grid of `axes` x `stages`, plus that grid once per named sweep in
 `sweeps` (a preset overrides some axes, and may restrict `stages`); duplicates are
@@ -73,9 +76,21 @@ def get_config(arg=None):
     _make_smoke(config)
   elif arg == 'cpu':
     _make_cpu(config)
+  elif arg in GPU_PRESETS:
+    _make_gpu(config, GPU_PRESETS[arg])
   elif arg:
-    raise ValueError(f'unknown study preset {arg!r}; allowed: smoke, cpu')
+    raise ValueError(f'unknown study preset {arg!r}; allowed: smoke, cpu, {", ".join(GPU_PRESETS)}')
   return config
+
+
+# :gpu preset -> (the sweep it runs, the stages it trains): every sweep at one seed, on the
+# stages that answer its question. Stages 3 and 5 start from random init, so a rotation
+# count cannot change them: the rotations sweep trains 1, 2 and 4 only.
+GPU_PRESETS = {'gpu': ('', (1, 2, 3, 4, 5)),
+               'gpu_labels': ('labels', (2, 5)),
+               'gpu_rotations': ('rotations', (1, 2, 4)),
+               'gpu_smoothing': ('smoothing', (1, 2, 3, 4, 5)),
+               'gpu_models': ('models', (1, 2, 3, 4, 5))}
 
 
 def _make_smoke(config) -> None:
@@ -121,3 +136,55 @@ def _make_cpu(config) -> None:
   # downstream stages of N = 6 and 8 are left to the full study.
   config.presets.rotations.stages = (1,)
   config.sweeps = ('seeds', 'labels', 'bn', 'rotations')
+
+
+def _make_gpu(config, preset) -> None:
+  """The reports' protocol at full scale on one GPU: ResNet18 (width 64), all of CIFAR-10
+  (45,000 train after the 5,000 val images are carved out, 10,000 test), Adam 1e-3 x0.1
+  every 10 epochs, label smoothing 0.1, batch 128, one seed, the JPEG folder copy.
+
+  Epochs 30 / 20 / 30 (pretext / fine-tune / supervised), the study's defaults, not the
+  reports' 45 / 20 / 45: with x0.1 every 10 epochs the learning rate is 1e-6 from epoch 31
+  on, and Adam moves a weight by at most about the learning rate per step, so epochs
+  31-45 (15 x 352 steps) move each weight by at most ~0.005 in all, against up to ~3.5 in
+  epochs 1-10: they cannot change the result measurably, and would cost 1.5 of the 8
+  minutes. `--config.epochs.pretext=45 --config.epochs.supervised=45` gives the reports'.
+
+  Time model, from the H200 figures of ../shared/reference/gpu-first-run.md (pretext
+  75,300 images/s counting each of the 4 rotated copies, 2.6 s an epoch wall with
+  evaluation; train step 31,900 images/s at batch 128; evaluation 254,000 images/s), on
+  an H200-class GPU, compiled programs loaded from the cache (rotjax/compile_cache.py):
+    1 pretext     30 x (180,000 / 75,300 = 2.4 s + eval 60,000 / 254,000 = 0.24 s) =  78 s
+    2, 3 finetune 2 x 20 x (45,000 / 31,900 = 1.41 s + eval 15,000 / 254,000 = 0.06 s) = 59 s
+                  (layer4 + fc train faster than this: the backward pass stops at layer4)
+    4, 5 superv.  2 x 30 x 1.47 s                                                     =  88 s
+    start-up      decoding the JPEGs once (17 s; then the .npy cache) + ~5 s per run  =  42 s
+    total                                                                              ~ 4.5 min
+  A cold cache adds the first compiles (at 93aba00: 74 s for the pretext train step,
+  ~50 s for the fine-tune one, ~70 s supervised, plus init and evaluation): ~3.5 min,
+  8 min in all. Carry the cache folder (ROTJAX_COMPILE_CACHE) to a fresh machine of the
+  same kind to start warm. The sweeps, same figures (ResNet34 and 50 scaled by their
+  forward FLOPs at 32 px, 1.16 and 1.30 GFLOP against 0.56: estimates, not measurements):
+    :gpu_labels     stages 2, 5 at 20..1000 labels per class (25,200 images over the 7
+                    counts): 20 and 30 epochs of 0.8 s train + 0.2 s eval/checkpoint over
+                    them, + 14 starts                                              ~ 2.5 min
+    :gpu_rotations  N = 6, 8: pretext 30 x (3.6 + 0.35) s and 30 x (4.8 + 0.47) s, then
+                    stages 2, 4 of each (50 epochs x 1.47 s)                        ~ 7.5 min
+    :gpu_smoothing  0 and 0.2: the five stages twice                                ~ 8 min
+    :gpu_models     ResNet34 (x2.1) and ResNet50 (x2.3): the five stages each      ~ 20 min
+  Each adds its first compiles where the cache is cold (the new shapes of N = 6, 8 and of
+  the deeper models).
+  """
+  sweep, stages = preset
+  config.base.batch_size = 128
+  config.base.eval_batch_size = 1024
+  config.base.model.dtype = 'auto'
+  config.base.keep_checkpoints = 2
+  config.base.log_every_steps = 50
+  config.datasets.cifar10.source = CIFAR10_FOLDER
+  config.epochs = ml_collections.ConfigDict({'pretext': 30, 'finetune': 20, 'supervised': 30})
+  config.axes.seed = (0,)
+  config.stages = stages
+  config.sweeps = (sweep,) if sweep else ()
+  if sweep:
+    config.presets[sweep].stages = stages

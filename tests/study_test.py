@@ -33,6 +33,34 @@ def test_full_study_plan_trains_each_pretext_once_and_before_its_users():
       f'cifar10-resnet18-rot4-ls0.1-spcall-seed{s}/1_pretext' for s in range(3)}
 
 
+def test_gpu_presets_run_the_reports_protocol_and_each_sweep_on_its_stages():
+  base = sweep.plan(_config('/tmp/unused', 'gpu'))
+  assert [r.stage for r in base] == [1, 2, 3, 4, 5]
+  assert {(r.model, r.num_rotations, r.label_smoothing, r.samples_per_class, r.seed)
+          for r in base} == {('resnet18', 4, 0.1, 0, 0)}
+  config = _config('/tmp/unused', 'gpu')
+  for run in base:
+    rc = sweep.run_config(config, run)
+    assert (rc.optim.name, rc.optim.learning_rate, rc.optim.decay_every_epochs,
+            rc.optim.decay_factor) == ('adam', 1e-3, 10, 0.1)
+    assert (rc.model.width, rc.batch_size, rc.data.max_train_images) == (64, 128, 0)
+    assert rc.num_epochs == {'pretext': 30, 'finetune': 20, 'supervised': 30}[rc.stage]
+    assert rc.data.source.startswith('folder:')   # the GPU machines have no tfds
+  expected = {'gpu_labels': ({2, 5}, 'samples_per_class', {20, 50, 100, 250, 400, 700, 1000, 0}),
+              'gpu_rotations': ({1, 2, 4}, 'num_rotations', {4, 6, 8}),
+              'gpu_smoothing': ({1, 2, 3, 4, 5}, 'label_smoothing', {0.0, 0.1, 0.2}),
+              'gpu_models': ({1, 2, 3, 4, 5}, 'model', {'resnet18', 'resnet34', 'resnet50'})}
+  names = {r.name for r in base}
+  for preset, (stages, axis, values) in expected.items():
+    runs = sweep.plan(_config('/tmp/unused', preset))
+    trained = {r.stage for r in runs if r.stage != 1 or 1 in stages}
+    assert trained == stages, preset
+    assert {getattr(r, axis) for r in runs if r.stage in stages} == values, preset
+    # The reference runs are the :gpu preset's own: one workdir trains them once.
+    assert {r.name for r in runs if getattr(r, axis) == getattr(base[0], axis)
+            and r.stage in stages} <= names | {r.name for r in runs if r.stage == 1}
+
+
 def test_run_config_fills_stage_axes_and_dataset_settings(tmp_path):
   config = _config(tmp_path)
   config.datasets.imagenette = {'source': 'folder:/data/imagenette', 'preprocess': 'imagenet',
