@@ -72,6 +72,7 @@ def test_matches_flax_float32(use_running_average):
   assert moved != use_running_average
 
 
+@pytest.mark.gpu
 def test_matches_flax_bfloat16():
   theirs, ours = _pair(jnp.bfloat16)
   x, cotangent = _inputs(jnp.bfloat16, (16, 8, 8, 6))

@@ -123,3 +123,32 @@ def test_partial_checkpoint_is_never_restored(make_config, tmp_path):
   restored = manager.restore_latest(state)
   manager.close()
   assert int(restored.step) == -(-len(dataset.train) // config.batch_size)
+
+
+@pytest.mark.gpu
+def test_a_checkpoint_made_on_the_cpu_is_used_on_this_backend(image_folder, tmp_path):
+  """Checkpoints hold host arrays, no device: a run trained on the CPU (JAX_PLATFORMS=cpu,
+  in its own process) is loaded, predicted with and fine-tuned from on this process's
+  backend (the GPU where there is one)."""
+  import subprocess
+  import sys
+  import rotjax
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = (f'import sys; sys.path.insert(0, {os.path.join(repo, "tests")!r}); import conftest;'
+          f'from rotjax import train; import jax; assert jax.default_backend() == "cpu";'
+          f'train.train_and_evaluate(conftest.tiny_config("pretext", {str(tmp_path / "pre")!r},'
+          f' {image_folder!r}, num_epochs=1))')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=repo, timeout=600,
+                 env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  model = rotjax.load(str(tmp_path / 'pre'))
+  images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+  probs = model.predict(images)
+  assert probs.shape == (4, 4) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+  saved = checkpoint.load_variables(str(tmp_path / 'pre'))
+  from conftest import tiny_config
+  fine = tiny_config('finetune', tmp_path / 'fine', image_folder, num_epochs=1,
+                     init_from=str(tmp_path / 'pre'))
+  state, _, _, _ = train.create_train_state(fine, 3, 4)
+  np.testing.assert_array_equal(_flat(state.params)['layer1/0/conv1/kernel'],
+                                _flat(saved['params'])['layer1/0/conv1/kernel'])
+  assert train.train_and_evaluate(fine)['epochs'] == 1

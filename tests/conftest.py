@@ -1,8 +1,23 @@
-"""Shared fixtures: two CPU devices, a tiny generated image-folder dataset, tiny configs."""
+"""Shared fixtures: two CPU devices, a tiny generated image-folder dataset, tiny configs.
+
+The suite runs on whatever backend JAX picks (a GPU where there is one; JAX_PLATFORMS=cpu
+forces the CPU). Markers (pyproject.toml) say what a test needs:
+- `cpu_only`: tests a CPU-only part (oneDNN, the CPU instruction-set choice, host devices
+  forced by XLA_FLAGS, Gloo); skipped with the reason on any other backend.
+- `gpu`: the small set that must run on the accelerator where there is one (train step,
+  pmap over the local devices, bf16, a checkpoint made on the CPU used on this backend,
+  rotjax.load().predict): `python -m pytest -m gpu` is the quick check of a GPU machine.
+Tests that need two devices skip where there is one (a single GPU).
+"""
 import os
 
 # Before jax is imported anywhere: two host devices so pmap code runs multi-device on CPU.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+# GPU convolutions and reductions pick algorithms that need not give the same bits twice;
+# the tests that compare a resumed run with an unbroken one need them to (a flag of XLA's
+# shared debug options: the CPU backend accepts it and has nothing to change).
+if '--xla_gpu_deterministic_ops' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_gpu_deterministic_ops=true'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tempfile
@@ -17,6 +32,20 @@ jax.config.update('jax_compilation_cache_dir',
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 from PIL import Image
+
+BACKEND = jax.default_backend()
+two_devices = pytest.mark.skipif(jax.local_device_count() < 2,
+                                 reason=f'needs 2 devices; {BACKEND} has {jax.local_device_count()}')
+
+
+def pytest_collection_modifyitems(config, items):
+  if BACKEND == 'cpu':
+    return
+  for item in items:
+    marker = item.get_closest_marker('cpu_only')
+    if marker is not None:
+      why = marker.args[0] if marker.args else 'a CPU-only part'
+      item.add_marker(pytest.mark.skip(reason=f'tests {why}; the backend here is {BACKEND}'))
 
 CLASSES = ('circle', 'square', 'stripes')
 

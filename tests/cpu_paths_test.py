@@ -17,6 +17,8 @@ import pytest
 from rotjax import hardware
 from rotjax import onednn_conv
 
+pytestmark = pytest.mark.cpu_only('the CPU paths (instruction-set classes, oneDNN, XLA on the CPU)')
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 REQUIRED = os.environ.get('ROTJAX_REQUIRE_ONEDNN') == '1'

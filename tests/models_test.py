@@ -50,6 +50,7 @@ def test_bad_inputs_are_named():
     model.init(jax.random.key(0), jnp.zeros((1, 32, 32)))
 
 
+@pytest.mark.gpu
 def test_bfloat16_compute_keeps_float32_params_and_statistics():
   model = models.create_model('resnet18', num_classes=4, width=4, dtype=jnp.bfloat16)
   x = jnp.ones((2, 16, 16, 3))

@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rotjax import metrics
+
+pytestmark = pytest.mark.cpu_only('two processes on localhost with Gloo CPU collectives')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -11,6 +11,8 @@ import pytest
 from rotjax import models
 from rotjax import onednn_conv
 
+pytestmark = pytest.mark.cpu_only('oneDNN convolutions, a CPU-only path')
+
 _HEADERS = bool(onednn_conv.installations())
 # .ci/run installs oneDNN and sets ROTJAX_REQUIRE_ONEDNN=1, so there these tests never skip.
 needs_onednn = pytest.mark.skipif(

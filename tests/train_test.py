@@ -95,6 +95,7 @@ def test_resuming_with_another_epoch_length_is_an_error():
     train._check_epoch_length({'epoch': 2, 'step': 12}, 7, 'run')
 
 
+@pytest.mark.gpu
 def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothing(make_config,
                                                                                    tmp_path):
   config = make_config('supervised', tmp_path)
@@ -122,6 +123,7 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
   assert not [m for m in messages if m.startswith('Compiling')], messages
 
 
+@pytest.mark.gpu
 def test_smoke_pretext_end_to_end_writes_metrics_and_checkpoints(make_config, tmp_path):
   config = make_config('pretext', tmp_path / 'pre')
   summary = train.train_and_evaluate(config)
