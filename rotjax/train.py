@@ -189,7 +189,10 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
                  loaded['path'], len(names), kept or 'nothing')
     init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept}
   tx, schedule = optim.create_optimizer(config.optim, mask, steps_per_epoch, config.num_epochs)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  # tx.init as one program: run eagerly it is a few hundred one-op programs (Adam's zeros
+  # per leaf, masked), each compiled afresh in every process (2 s of a run's start).
+  state = TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                     opt_state=jax.jit(tx.init)(params), batch_stats=batch_stats)
   return state, mask, schedule, init_info
 
 

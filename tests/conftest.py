@@ -33,19 +33,21 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 from PIL import Image
 
-BACKEND = jax.default_backend()
-two_devices = pytest.mark.skipif(jax.local_device_count() < 2,
-                                 reason=f'needs 2 devices; {BACKEND} has {jax.local_device_count()}')
+# A marker, not a skipif: conftest is imported by worker scripts (multihost_worker.py) that
+# must call jax.distributed.initialize before anything starts a backend.
+two_devices = pytest.mark.two_devices
 
 
 def pytest_collection_modifyitems(config, items):
-  if BACKEND == 'cpu':
-    return
+  backend, count = jax.default_backend(), jax.local_device_count()
   for item in items:
     marker = item.get_closest_marker('cpu_only')
-    if marker is not None:
+    if marker is not None and backend != 'cpu':
       why = marker.args[0] if marker.args else 'a CPU-only part'
-      item.add_marker(pytest.mark.skip(reason=f'tests {why}; the backend here is {BACKEND}'))
+      item.add_marker(pytest.mark.skip(reason=f'tests {why}; the backend here is {backend}'))
+    if item.get_closest_marker('two_devices') is not None and count < 2:
+      item.add_marker(pytest.mark.skip(reason=f'needs 2 devices; {backend} has {count}'))
+
 
 CLASSES = ('circle', 'square', 'stripes')
 
