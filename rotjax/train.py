@@ -130,7 +130,11 @@ def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='bat
   grads = jax.lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
   metrics = {'loss': loss, 'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
-  return state, jax.lax.pmean(metrics, axis_name)
+  metrics = jax.lax.pmean(metrics, axis_name)
+  # The step's real rows (over all devices): the epoch mean weighs each step by them.
+  real = batch['mask'] if 'mask' in batch else jnp.ones(batch['image'].shape[0], jnp.float32)
+  metrics['count'] = jax.lax.psum(jnp.sum(real), axis_name)
+  return state, metrics
 
 
 def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
@@ -290,8 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                     num_local_devices, eval_rng)
     row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
            'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-           'train_loss': float(np.mean([m['loss'] for m in epoch_metrics])) if epoch_metrics else None,
-           'train_accuracy': float(np.mean([m['accuracy'] for m in epoch_metrics])) if epoch_metrics else None,
+           **epoch_means(epoch_metrics),
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
            'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
            'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
@@ -311,6 +314,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
+
+
+def epoch_means(step_metrics: list[dict]) -> dict:
+  """train_loss and train_accuracy over the epoch's real images: each step's mean weighed by
+  its real rows, so the padded last batch counts for the images it holds, not as a full step."""
+  if not step_metrics:
+    return {'train_loss': None, 'train_accuracy': None}
+  counts = np.asarray([float(m['count']) for m in step_metrics])
+  mean = lambda key: float(np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts))
+  return {'train_loss': mean('loss'), 'train_accuracy': mean('accuracy')}
 
 
 def summarize(history: list[dict]) -> dict:

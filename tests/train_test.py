@@ -151,3 +151,23 @@ def test_run_stopped_after_epoch_one_resumes_at_saved_step(make_config, tmp_path
   for a, b in zip(rows, ref_rows):
     np.testing.assert_allclose(a['val_loss'], b['val_loss'], rtol=1e-5)
   assert resumed['best_val_accuracy'] == pytest.approx(reference['best_val_accuracy'])
+
+
+def test_epoch_means_weigh_steps_by_their_real_images(make_config, tmp_path, monkeypatch):
+  # 129 images at batch 128: the second step holds one real image (and 127 masked repeats);
+  # it must count for one image in the epoch's train loss and accuracy, not for a whole step.
+  config = make_config('supervised', tmp_path, batch_size=128, num_epochs=1)
+  loaded = input_pipeline.load_dataset(config.data)
+  rows = np.arange(129) % len(loaded.train)
+  dataset = input_pipeline.Dataset(loaded.train.take(rows), loaded.val, loaded.test,
+                                   loaded.class_names)
+  steps = []
+  check = train._check_finite
+  monkeypatch.setattr(train, '_check_finite', lambda fetched, *a: (steps.extend(fetched), check(fetched, *a)))
+  train.train_and_evaluate(config, dataset=dataset)
+  assert len(steps) == 2
+  row = metrics.read_metrics(str(tmp_path))[0]
+  for key, name in (('loss', 'train_loss'), ('accuracy', 'train_accuracy')):
+    expected = (128 * float(steps[0][key]) + float(steps[1][key])) / 129
+    np.testing.assert_allclose(row[name], expected, rtol=1e-6)
+  assert row['train_loss'] != pytest.approx((float(steps[0]['loss']) + float(steps[1]['loss'])) / 2)
