@@ -12,6 +12,7 @@ from absl import app
 from rotjax import metrics
 from rotjax import plots
 from rotjax import results
+from rotjax import rotation
 from rotjax import sweep
 
 STAGE_LABELS = {1: '1 rotation pretext', 2: '2 fine-tune pretrained (layer4+fc)',
@@ -199,9 +200,10 @@ def settings_table(runs) -> str:
        if r['config'].get('optim') else None),
       ('trainable', lambda r: '+'.join(r['config'].get('trainable', ()))),
       # How the pretext rotates (rotation.geometry: 'disc', or the reports' 'square' rot90).
+      # A run from before rotation.geometry names none: rotation.geometry_of says what it used.
       ('rotation', lambda r: '{num_rotations} x {geometry}'.format(
           num_rotations=r['config']['rotation']['num_rotations'],
-          geometry=r['config']['rotation'].get('geometry', 'square'))
+          geometry=rotation.geometry_of(r['config']['rotation']))
        if r['stage'] == 1 and r['config'].get('rotation') else None),
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),
