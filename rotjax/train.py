@@ -78,8 +78,9 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
 
 
 def with_index(batch, axis_name='batch'):
-  """`batch` with each example's global index: the caller's (evaluate: the place in the
-  split), else the place in the global batch (devices hold consecutive parts of it)."""
+  """`batch` with each example's global index: the caller's (training: the place in the
+  global batch before its rows were mixed; evaluate: the place in the split), else the
+  place in the global batch (devices hold consecutive parts of it)."""
   if 'index' in batch:
     return batch
   count = batch['image'].shape[0]
@@ -158,7 +159,8 @@ def build_model(config, num_classes: int, frozen=()):
   return models.create_model(
       config.model.name, num_classes=num_classes, width=config.model.width,
       stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
-      axis_name='batch' if config.model.sync_bn else None, conv_impl=config.model.get('conv', 'auto'))
+      axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
+      conv_impl=config.model.get('conv', 'auto'))
 
 
 def init_variables(model, rng, image_size: int):
@@ -270,8 +272,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
 
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     t0 = time.time()
-    batches = input_pipeline.train_batches(dataset.train, dataset.local_batch(config.batch_size),
-                                           config.seed, epoch, dataset.shards, steps_per_epoch)
+    local_batch = dataset.local_batch(config.batch_size)
+    # Processes feed the devices in process order: this one's rows start at p * local_batch.
+    batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, epoch,
+                                           dataset.shards, steps_per_epoch,
+                                           first_index=dataset.process_index * local_batch)
     batches = jax_utils.prefetch_to_device(
         (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
     bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
