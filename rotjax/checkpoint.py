@@ -58,6 +58,10 @@ class Checkpoints:
       self.best.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
       self.best.wait_until_finished()
 
+  def has_steps(self) -> bool:
+    """Whether a complete step exists: the run resumes rather than starts."""
+    return self.latest.latest_step() is not None
+
   def latest_row(self) -> dict | None:
     """The metrics row saved with the latest step (None for checkpoints without one)."""
     step = self.latest.latest_step()

@@ -4,6 +4,7 @@ Stages differ only in `prepare_fn` (rotation labels for the pretext, class
 labels otherwise) and in the freeze mask (freeze.py). One code path for one or
 many devices: a single device is a pmap of one.
 """
+import copy
 import functools
 import json
 import logging
@@ -231,12 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   config_checks.check_dataset(config, dataset)
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   num_classes = num_outputs(config, dataset)
+  ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
+  planned = config   # config.json keeps what was asked for (model.dtype=auto stays auto)
+  config, first_compute = _pin_compute(config, workdir, ckpt.has_steps())
   state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
   trainable, total = freeze.count(state.params, mask)
   logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
                config.stage, config.model.name, trainable, total, num_devices,
                dataset.size('train'), dataset.size('val'), dataset.size('test'))
-  ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -251,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   compute = hardware.describe(config.model)
   logging.info('%s', hardware.summary_line(compute))
-  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute)
+  _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,
+                  first_compute or compute, compute)
 
   state = parallel.replicate(state, devices)
   prepare_train = make_prepare_fn(config, train=True)
@@ -303,7 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
            'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
            'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
-           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9)}
+           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
+           # Each epoch's own: an explicit override on resume may differ from run_info's.
+           'dtype': compute['dtype'], 'conv': compute['conv']}
     is_best = val['accuracy'] > best_val
     best_val = max(best_val, val['accuracy'])
     # The row goes into the checkpoint too and into metrics.jsonl only once the
@@ -382,7 +388,32 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute):
+def _pin_compute(config, workdir: str, resuming: bool):
+  """(config, first start's compute record): a resumed run's config with model.dtype and
+  model.conv those its first start resolved (hardware.resumed_compute), or config and None
+  on a first start (or a run from before run_info.json recorded them)."""
+  info = _read_json(os.path.join(workdir, 'run_info.json')) if resuming else {}
+  recorded = info.get('compute')
+  if not recorded:
+    return config, None
+  dtype, conv = hardware.resumed_compute(config.model, recorded)
+  pinned = copy.deepcopy(config)
+  pinned.model.dtype, pinned.model.conv = dtype, conv
+  return pinned, recorded
+
+
+def _read_json(path) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
+def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute,
+                    compute_now):
+  """config.json and run_info.json; `compute` is the first start's (the run's), `compute_now`
+  this start's (they differ only by an explicit override, recorded in the metrics rows)."""
   if jax.process_index() != 0:
     return
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -390,4 +421,5 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
       'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
-      'total_parameters': total, 'compute': compute, **init_info})
+      'total_parameters': total, 'compute': compute,
+      **({'compute_now': compute_now} if compute_now != compute else {}), **init_info})

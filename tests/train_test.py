@@ -208,3 +208,44 @@ def test_per_device_batchnorm_trains_alike_on_one_and_two_devices(make_config, t
     train.train_and_evaluate(config)
     losses.append([r['train_loss'] for r in metrics.read_metrics(config.workdir)])
   assert np.mean(np.abs(np.subtract(*losses))) < 0.035, losses
+
+
+def _bf16_then_not(monkeypatch, make_config, workdir, **overrides):
+  """Epoch 1 where `auto` picks bfloat16, then a resume where it would pick float32."""
+  from rotjax import hardware
+  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: True)
+  train.train_and_evaluate(make_config('supervised', workdir, num_epochs=1, **{'model.dtype': 'auto'}))
+  first = json.load(open(workdir / 'run_info.json'))['compute']
+  assert first['dtype'] == 'bfloat16'
+  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: False)
+  config = make_config('supervised', workdir, num_epochs=2, **{'model.dtype': 'auto', **overrides})
+  return first, config
+
+
+def test_a_resumed_run_keeps_the_dtype_and_convolutions_of_its_first_start(
+    make_config, tmp_path, monkeypatch):
+  first, config = _bf16_then_not(monkeypatch, make_config, tmp_path)
+  train.train_and_evaluate(config)
+  info = json.load(open(tmp_path / 'run_info.json'))
+  assert (info['compute']['dtype'], info['compute']['conv']) == (first['dtype'], first['conv'])
+  assert [(r['dtype'], r['conv']) for r in metrics.read_metrics(str(tmp_path))] == [
+      (first['dtype'], first['conv'])] * 2
+  assert json.load(open(tmp_path / 'config.json'))['model']['dtype'] == 'auto'
+
+
+def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
+    make_config, tmp_path, monkeypatch):
+  from rotjax import onednn_conv
+  first, config = _bf16_then_not(monkeypatch, make_config, tmp_path)
+  if first['conv'] != 'onednn':
+    pytest.skip('needs oneDNN bfloat16 convolutions for the first start')
+  monkeypatch.setattr(onednn_conv, 'uses_onednn', lambda impl, dtype: (False, 'no bf16 kernels'))
+  with pytest.raises(ValueError, match=r'(?s)bfloat16 on oneDNN.*no bf16 kernels.*model.conv=xla'):
+    train.train_and_evaluate(config)
+  # An explicit choice continues, and each epoch's row says what it ran with.
+  config.model.dtype = 'float32'
+  train.train_and_evaluate(config)
+  rows = metrics.read_metrics(str(tmp_path))
+  assert [(r['dtype'], r['conv']) for r in rows] == [('bfloat16', 'onednn'), ('float32', 'xla')]
+  info = json.load(open(tmp_path / 'run_info.json'))
+  assert info['compute']['dtype'] == 'bfloat16' and info['compute_now']['dtype'] == 'float32'
