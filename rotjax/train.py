@@ -193,7 +193,8 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
                                                     reinit_head=reinit_head)
     logging.info('init_from %s: loaded %d parameter arrays; re-initialised %s',
                  loaded['path'], len(names), kept or 'nothing')
-    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept}
+    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept,
+                 'init_from_source': checkpoint_lib.source_record(loaded, config.workdir)}
   tx, schedule = optim.create_optimizer(config.optim, mask, steps_per_epoch, config.num_epochs)
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
   return state, mask, schedule, init_info
@@ -236,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   planned = config   # config.json keeps what was asked for (model.dtype=auto stays auto)
   config, first_compute = _pin_compute(config, workdir, ckpt.has_steps())
   state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+  if ckpt.has_steps():
+    _check_same_source(workdir, init_info)
   trainable, total = freeze.count(state.params, mask)
   logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
                config.stage, config.model.name, trainable, total, num_devices,
@@ -400,6 +403,19 @@ def _pin_compute(config, workdir: str, resuming: bool):
   pinned = copy.deepcopy(config)
   pinned.model.dtype, pinned.model.conv = dtype, conv
   return pinned, recorded
+
+
+def _check_same_source(workdir: str, init_info: dict) -> None:
+  """A resumed run must load what its first start loaded: init_from retrained or replaced
+  in between would make its epochs come from two different pretexts."""
+  recorded = _read_json(os.path.join(workdir, 'run_info.json')).get('init_from_source')
+  now = init_info.get('init_from_source')
+  if recorded and recorded != now:
+    now_text = checkpoint_lib.describe_source(now) if now else 'nothing (init_from is empty)'
+    raise ValueError(
+        f'{workdir} started from {checkpoint_lib.describe_source(recorded)} and init_from now '
+        f'holds {now_text}: its epochs would come from two different sources; delete the '
+        'folder (or use another workdir) to train it from the current one')
 
 
 def _read_json(path) -> dict:

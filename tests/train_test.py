@@ -249,3 +249,16 @@ def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
   assert [(r['dtype'], r['conv']) for r in rows] == [('bfloat16', 'onednn'), ('float32', 'xla')]
   info = json.load(open(tmp_path / 'run_info.json'))
   assert info['compute']['dtype'] == 'bfloat16' and info['compute_now']['dtype'] == 'float32'
+
+
+def test_a_resume_whose_init_from_was_retrained_is_refused(make_config, tmp_path):
+  import shutil
+  pre, fine = tmp_path / 'pre', tmp_path / 'fine'
+  train.train_and_evaluate(make_config('pretext', pre, num_epochs=1))
+  train.train_and_evaluate(make_config('finetune', fine, num_epochs=1, init_from=str(pre)))
+  source = json.load(open(fine / 'run_info.json'))['init_from_source']
+  assert (source['run'], source['step']) == ('../pre', 7)
+  shutil.rmtree(pre)
+  train.train_and_evaluate(make_config('pretext', pre, num_epochs=1, seed=1))
+  with pytest.raises(ValueError, match=r'started from \.\./pre step 7 .* init_from now holds \.\./pre step 7'):
+    train.train_and_evaluate(make_config('finetune', fine, num_epochs=2, init_from=str(pre)))
