@@ -84,13 +84,28 @@ def batch_norm(x, scale, bias, epsilon, axis_name=None, dtype=None):
 batch_norm.defvjp(_forward, _backward)
 
 
+def pooled_moments(mean, var, axis_name):
+  """Mean and variance of the union of every device's rows (equal row counts) from each
+  device's mean and variance: the mean of E[x^2] less the squared mean of the means, so the
+  spread between the devices' means counts too (the mean of the variances misses it)."""
+  mean_sq = lax.pmean(var + jnp.square(mean), axis_name)
+  mean = lax.pmean(mean, axis_name)
+  return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+
 class BatchNorm(nn.Module):
-  """flax.linen.BatchNorm (channels last, scale and bias) with `batch_norm`'s gradient."""
+  """flax.linen.BatchNorm (channels last, scale and bias) with `batch_norm`'s gradient.
+
+  `stats_axis_name` (used when `axis_name` is None: per-device normalisation, as with
+  model.sync_bn=False) pools the running statistics' update over that axis, so every
+  device keeps the statistics of the global batch (pooled_moments).
+  """
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  stats_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -106,6 +121,8 @@ class BatchNorm(nn.Module):
     axis_name = None if self.is_initializing() else self.axis_name
     y, mean, var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.dtype)
     if not self.is_initializing():
+      if axis_name is None and self.stats_axis_name is not None:
+        mean, var = pooled_moments(mean, var, self.stats_axis_name)
       m = self.momentum
       running_mean.value = m * running_mean.value + (1 - m) * mean
       running_var.value = m * running_var.value + (1 - m) * var

@@ -8,6 +8,7 @@ run killed mid-write leaves no step that restore could mistake for a whole one
 Each latest step also carries its epoch's metrics row, so a run killed between
 the commit and the metrics.jsonl append loses no row on resume.
 """
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,10 @@ class Checkpoints:
       logging.info('best/ lacks step %d (interrupted save): writing it again', step)
       self.best.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
       self.best.wait_until_finished()
+
+  def has_steps(self) -> bool:
+    """Whether a complete step exists: the run resumes rather than starts."""
+    return self.latest.latest_step() is not None
 
   def latest_row(self) -> dict | None:
     """The metrics row saved with the latest step (None for checkpoints without one)."""
@@ -114,9 +119,42 @@ def load_variables(workdir: str) -> dict:
     logging.info('init_from: loaded %s step %d', directory, step)
     return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {}),
             'step': int(step), 'path': os.path.join(directory, str(step)),
-            'config': run_config(workdir)}
+            'workdir': workdir, 'config': run_config(workdir)}
   raise FileNotFoundError(f'init_from={workdir} is not a rotjax run: it has no complete '
                           f'checkpoint under {LATEST}/ or {BEST}/')
+
+
+def source_record(loaded: dict, workdir: str) -> dict:
+  """What a run loaded through init_from (run_info.json's `init_from_source`): the source
+  run's folder relative to this run's `workdir` (so a study folder can move), its step, and
+  digests of its config.json and of the arrays loaded. Two records differ iff the run
+  would start from another pretext, even one retrained in the same folder."""
+  return {'run': os.path.relpath(loaded['workdir'], os.path.abspath(os.path.expanduser(workdir))),
+          'step': loaded['step'],
+          'config_sha256': _sha256(json.dumps(loaded['config'], sort_keys=True).encode()),
+          'arrays_sha256': arrays_digest({'params': loaded['params'],
+                                          'batch_stats': loaded['batch_stats']})}
+
+
+def arrays_digest(tree) -> str:
+  """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+  digest = hashlib.sha256()
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+  for name in sorted(flat):
+    value = np.ascontiguousarray(np.asarray(flat[name]))
+    digest.update(f'{name}:{value.dtype.str}:{value.shape}'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def describe_source(record: dict) -> str:
+  """One line naming a source_record (for messages)."""
+  return (f'{record["run"]} step {record["step"]} (config {record["config_sha256"][:12]}, '
+          f'arrays {record["arrays_sha256"][:12]})')
 
 
 def run_config(workdir: str) -> dict:

@@ -165,3 +165,28 @@ def summary_line(info: dict) -> str:
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
   return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '
           f'convolutions on {info["conv"]} [{info["conv_reason"]}]{extra}')
+
+
+def resumed_compute(model_config, recorded: dict) -> tuple[str, str]:
+  """(model.dtype, model.conv) for a run resumed after a first start that resolved to
+  `recorded` (run_info.json's `compute`): what that start used, wherever the config leaves
+  the choice to `auto`, so one run computes in one dtype on one convolution path however
+  many machines it meets. An explicit value in the config wins (the caller records it per
+  epoch). A oneDNN path this machine cannot take is refused, naming both machines."""
+  dtype = recorded['dtype'] if model_config.dtype == 'auto' else model_config.dtype
+  conv = model_config.get('conv', 'auto')
+  if conv != 'auto' or model_config.dtype != 'auto':
+    return dtype, conv
+  if recorded['conv'] == 'xla':
+    return dtype, 'xla'
+  on_onednn, reason = onednn_conv.uses_onednn('auto', dtype)
+  if not on_onednn:
+    first = recorded.get('cpu', recorded.get('device_kind', '?'))
+    raise ValueError(
+        f'this run started with model.dtype=auto -> {dtype} on oneDNN convolutions ({first}, '
+        f'class {recorded.get("cpu_isa_class", "?")}; run_info.json) and this machine '
+        f'({cpu_model()}, class {isa_class()}) cannot continue it so: {reason}. Resume it on '
+        'a machine of the first class, or choose explicitly (--config.model.conv=xla and/or '
+        '--config.model.dtype=float32): the metrics rows then record each epoch\'s dtype and '
+        'convolutions')
+  return dtype, conv

@@ -348,15 +348,20 @@ def _check_same_classes(data_config, classes, test_classes):
 
 # ---------------------------------------------------------------- batching
 
+# Mixes the rows of each batch (with seed, epoch, step); the 4th key entry keeps it apart
+# from the shards' orders, keyed on (seed, epoch[, shard]).
+_MIX_KEY = 0x6d6978
+
+
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(0,),
-                  num_steps: int | None = None) -> Iterator[dict]:
+                  num_steps: int | None = None, first_index: int = 0) -> Iterator[dict]:
   """One epoch of this process's parts of the global batches, every example once.
 
   Each data shard is shuffled on its own with (seed, epoch, shard), and global
   batch i joins the shards' i-th slices. `split` holds the shards `shards`
   interleaved (shards[j] at positions j::len(shards)), so one process holding
-  every shard yields the very batches that processes holding one shard each
-  assemble. The order depends only on (seed, epoch, number of shards): a resumed
+  every shard yields the very batches (the same images at the same `index`) that
+  processes holding one shard each assemble. The order depends only on (seed, epoch, number of shards): a resumed
   run sees exactly the batches an uninterrupted one would.
 
   A shard's last slice, when short, is filled up to the full batch (static shapes:
@@ -367,6 +372,15 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   twice), where zeros would pull every mean and variance towards black images.
   flax's masked BatchNorm is no way out: it pmean's per-device means, which is
   wrong when devices hold different numbers of real rows (and NaN on a device with none).
+
+  The rows of each batch are then put in a seeded random order, so that each device's
+  consecutive part (`shard`) is a uniform random part of the batch. In index order a
+  folder split (listed class by class) would give device 0 mostly the low classes: with
+  per-device BatchNorm (model.sync_bn=False) its statistics would carry a label cue that
+  evaluation lacks, and results would change with the device count. `index` is each
+  row's place in the global batch before that mixing (`first_index` = where this
+  process's part starts): augmentation is keyed on it (train.make_prepare_fn), so one
+  device and several still draw the same numbers for each image.
   """
   per_shard = batch_size // len(shards)
   orders = []
@@ -379,8 +393,9 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   for i in range(num_steps):
     idx, mask = zip(*(_padded_slice(o, i * per_shard, per_shard) for o in orders))
     idx = np.concatenate(idx)
-    yield {'image': split.images[idx], 'label': split.labels[idx],
-           'mask': np.concatenate(mask)}
+    mixed = np.random.default_rng([seed, epoch, i, _MIX_KEY]).permutation(len(idx))
+    yield {'image': split.images[idx][mixed], 'label': split.labels[idx][mixed],
+           'mask': np.concatenate(mask)[mixed], 'index': (first_index + mixed).astype(np.int32)}
 
 
 def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:

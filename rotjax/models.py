@@ -31,6 +31,8 @@ class _Block(nn.Module):
   """Shared plumbing: a BatchNorm that knows whether it sits in a frozen subtree."""
   frozen: Sequence[str] = ()
   axis_name: str | None = None
+  # Where per-device statistics (axis_name None) are pooled into the running ones.
+  stats_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'    # onednn_conv.IMPLS: 'auto' runs CPU convolutions on oneDNN
 
@@ -40,7 +42,8 @@ class _Block(nn.Module):
     frozen = not train or _is_frozen('/'.join((*self.path, name)), self.frozen)
     return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-        axis_name=None if frozen else self.axis_name, name=name)
+        axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,
+        name=name)
 
   def conv(self, features, kernel, strides=1, name=None):
     return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
@@ -96,7 +99,8 @@ class ResLayer(_Block):
   def __call__(self, x, train):
     for i in range(self.num_blocks):
       x = self.block(features=self.features, strides=self.strides if i == 0 else 1,
-                     frozen=self.frozen, axis_name=self.axis_name, dtype=self.dtype,
+                     frozen=self.frozen, axis_name=self.axis_name,
+                     stats_axis_name=self.stats_axis_name, dtype=self.dtype,
                      conv_impl=self.conv_impl, name=str(i))(x, train)
     return x
 
@@ -127,7 +131,7 @@ class ResNet(_Block):
       name = f'layer{i + 1}'
       x = ResLayer(block=self.block, features=self.width * 2 ** i, num_blocks=num_blocks,
                    strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
-                   dtype=self.dtype, conv_impl=self.conv_impl, name=name)(x, train)
+                   stats_axis_name=self.stats_axis_name, dtype=self.dtype, conv_impl=self.conv_impl, name=name)(x, train)
       feats[name] = x
     # Pooled and classified in float32: bf16 logits would round the loss and the argmax.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -12,6 +12,7 @@ from absl import app
 from rotjax import metrics
 from rotjax import plots
 from rotjax import results
+from rotjax import rotation
 from rotjax import sweep
 
 STAGE_LABELS = {1: '1 rotation pretext', 2: '2 fine-tune pretrained (layer4+fc)',
@@ -184,14 +185,23 @@ def _pretext_seed(run: dict):
   return int(match.group(1)) if match else None
 
 
+def _dtypes(run: dict) -> str | None:
+  """'bfloat16', or e.g. 'bfloat16+float32' for a run whose epochs differ."""
+  per_epoch = [r['dtype'] for r in run['history'] if r.get('dtype')]
+  if per_epoch:
+    return '+'.join(dict.fromkeys(per_epoch))
+  return (run['run_info'].get('compute', {}).get('dtype')
+          or run['config'].get('model', {}).get('dtype'))
+
+
 def settings_table(runs) -> str:
   """What the runs used, from their config.json and run_info.json."""
   columns = (
       ('epochs', lambda r: r['config'].get('num_epochs')),
       ('model width', lambda r: r['config'].get('model', {}).get('width')),
-      # What `auto` resolved to on the machine that trained the run (run_info.json).
-      ('dtype', lambda r: r['run_info'].get('compute', {}).get('dtype')
-       or r['config'].get('model', {}).get('dtype')),
+      # What the run computed in: each epoch's (metrics rows, where an explicit override on
+      # resume shows), else what `auto` resolved to at its start (run_info.json).
+      ('dtype', _dtypes),
       ('convolutions', lambda r: r['run_info'].get('compute', {}).get('conv')),
       ('image size', lambda r: r['config'].get('data', {}).get('image_size')),
       ('batch', lambda r: r['config'].get('batch_size')),
@@ -199,9 +209,10 @@ def settings_table(runs) -> str:
        if r['config'].get('optim') else None),
       ('trainable', lambda r: '+'.join(r['config'].get('trainable', ()))),
       # How the pretext rotates (rotation.geometry: 'disc', or the reports' 'square' rot90).
+      # A run from before rotation.geometry names none: rotation.geometry_of says what it used.
       ('rotation', lambda r: '{num_rotations} x {geometry}'.format(
           num_rotations=r['config']['rotation']['num_rotations'],
-          geometry=r['config']['rotation'].get('geometry', 'square'))
+          geometry=rotation.geometry_of(r['config']['rotation']))
        if r['stage'] == 1 and r['config'].get('rotation') else None),
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),

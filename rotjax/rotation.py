@@ -44,10 +44,11 @@ def check_geometry(geometry: str, num_rotations: int) -> None:
 
 
 def geometry_of(rotation_config) -> str:
-  """config.rotation.geometry; a run from before that setting turned N = 4 by exact rot90."""
+  """config.rotation.geometry (a ConfigDict, or a dict read from config.json); a run from
+  before that setting turned N = 4 by exact rot90, and N = 6 or 8 only ever on the disc."""
   if 'geometry' in rotation_config:
-    return rotation_config.geometry
-  return 'square' if rotation_config.num_rotations == 4 else 'disc'
+    return rotation_config['geometry']
+  return 'square' if rotation_config['num_rotations'] == 4 else 'disc'
 
 
 def disc_radius(height: int, width: int) -> float:

@@ -6,6 +6,7 @@ import re
 import time
 import traceback
 
+from rotjax import checkpoint
 from rotjax import input_pipeline
 from rotjax import report
 from rotjax import results
@@ -28,10 +29,11 @@ class DatasetCache:
     return self.loaded[key]
 
 
-# Settings that do not change what a run learns: where it lives and how it logs.
+# Settings that do not change what a run learns: where it lives and how it logs. init_from
+# is a path (the study folder may move): what a run loaded is checked by source_change.
+# data.source is a result setting: tfds:cifar10 and the JPEG folder copy differ in pixels.
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
-                        'distributed', 'data.cache_dir', 'data.source',
-                        'compile_cache')
+                        'distributed', 'data.cache_dir', 'compile_cache')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -58,6 +60,48 @@ def changed_settings(run_config) -> list[str]:
   old, new = _flatten(old), _flatten(run_config.to_dict())
   ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
   return sorted(k for k, v in new.items() if not ignored(k) and old.get(k, '<missing>') != v)
+
+
+class SourceRecords:
+  """What loading each pretext run would give now (checkpoint.source_record), read once."""
+
+  def __init__(self):
+    self.loaded = {}
+
+  def get(self, source_dir: str, workdir: str) -> dict | None:
+    """The record a run in `workdir` would write, loading `source_dir` now (None: nothing to load)."""
+    if source_dir not in self.loaded:
+      try:
+        # Only the record is kept (relative to the source itself), not the arrays.
+        self.loaded[source_dir] = checkpoint.source_record(checkpoint.load_variables(source_dir),
+                                                           source_dir)
+      except FileNotFoundError:   # no such run, or no complete checkpoint in it
+        self.loaded[source_dir] = None
+    record = self.loaded[source_dir]
+    if record is None:
+      return None
+    return {**record, 'run': os.path.relpath(os.path.abspath(os.path.expanduser(source_dir)),
+                                             os.path.abspath(os.path.expanduser(workdir)))}
+
+
+def source_change(run_config, sources: SourceRecords) -> str:
+  """Why the run already in the workdir did not start from its planned init_from as that
+  run is now ('' if it did, or never started): another pretext (pretext_seed changed) or the
+  same folder retrained. A run that records no source (an older rotjax) counts as changed."""
+  info = results.read_json(os.path.join(run_config.workdir, 'run_info.json'), {})
+  if not info:
+    return ''
+  recorded = info.get('init_from_source')
+  if recorded is None:
+    return (f'{run_config.workdir} does not record which checkpoint it loaded (trained by an '
+            'older rotjax): delete that folder to train it from the planned pretext')
+  now = sources.get(run_config.init_from, run_config.workdir)
+  if recorded != now:
+    now_text = checkpoint.describe_source(now) if now else f'{run_config.init_from}: no checkpoint'
+    return (f'{run_config.workdir} was trained from {checkpoint.describe_source(recorded)}, '
+            f'the planned pretext is {now_text}: delete that folder to train it from the '
+            'planned pretext')
+  return ''
 
 
 def is_finished(run_config) -> bool:
@@ -130,6 +174,7 @@ def run_study(config, datasets=None) -> list[dict]:
   runs = sweep.plan(config)
   write_manifest(config, runs, study_dir)
   datasets = datasets or DatasetCache()
+  sources = SourceRecords()
   status, rows = {}, []
   for k, run in enumerate(runs, 1):
     run_config = sweep.run_config(config, run)
@@ -142,10 +187,14 @@ def run_study(config, datasets=None) -> list[dict]:
       state, error = 'stale', (f'{run_config.workdir} holds a run trained with other settings '
                                f'({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""}): '
                                'delete that folder to train it as planned')
+    elif pretext_status[0] not in ('done', 'finished'):
+      # Results made from a pretext that is not the planned one are not the planned results.
+      state = 'stale' if is_finished(run_config) else 'skipped'
+      error = f'pretext {record["pretext_run"]} {pretext_status[0]}: {pretext_status[1]}'
+    elif run.pretext and (change := source_change(run_config, sources)):
+      state, error = 'stale', change
     elif is_finished(run_config):
       state = 'finished'
-    elif pretext_status[0] not in ('done', 'finished'):
-      state, error = 'skipped', f'pretext {record["pretext_run"]} {pretext_status[0]}: {pretext_status[1]}'
     else:
       print(f'[{k}/{len(runs)}] {run.name}: training', flush=True)
       results.write_record(run_config.workdir, {**record, 'status': 'running', 'error': ''})

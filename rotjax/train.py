@@ -4,6 +4,7 @@ Stages differ only in `prepare_fn` (rotation labels for the pretext, class
 labels otherwise) and in the freeze mask (freeze.py). One code path for one or
 many devices: a single device is a pmap of one.
 """
+import copy
 import functools
 import json
 import logging
@@ -79,8 +80,9 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
 
 
 def with_index(batch, axis_name='batch'):
-  """`batch` with each example's global index: the caller's (evaluate: the place in the
-  split), else the place in the global batch (devices hold consecutive parts of it)."""
+  """`batch` with each example's global index: the caller's (training: the place in the
+  global batch before its rows were mixed; evaluate: the place in the split), else the
+  place in the global batch (devices hold consecutive parts of it)."""
   if 'index' in batch:
     return batch
   count = batch['image'].shape[0]
@@ -131,7 +133,11 @@ def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='bat
   grads = jax.lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
   metrics = {'loss': loss, 'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
-  return state, jax.lax.pmean(metrics, axis_name)
+  metrics = jax.lax.pmean(metrics, axis_name)
+  # The step's real rows (over all devices): the epoch mean weighs each step by them.
+  real = batch['mask'] if 'mask' in batch else jnp.ones(batch['image'].shape[0], jnp.float32)
+  metrics['count'] = jax.lax.psum(jnp.sum(real), axis_name)
+  return state, metrics
 
 
 def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
@@ -155,7 +161,8 @@ def build_model(config, num_classes: int, frozen=()):
   return models.create_model(
       config.model.name, num_classes=num_classes, width=config.model.width,
       stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
-      axis_name='batch' if config.model.sync_bn else None, conv_impl=config.model.get('conv', 'auto'))
+      axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
+      conv_impl=config.model.get('conv', 'auto'))
 
 
 def init_variables(model, rng, image_size: int):
@@ -187,7 +194,8 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
                                                     reinit_head=reinit_head)
     logging.info('init_from %s: loaded %d parameter arrays; re-initialised %s',
                  loaded['path'], len(names), kept or 'nothing')
-    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept}
+    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept,
+                 'init_from_source': checkpoint_lib.source_record(loaded, config.workdir)}
   tx, schedule = optim.create_optimizer(config.optim, mask, steps_per_epoch, config.num_epochs)
   # tx.init as one program: run eagerly it is a few hundred one-op programs (Adam's zeros
   # per leaf, masked), each compiled afresh in every process (2 s of a run's start).
@@ -233,13 +241,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   data_loaded = time.time()
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   num_classes = num_outputs(config, dataset)
+  ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
+  planned = config   # config.json keeps what was asked for (model.dtype=auto stays auto)
+  config, first_compute = _pin_compute(config, workdir, ckpt.has_steps())
   with compile_cache.logged('model init'):
     state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+  if ckpt.has_steps():
+    _check_same_source(workdir, init_info)
   trainable, total = freeze.count(state.params, mask)
   logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
                config.stage, config.model.name, trainable, total, num_devices,
                dataset.size('train'), dataset.size('val'), dataset.size('test'))
-  ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
   restored = ckpt.restore_latest(state)
   if restored is not None:
@@ -254,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   compute = hardware.describe(config.model)
   logging.info('%s', hardware.summary_line(compute))
-  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute)
+  _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,
+                  first_compute or compute, compute)
 
   state = parallel.replicate(state, devices)
   prepare_train = make_prepare_fn(config, train=True)
@@ -275,8 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
 
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     t0 = time.time()
-    batches = input_pipeline.train_batches(dataset.train, dataset.local_batch(config.batch_size),
-                                           config.seed, epoch, dataset.shards, steps_per_epoch)
+    local_batch = dataset.local_batch(config.batch_size)
+    # Processes feed the devices in process order: this one's rows start at p * local_batch.
+    batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, epoch,
+                                           dataset.shards, steps_per_epoch,
+                                           first_index=dataset.process_index * local_batch)
     batches = jax_utils.prefetch_to_device(
         (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
     bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
@@ -299,12 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                     num_local_devices, eval_rng)
     row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
            'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-           'train_loss': float(np.mean([m['loss'] for m in epoch_metrics])) if epoch_metrics else None,
-           'train_accuracy': float(np.mean([m['accuracy'] for m in epoch_metrics])) if epoch_metrics else None,
+           **epoch_means(epoch_metrics),
            'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
            'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
            'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
-           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9)}
+           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
+           # Each epoch's own: an explicit override on resume may differ from run_info's.
+           'dtype': compute['dtype'], 'conv': compute['conv']}
     is_best = val['accuracy'] > best_val
     best_val = max(best_val, val['accuracy'])
     # The row goes into the checkpoint too and into metrics.jsonl only once the
@@ -320,6 +337,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
+
+
+def epoch_means(step_metrics: list[dict]) -> dict:
+  """train_loss and train_accuracy over the epoch's real images: each step's mean weighed by
+  its real rows, so the padded last batch counts for the images it holds, not as a full step."""
+  if not step_metrics:
+    return {'train_loss': None, 'train_accuracy': None}
+  counts = np.asarray([float(m['count']) for m in step_metrics])
+  mean = lambda key: float(np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts))
+  return {'train_loss': mean('loss'), 'train_accuracy': mean('accuracy')}
 
 
 def summarize(history: list[dict]) -> dict:
@@ -373,7 +400,45 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute):
+def _pin_compute(config, workdir: str, resuming: bool):
+  """(config, first start's compute record): a resumed run's config with model.dtype and
+  model.conv those its first start resolved (hardware.resumed_compute), or config and None
+  on a first start (or a run from before run_info.json recorded them)."""
+  info = _read_json(os.path.join(workdir, 'run_info.json')) if resuming else {}
+  recorded = info.get('compute')
+  if not recorded:
+    return config, None
+  dtype, conv = hardware.resumed_compute(config.model, recorded)
+  pinned = copy.deepcopy(config)
+  pinned.model.dtype, pinned.model.conv = dtype, conv
+  return pinned, recorded
+
+
+def _check_same_source(workdir: str, init_info: dict) -> None:
+  """A resumed run must load what its first start loaded: init_from retrained or replaced
+  in between would make its epochs come from two different pretexts."""
+  recorded = _read_json(os.path.join(workdir, 'run_info.json')).get('init_from_source')
+  now = init_info.get('init_from_source')
+  if recorded and recorded != now:
+    now_text = checkpoint_lib.describe_source(now) if now else 'nothing (init_from is empty)'
+    raise ValueError(
+        f'{workdir} started from {checkpoint_lib.describe_source(recorded)} and init_from now '
+        f'holds {now_text}: its epochs would come from two different sources; delete the '
+        'folder (or use another workdir) to train it from the current one')
+
+
+def _read_json(path) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
+def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute,
+                    compute_now):
+  """config.json and run_info.json; `compute` is the first start's (the run's), `compute_now`
+  this start's (they differ only by an explicit override, recorded in the metrics rows)."""
   if jax.process_index() != 0:
     return
   _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -382,4 +447,5 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
       'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
       'total_parameters': total, 'compute': compute,
-      'compile_cache': compile_cache.status(), **init_info})
+      'compile_cache': compile_cache.status(),
+      **({'compute_now': compute_now} if compute_now != compute else {}), **init_info})

@@ -183,16 +183,18 @@ sys.path.insert(0, {here!r})
 import conftest, jax, jax.numpy as jnp, numpy as np
 from rotjax import train
 config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
-config.model.sync_bn = False   # a plain jit, no pmap
+config.model.sync_bn = False   # per-device statistics, on one device
 state, _, _, _ = train.create_train_state(config, 3, steps_per_epoch=10)
 x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16, 16, 3)), jnp.float32)
 
-def loss(params):
+def loss(params, x):
   (logits, _), _ = state.apply_fn({{'params': params, 'batch_stats': state.batch_stats}}, x,
                                   train=True, mutable=['batch_stats'])
   return jnp.sum(logits ** 2)
 
-grad = jax.jit(jax.grad(loss))
+# A pmap of one names the axis BatchNorm pools its running statistics over.
+p_grad = jax.pmap(jax.grad(loss), axis_name='batch', in_axes=(None, 0), devices=jax.devices()[:1])
+grad = lambda params: p_grad(params, x[None])
 results = [np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.device_get(grad(state.params)))])
            for _ in range(4)]
 print('MAXDIFF', max(float(np.max(np.abs(r - results[0]))) for r in results[1:]))

@@ -76,7 +76,9 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
 def test_frozen_bn_normalises_with_batch_statistics_by_default(make_config, tmp_path):
   """Stage 3 from random init: the running statistics are mean 0 / variance 1, so only
   freeze_bn='batch' normalises a frozen layer's output (per channel mean ~0, variance ~1)."""
-  config = make_config('finetune', tmp_path, **{'model.sync_bn': False})  # outside pmap
+  # Per-device statistics, on one device: the running statistics' update is pooled over the
+  # devices ('batch'), so the model runs under a pmap of one.
+  config = make_config('finetune', tmp_path, **{'model.sync_bn': False})
   dataset = input_pipeline.load_dataset(config.data)
   images = jnp.asarray(dataset.train.images[:16], jnp.float32) / 255.0
   moments = {}
@@ -85,9 +87,12 @@ def test_frozen_bn_normalises_with_batch_statistics_by_default(make_config, tmp_
     state, _, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     # bn1 of the stem, before its ReLU: captured from the frozen BatchNorm module itself.
-    _, inter = state.apply_fn(variables, images, train=True, mutable=['batch_stats', 'intermediates'],
-                              capture_intermediates=lambda m, _: m.name == 'bn1' and len(m.path) == 1)
-    out = np.asarray(inter['intermediates']['bn1']['__call__'][0])
+    apply = jax.pmap(lambda v, x: state.apply_fn(
+        v, x, train=True, mutable=['batch_stats', 'intermediates'],
+        capture_intermediates=lambda m, _: m.name == 'bn1' and len(m.path) == 1)[1],
+        axis_name='batch', devices=jax.local_devices()[:1])
+    inter = apply(jax.tree.map(lambda x: x[None], variables), images[None])
+    out = np.asarray(inter['intermediates']['bn1']['__call__'][0][0])
     moments[freeze_bn] = (np.abs(out.mean((0, 1, 2))).max(), out.var((0, 1, 2)).mean())
   assert moments['batch'][0] < 1e-3 and abs(moments['batch'][1] - 1) < 0.05, moments
   assert moments['running'][0] > 0.05, moments   # the raw conv output: not centred

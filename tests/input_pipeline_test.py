@@ -47,7 +47,8 @@ def test_one_shard_keeps_the_seeded_order(image_folder, tmp_path):
   ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
   order = np.random.default_rng([3, 2]).permutation(len(ds.train))
   batch = next(input_pipeline.train_batches(ds.train, 8, 3, 2))
-  np.testing.assert_array_equal(batch['label'], ds.train.labels[np.sort(order[:8])])
+  # Row r holds the batch's index[r]-th image in index order (the rows are then mixed).
+  np.testing.assert_array_equal(batch['label'], ds.train.labels[np.sort(order[:8])][batch['index']])
 
 
 def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
@@ -74,10 +75,14 @@ def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
   assert steps == parts[0].steps_per_epoch(8) == -(-54 // 8)
   for epoch in (1, 2):
     one = list(input_pipeline.train_batches(whole.train, 8, 0, epoch, whole.shards, steps))
-    two = [list(input_pipeline.train_batches(p.train, 4, 0, epoch, p.shards, steps)) for p in parts]
+    two = [list(input_pipeline.train_batches(p.train, 4, 0, epoch, p.shards, steps,
+                                             first_index=4 * p.process_index)) for p in parts]
     assert len(one) == steps
+    # The same images at the same global indices; each process mixes only its own rows.
+    by_index = lambda b: b['image'][np.argsort(b['index'])]  # noqa: E731
     for a, b0, b1 in zip(one, *two):
-      np.testing.assert_array_equal(a['image'], np.concatenate([b0['image'], b1['image']]))
+      np.testing.assert_array_equal(by_index(a), by_index(
+          {k: np.concatenate([b0[k], b1[k]]) for k in ('image', 'index')}))
   # Evaluation: every process runs as many batches, the padding masked out.
   counts = [p.eval_steps('val', 4) for p in parts]
   assert counts[0] == counts[1] == 5   # 18 val images: 9 per process, 2 per batch
@@ -111,14 +116,36 @@ def test_every_labelled_image_is_seen_once_per_epoch_the_padding_masked():
       assert len(set(last['label'][padded].tolist()) & set(_seen(batches[:1]))) == 2 * batch - n
   # Two processes, one shard each (13 and 12 images): as many steps, each image once.
   parts = [split.take(np.arange(p, n, 2)) for p in (0, 1)]
-  two = [list(input_pipeline.train_batches(part, batch // 2, 0, 1, (p,), 2))
+  two = [list(input_pipeline.train_batches(part, batch // 2, 0, 1, (p,), 2,
+                                           first_index=p * batch // 2))
          for p, part in enumerate(parts)]
   assert [len(b) for b in two] == [2, 2]
   assert sorted(_seen(two[0]) + _seen(two[1])) == list(range(n))
   one = list(input_pipeline.train_batches(split, batch, 0, 1, (0, 1)))
+  # The same images at the same global indices (so the same augmentation); each process
+  # mixes only the rows it holds, so the rows' order differs.
+  by_index = lambda b: {k: v[np.argsort(b['index'])] for k, v in b.items()}
   for a, b0, b1 in zip(one, *two):
-    for key in ('label', 'mask'):
-      np.testing.assert_array_equal(a[key], np.concatenate([b0[key], b1[key]]))
+    joined = by_index({k: np.concatenate([b0[k], b1[k]]) for k in a})
+    for key in ('label', 'mask', 'index'):
+      np.testing.assert_array_equal(by_index(a)[key], joined[key])
+
+
+def test_each_device_holds_a_uniform_random_part_of_every_batch():
+  # 500 images listed class by class, as a folder split is: in index order device 0 of 2
+  # would hold mostly classes 0-4, and per-device BatchNorm would see the labels.
+  labels = np.repeat(np.arange(10), 50).astype(np.int32)
+  split = input_pipeline.Split(np.zeros((500, 2, 2, 3), np.uint8), labels)
+  for epoch in (1, 2, 3):
+    batches = list(input_pipeline.train_batches(split, 64, 0, epoch))
+    assert _seen(batches) == sorted(labels.tolist())
+    for batch in batches:
+      devices = input_pipeline.shard(batch, 2)
+      for device in range(2):
+        real = devices['label'][device][devices['mask'][device] == 1]
+        assert len(set(real.tolist())) >= 8, (epoch, device)
+      # Every row keeps its own place in the batch as its index, whichever device holds it.
+      assert sorted(batch['index'].tolist()) == list(range(64))
 
 
 def test_shards_must_match_the_processes(image_folder, tmp_path):

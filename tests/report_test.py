@@ -208,3 +208,12 @@ def test_by_default_every_seed_has_its_own_pretext():
   config.pretext_seed = -2
   with pytest.raises(ValueError, match='pretext_seed=-2'):
     sweep.plan(config)
+
+
+def test_pretext_runs_from_before_rotation_geometry_are_labelled_by_what_they_used(tmp_path):
+  # Their config.json has no rotation.geometry: N = 4 then meant exact rot90 of the square,
+  # N = 6 and 8 were only ever possible on the disc.
+  for n in (4, 6, 8):
+    _write_run(tmp_path, sweep.Run(1, 'cifar10', 'resnet18', n, 0.1, 0, 0), 0.5)
+  table = report.settings_table(report.completed(report.load_runs(str(tmp_path))))
+  assert '| 4 x square, 6 x disc, 8 x disc |' in table

@@ -1,9 +1,12 @@
 """The study: its plan, skip/resume/failure handling (fake training), and one tiny real study."""
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 from configs import study as study_config
+from rotjax import checkpoint
 from rotjax import report
 from rotjax import results
 from rotjax import runner
@@ -86,7 +89,9 @@ def test_unknown_sweep_or_stage_is_an_error(tmp_path):
 
 
 class FakeTrain:
-  """Stands in for train.train_and_evaluate: writes summary.json; fails on chosen runs."""
+  """Stands in for train.train_and_evaluate: writes summary.json, a pretext's (tiny, each
+  time new) checkpoint and, like train, what an init_from run loaded; fails on chosen runs."""
+  trainings = 0   # over all instances: a retrained pretext gets other weights
 
   def __init__(self, fail=()):
     self.calls, self.fail = [], fail
@@ -96,6 +101,17 @@ class FakeTrain:
     if any(config.workdir.endswith(f) for f in self.fail):
       raise RuntimeError('boom')
     os.makedirs(config.workdir, exist_ok=True)
+    FakeTrain.trainings += 1
+    if config.stage == 'pretext':
+      ckpt = checkpoint.Checkpoints(config.workdir)
+      ckpt.save(config.num_epochs, {'params': {'w': np.full(3, FakeTrain.trainings, np.float32)},
+                                    'batch_stats': {}}, is_best=True)
+      ckpt.close()
+    info = {}
+    if config.init_from:
+      info['init_from_source'] = checkpoint.source_record(
+          checkpoint.load_variables(config.init_from), config.workdir)
+    train._write_json(os.path.join(config.workdir, 'run_info.json'), info)
     train._write_json(os.path.join(config.workdir, 'config.json'), config.to_dict())  # as train does
     summary = {'epochs': config.num_epochs, 'best_val_accuracy': 0.5, 'test_accuracy': 0.4,
                'min_val_loss': 1.0, 'wall_seconds': 1.0, 'images_per_second': 10.0}
@@ -234,3 +250,60 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path, monke
   assert rows[old]['status'] == 'stale' and 'freeze_bn' in rows[old]['error']
   assert 'delete that folder' in rows[old]['error']
   assert {r['status'] for w, r in rows.items() if w != old} == {'finished'}
+
+
+PRETEXT = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/1_pretext'
+FINETUNE = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/2_finetune_pretrained'
+SUPERVISED = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/4_supervised_pretrained'
+
+
+def test_a_run_finetuned_from_another_pretext_is_stale_naming_both(tmp_path, monkeypatch):
+  # Seeds 0 and 1, each its own pretext; then pretext_seed=0: seed 1's stage 2 keeps its
+  # folder name but is planned from seed 0's pretext.
+  config = _config(tmp_path)
+  config.axes.seed, config.sweeps, config.stages = (0, 1), (), (1, 2)
+  _run(config, FakeTrain(), monkeypatch)
+  config.pretext_seed = 0
+  again = FakeTrain()
+  rows = _run(config, again, monkeypatch)
+  seed1 = 'cifar10-resnet18-rot4-ls0.1-spcall-seed1/2_finetune_pretrained'
+  assert again.calls == [] and rows[seed1]['status'] == 'stale'
+  assert 'trained from ../1_pretext step 2' in rows[seed1]['error']
+  assert f'planned pretext is ../../{PRETEXT} step 2' in rows[seed1]['error']
+  assert rows[FINETUNE]['status'] == 'finished'
+
+
+def test_runs_from_a_stale_or_retrained_pretext_are_stale_not_averaged(tmp_path, monkeypatch):
+  config = _config(tmp_path)
+  config.sweeps = ()
+  _run(config, FakeTrain(), monkeypatch)
+  # The pretext turns stale (trained with other settings): so do the runs made from it.
+  path = os.path.join(tmp_path, PRETEXT, 'config.json')
+  results.write_json(path, {**results.read_json(path), 'label_smoothing': 0.3})
+  rows = _run(config, FakeTrain(), monkeypatch)
+  assert [rows[r]['status'] for r in (PRETEXT, FINETUNE, SUPERVISED)] == ['stale'] * 3
+  assert rows[FINETUNE]['error'].startswith(f'pretext {PRETEXT} stale')
+  # Deleted and retrained: the runs made from the old one are stale, naming both checkpoints.
+  shutil.rmtree(os.path.join(tmp_path, PRETEXT))
+  again = FakeTrain()
+  rows = _run(config, again, monkeypatch)
+  assert again.calls == [PRETEXT] and rows[PRETEXT]['status'] == 'done'
+  for run in (FINETUNE, SUPERVISED):
+    error = rows[run]['error']
+    assert rows[run]['status'] == 'stale', rows[run]
+    old, new = error.split(' was trained from ')[1].split(', the planned pretext is ')
+    # The same folder, step and config; other weights.
+    assert old.startswith('../1_pretext step 2 (config ') and old[:40] == new[:40]
+    assert old.split('arrays ')[1][:12] != new.split('arrays ')[1][:12]
+  assert {rows[r]['status'] for r in rows if r not in (PRETEXT, FINETUNE, SUPERVISED)} == {'finished'}
+
+
+def test_another_data_source_makes_every_run_stale(tmp_path, monkeypatch):
+  config = _config(tmp_path)
+  config.sweeps = ()
+  _run(config, FakeTrain(), monkeypatch)
+  config.datasets.cifar10.source = 'tfds:cifar10'   # other pixels than the JPEG copy
+  again = FakeTrain()
+  rows = _run(config, again, monkeypatch)
+  assert again.calls == [] and {r['status'] for r in rows.values()} == {'stale'}
+  assert 'data.source' in rows[PRETEXT]['error']
