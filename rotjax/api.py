@@ -15,11 +15,11 @@ import os
 
 import numpy as np
 
-from rotjax import hardware
+from rotjax.cpu import hardware
 from rotjax import models
-from rotjax import onednn_conv
+from rotjax import rundir
+from rotjax.cpu import onednn_conv
 
-_STEP_PARENTS = ('checkpoints', 'best')
 
 
 def _runnable_conv(config) -> None:
@@ -129,50 +129,16 @@ class RotjaxModel:
     return images
 
 
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-  """(workdir, checkpoint step dir) for a workdir (best, else latest) or a step dir."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist')
-  parent = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(parent) in _STEP_PARENTS:
-    return os.path.dirname(parent), path
-  if not os.path.exists(os.path.join(path, 'config.json')):
-    raise FileNotFoundError(f'{path} is not a rotjax run (no config.json) nor a checkpoint '
-                            'directory WORKDIR/checkpoints/<step> or WORKDIR/best/<step>')
-  for sub in ('best', 'checkpoints'):
-    directory = os.path.join(path, sub)
-    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
-        directory) else []
-    if steps:
-      return path, os.path.join(directory, str(steps[-1]))
-  raise FileNotFoundError(f'{path} has no complete checkpoint under best/ or checkpoints/ '
-                          '(did the run finish its first epoch?)')
-
-
-def restore_variables(step_dir: str) -> dict:
-  """{'params', 'batch_stats'} as host numpy arrays from one Orbax step directory."""
-  import jax
-  import orbax.checkpoint as ocp
-  directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
-  with ocp.CheckpointManager(directory) as manager:
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f'{step_dir} is not a complete checkpoint (interrupted save?)')
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  return jax.device_get({'params': restored['params'],
-                         'batch_stats': restored.get('batch_stats', {})})
-
-
 def load(path: str, batch_size: int = 256) -> RotjaxModel:
   """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
   import ml_collections
   from rotjax import compile_cache
-  workdir, step_dir = resolve_checkpoint(path)
+  from rotjax import checkpoint
+  workdir, step_dir = rundir.find_checkpoint(path)
   compile_cache.enable('auto')   # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(rundir.read(workdir, rundir.CONFIG))
   class_names = _class_names(workdir, config)
-  variables = restore_variables(step_dir)
+  variables = checkpoint.restore_variables(step_dir)
   return RotjaxModel(config, variables, class_names=class_names, checkpoint_path=step_dir,
                      batch_size=batch_size)
 
@@ -181,11 +147,7 @@ def _class_names(workdir, config):
   if config.stage == 'pretext':
     num = config.rotation.num_rotations
     return tuple(f'{k * 360 // num}deg' for k in range(num))
-  info_path = os.path.join(workdir, 'run_info.json')
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      return tuple(json.load(f).get('class_names', ()))
-  return ()
+  return tuple(rundir.read(workdir, rundir.RUN_INFO, {}).get('class_names', ()))
 
 
 def random_init(config, num_classes: int, seed: int = 0) -> RotjaxModel:

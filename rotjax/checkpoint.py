@@ -1,12 +1,12 @@
 """Where checkpoints are written and read: Orbax managers in the run's workdir.
 
-workdir/checkpoints/<step>  the latest few (resume from here)
-workdir/best/<step>         the best on validation accuracy (init_from reads this)
-Orbax writes each step to a temporary directory and renames it on commit, so a
-run killed mid-write leaves no step that restore could mistake for a whole one
-(the leftover `<step>.orbax-checkpoint-tmp-*` is ignored, then cleaned up).
-Each latest step also carries its epoch's metrics row, so a run killed between
-the commit and the metrics.jsonl append loses no row on resume.
+WORKDIR/checkpoints/<step> (the latest few: resume from here) and WORKDIR/best/<step>
+(the best on validation: init_from and rotjax.load read it); rundir.py names them and
+finds a run's checkpoint. Orbax writes each step to a temporary directory and renames it
+on commit, so a run killed mid-write leaves no step that restore could mistake for a
+whole one (the leftover `<step>.orbax-checkpoint-tmp-*` is ignored, then cleaned up).
+Each latest step also carries its epoch's metrics row, so a run killed between the
+commit and the metrics.jsonl append loses no row on resume (rundir.commit_epoch).
 """
 import hashlib
 import json
@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-LATEST, BEST = 'checkpoints', 'best'
+from rotjax import rundir
+
 
 
 class CheckpointWriteError(OSError):
@@ -29,9 +30,9 @@ class Checkpoints:
   """The run's two managers. Saves unreplicated state dicts."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    workdir = os.path.abspath(workdir)
-    self.latest = _manager(os.path.join(workdir, LATEST), keep)
-    self.best = _manager(os.path.join(workdir, BEST), 1)
+    self.workdir = rundir.absolute(workdir)
+    self.latest = _manager(rundir.path(workdir, rundir.LATEST), keep)
+    self.best = _manager(rundir.path(workdir, rundir.BEST), 1)
 
   def save(self, step: int, state, is_best: bool, row: dict | None = None) -> None:
     """Writes `step` and returns once it is committed; an error names the step and path.
@@ -102,26 +103,25 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
               barrier_sync_key_prefix=os.path.basename(directory))))
 
 
+def restore_variables(step_dir: str) -> dict:
+  """{'params', 'batch_stats'} as host numpy arrays from one complete Orbax step folder."""
+  directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
+  with ocp.CheckpointManager(directory) as manager:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'{step_dir} is not a complete checkpoint (interrupted save?)')
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  return jax.device_get({'params': restored['params'],
+                         'batch_stats': restored.get('batch_stats', {})})
+
+
 def load_variables(workdir: str) -> dict:
-  """{'params', 'batch_stats'} of another run: its best checkpoint, else its latest."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'init_from={workdir} does not exist')
-  for sub in (BEST, LATEST):
-    directory = os.path.join(workdir, sub)
-    if not os.path.isdir(directory):
-      continue
-    with ocp.CheckpointManager(directory) as manager:
-      step = manager.latest_step()
-      if step is None:
-        continue
-      restored = manager.restore(step, args=ocp.args.StandardRestore())
-    logging.info('init_from: loaded %s step %d', directory, step)
-    return {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {}),
-            'step': int(step), 'path': os.path.join(directory, str(step)),
-            'workdir': workdir, 'config': run_config(workdir)}
-  raise FileNotFoundError(f'init_from={workdir} is not a rotjax run: it has no complete '
-                          f'checkpoint under {LATEST}/ or {BEST}/')
+  """Another run's variables (its best checkpoint, else its latest), with where they came
+  from: {'params', 'batch_stats', 'step', 'path', 'workdir', 'config'}."""
+  workdir, step_dir = rundir.find_checkpoint(workdir, 'init_from')
+  variables = restore_variables(step_dir)
+  logging.info('init_from: loaded %s', step_dir)
+  return {**variables, 'step': int(os.path.basename(step_dir)), 'path': step_dir,
+          'workdir': workdir, 'config': rundir.read(workdir, rundir.CONFIG, {})}
 
 
 def source_record(loaded: dict, workdir: str) -> dict:
@@ -155,15 +155,6 @@ def describe_source(record: dict) -> str:
   """One line naming a source_record (for messages)."""
   return (f'{record["run"]} step {record["step"]} (config {record["config_sha256"][:12]}, '
           f'arrays {record["arrays_sha256"][:12]})')
-
-
-def run_config(workdir: str) -> dict:
-  """A run's config.json as a dict ({} if it has none)."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'config.json')
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
 
 
 def merge_params(init, loaded, head=('fc',), what='params', reinit_head=False):

@@ -50,13 +50,13 @@ def machine_key() -> str:
   """jax/jaxlib version, backend and device kind; on the CPU its instruction-set class
   and a digest of its feature flags (a GPU program is compiled for the device kind)."""
   import jaxlib
-  from rotjax import hardware
+  from rotjax.cpu import isa
   backend = jax.default_backend()
   parts = [f'jax{jax.__version__}', f'jaxlib{jaxlib.__version__}', backend,
            _slug(jax.devices()[0].device_kind)]
   if backend == 'cpu':
-    flags = ' '.join(sorted(hardware.cpu_flags()))
-    parts += [hardware.isa_class(), hashlib.sha256(flags.encode()).hexdigest()[:8]]
+    flags = ' '.join(sorted(isa.cpu_flags()))
+    parts += [isa.isa_class(), hashlib.sha256(flags.encode()).hexdigest()[:8]]
   return '-'.join(parts)
 
 

@@ -4,15 +4,15 @@ import os
 import jax
 import jax.numpy as jnp
 
-from rotjax import checkpoint
 from rotjax import freeze
-from rotjax import hardware
 from rotjax import input_pipeline
 from rotjax import models
-from rotjax import onednn_conv
 from rotjax import optim
 from rotjax import preprocess
 from rotjax import rotation
+from rotjax import rundir
+from rotjax.cpu import hardware
+from rotjax.cpu import onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
 FREEZE_BN = ('batch', 'running')
@@ -34,13 +34,12 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
-  conv = config.model.get('conv', 'auto')
-  onednn_conv.check_impl(conv)
-  _require(conv != 'onednn' or jax.default_backend() == 'cpu',
-           f'model.conv=onednn runs only on the CPU, and this run\'s backend is '
-           f'{jax.default_backend()}: use model.conv=auto (XLA\'s convolutions there) or xla')
   _require(config.model.dtype in hardware.DTYPES,
            f'model.dtype={config.model.dtype!r} is unknown; allowed: {hardware.DTYPES}')
+  conv = config.model.get('conv', 'auto')
+  onednn_conv.check_impl(conv)
+  if conv == 'onednn':   # insisting on oneDNN where it cannot run is an OneDNNConvError saying why
+    onednn_conv.uses_onednn(conv, hardware.compute_dtype(config.model.dtype))
   _require(config.data.dataset in input_pipeline.DATASETS,
            f'data.dataset={config.data.dataset!r} is unknown; allowed: {input_pipeline.DATASETS}')
   kind, path = input_pipeline.parse_source(config.data.source)
@@ -79,13 +78,11 @@ def check_config(config) -> None:
 def _check_init_from(config) -> None:
   """A rotjax run (a committed step under checkpoints/ or best/) of this run's architecture."""
   init_from = config.init_from
-  path = os.path.abspath(os.path.expanduser(init_from))
-  _require(os.path.isdir(path), f'init_from={init_from} does not exist')
-  steps = [d for sub in ('best', 'checkpoints') if os.path.isdir(os.path.join(path, sub))
-           for d in os.listdir(os.path.join(path, sub)) if d.isdigit()]
-  _require(bool(steps), f'init_from={init_from} is not a rotjax run: it has no complete '
-           'checkpoint under checkpoints/ or best/ (pass the workdir of a finished stage)')
-  source = checkpoint.run_config(path).get('model', {})
+  try:
+    workdir, _ = rundir.find_checkpoint(init_from, 'init_from')
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from None
+  source = rundir.read(workdir, rundir.CONFIG, {}).get('model', {})
   _require(bool(source), f'init_from={init_from} has no config.json naming its model: '
            'cannot check that it has this run\'s architecture')
   for field in ARCHITECTURE:

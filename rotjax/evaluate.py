@@ -338,6 +338,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from rotjax import platform
+  from rotjax.cpu import platform
   platform.configure()
   main()

@@ -4,7 +4,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rotjax import platform
+from rotjax.cpu import platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from rotjax import rundir
+
 
 def _plain(value):
   if isinstance(value, (np.generic, np.ndarray)):
@@ -19,7 +21,7 @@ class MetricsLog:
   """Appends one JSON object per epoch; on resume, drops rows from epochs not checkpointed."""
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = rundir.path(workdir, rundir.METRICS)
     self.enabled = enabled
     self.writer = create_writer(workdir) if enabled and tensorboard else None
 
@@ -108,7 +110,7 @@ def tensorboard_scalars(row: dict) -> dict:
 def read_metrics(path: str) -> list[dict]:
   """Rows of a metrics.jsonl; a torn last line (killed mid-write) is ignored."""
   if os.path.isdir(path):
-    path = os.path.join(path, 'metrics.jsonl')
+    path = os.path.join(path, rundir.METRICS)
   if not os.path.exists(path):
     return []
   rows = []

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rotjax import batchnorm, onednn_conv
+from rotjax import batchnorm
+from rotjax.cpu import onednn_conv
 
 STEMS = ('cifar', 'imagenet')
 

@@ -25,16 +25,17 @@ from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
 from rotjax import config_checks
 from rotjax import freeze
-from rotjax import hardware
+from rotjax.cpu import hardware
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
 from rotjax import models
-from rotjax import onednn_conv
+from rotjax.cpu import onednn_conv
 from rotjax import optim
 from rotjax import parallel
 from rotjax import preprocess
 from rotjax import progress
 from rotjax import rotation
+from rotjax import rundir
 
 STAGES = ('pretext', 'finetune', 'supervised')
 
@@ -151,6 +152,24 @@ def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
   return jax.lax.psum(sums, axis_name)
 
 
+def pmapped_train_step(config, mask, devices, *, smoothing=None, prepare_fn=None,
+                       donate: bool = True):
+  """train_step for `config`, pmapped over `devices` (the one place a train step is built:
+  train, scripts/benchmark.py and the tests call this). The state is donated: each step's
+  output state replaces its input's buffers."""
+  step = functools.partial(
+      train_step, prepare_fn=prepare_fn or make_prepare_fn(config, train=True), mask=mask,
+      smoothing=config.label_smoothing if smoothing is None else smoothing)
+  return jax.pmap(step, axis_name='batch', donate_argnums=(0,) if donate else (), devices=devices)
+
+
+def pmapped_eval_step(config, devices, *, smoothing=None):
+  """eval_step for `config`, pmapped over `devices`."""
+  step = functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
+                           smoothing=config.label_smoothing if smoothing is None else smoothing)
+  return jax.pmap(step, axis_name='batch', devices=devices)
+
+
 # ---------------------------------------------------------------- state
 
 def num_outputs(config, dataset) -> int:
@@ -253,16 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                config.stage, config.model.name, trainable, total, num_devices,
                dataset.size('train'), dataset.size('val'), dataset.size('test'))
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
-  restored = ckpt.restore_latest(state)
-  if restored is not None:
-    state = restored
+  state, start_epoch, history = rundir.resume(ckpt, log, state, steps_per_epoch)
+  if start_epoch:
     logging.info('resuming %s from step %d', workdir, int(state.step))
-    _check_epoch_length(ckpt.latest_row(), steps_per_epoch, workdir)
-  start_epoch = int(state.step) // max(steps_per_epoch, 1)
-  log.truncate(start_epoch)
-  history = _recover_last_row(log, ckpt, start_epoch)
-  if restored is not None and history and summarize(history)['best_epoch'] == start_epoch:
-    ckpt.ensure_best(int(state.step), state)
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   compute = hardware.describe(config.model)
   logging.info('%s', hardware.summary_line(compute))
@@ -270,15 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                   first_compute or compute, compute)
 
   state = parallel.replicate(state, devices)
-  prepare_train = make_prepare_fn(config, train=True)
-  p_train_step = compile_cache.log_first_call(jax.pmap(
-      functools.partial(train_step, prepare_fn=prepare_train, mask=mask,
-                        smoothing=config.label_smoothing),
-      axis_name='batch', donate_argnums=(0,), devices=devices), 'train step', since=data_loaded)
-  p_eval_step = compile_cache.log_first_call(jax.pmap(
-      functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
-                        smoothing=config.label_smoothing),
-      axis_name='batch', devices=devices), 'eval step')
+  p_train_step = compile_cache.log_first_call(pmapped_train_step(config, mask, devices),
+                                              'train step', since=data_loaded)
+  p_eval_step = compile_cache.log_first_call(pmapped_eval_step(config, devices), 'eval step')
   rng = jax.random.key(config.seed)
   eval_rng = parallel.replicate(eval_key(config.seed), devices)
   rng = parallel.replicate(rng, devices)
@@ -324,10 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
            'dtype': compute['dtype'], 'conv': compute['conv']}
     is_best = val['accuracy'] > best_val
     best_val = max(best_val, val['accuracy'])
-    # The row goes into the checkpoint too and into metrics.jsonl only once the
-    # checkpoint is committed: the log never claims an epoch a rerun would redo.
-    ckpt.save(epoch * steps_per_epoch, jax.device_get(parallel.unreplicate(state)), is_best, row)
-    log.write(row)
+    rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
+                        jax.device_get(parallel.unreplicate(state)), is_best, row)
     history.append(row)
     bar.close(row)
   ckpt.wait()
@@ -335,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   log.close()
   summary = summarize(history)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'summary.json'), summary)
+    rundir.write(workdir, rundir.SUMMARY, summary)
   return summary
 
 
@@ -363,28 +367,6 @@ def summarize(history: list[dict]) -> dict:
           'images_per_second': float(np.median([r['images_per_second'] for r in history]))}
 
 
-def _recover_last_row(log, ckpt, start_epoch: int) -> list[dict]:
-  """metrics.jsonl rows up to start_epoch, re-appending the checkpointed epoch's row if a
-  kill fell between the checkpoint's commit and the append."""
-  history = log.read()
-  if start_epoch and (not history or history[-1]['epoch'] < start_epoch):
-    row = ckpt.latest_row()
-    if row is not None and row.get('epoch') == start_epoch:
-      log.write(row)
-      history.append(row)
-  return history
-
-
-def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:
-  """A resumed run keeps its steps per epoch: the epoch it resumes at, its data order and
-  its learning-rate schedule are all counted in them."""
-  if row and row['step'] != row['epoch'] * steps_per_epoch:
-    raise ValueError(
-        f'{workdir} was trained with {row["step"] // row["epoch"]} steps per epoch, this run '
-        f'has {steps_per_epoch} (another batch_size or training set, or a rotjax that dropped '
-        "each epoch's last partial batch): resume with its settings or use a new workdir")
-
-
 def _check_finite(fetched, epoch, step):
   for m in fetched:
     if not np.isfinite(m['loss']):
@@ -393,18 +375,11 @@ def _check_finite(fetched, epoch, step):
           'checkpoint is intact: lower optim.learning_rate and rerun to resume from it')
 
 
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
-
-
 def _pin_compute(config, workdir: str, resuming: bool):
   """(config, first start's compute record): a resumed run's config with model.dtype and
   model.conv those its first start resolved (hardware.resumed_compute), or config and None
   on a first start (or a run from before run_info.json recorded them)."""
-  info = _read_json(os.path.join(workdir, 'run_info.json')) if resuming else {}
+  info = rundir.read(workdir, rundir.RUN_INFO, {}) if resuming else {}
   recorded = info.get('compute')
   if not recorded:
     return config, None
@@ -417,7 +392,7 @@ def _pin_compute(config, workdir: str, resuming: bool):
 def _check_same_source(workdir: str, init_info: dict) -> None:
   """A resumed run must load what its first start loaded: init_from retrained or replaced
   in between would make its epochs come from two different pretexts."""
-  recorded = _read_json(os.path.join(workdir, 'run_info.json')).get('init_from_source')
+  recorded = rundir.read(workdir, rundir.RUN_INFO, {}).get('init_from_source')
   now = init_info.get('init_from_source')
   if recorded and recorded != now:
     now_text = checkpoint_lib.describe_source(now) if now else 'nothing (init_from is empty)'
@@ -427,22 +402,14 @@ def _check_same_source(workdir: str, init_info: dict) -> None:
         'folder (or use another workdir) to train it from the current one')
 
 
-def _read_json(path) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return {}
-
-
 def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute,
                     compute_now):
   """config.json and run_info.json; `compute` is the first start's (the run's), `compute_now`
   this start's (they differ only by an explicit override, recorded in the metrics rows)."""
   if jax.process_index() != 0:
     return
-  _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  _write_json(os.path.join(workdir, 'run_info.json'), {
+  rundir.write(workdir, rundir.CONFIG, config.to_dict())
+  rundir.write(workdir, rundir.RUN_INFO, {
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
       'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,

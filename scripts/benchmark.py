@@ -52,14 +52,13 @@ def stats(rates):
 
 def rotjax_worker(opts):
   sys.path.insert(0, ROOT)
-  from rotjax import platform as rj_platform
+  from rotjax.cpu import platform as rj_platform
   rj_platform.configure()   # what a CLI run gets (XLA flags come in through the environment)
-  import functools
   import jax
   from configs import supervised
   from rotjax import input_pipeline, parallel, train
 
-  from rotjax import hardware
+  from rotjax.cpu import hardware
   config = supervised.get_config()
   config.model.width, config.model.dtype = opts['width'], opts.get('dtype', 'auto')
   config.model.conv = opts.get('conv', 'auto')
@@ -71,9 +70,7 @@ def rotjax_worker(opts):
   batch = {'image': rng.integers(0, 256, (opts['batch'], 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, opts['batch']).astype(np.int32)}
   sharded = jax.device_put(input_pipeline.shard(batch, len(devices)))
-  p_step = jax.pmap(functools.partial(train.train_step, prepare_fn=train.make_prepare_fn(config, train=True),
-                                      mask=mask, smoothing=0.1),
-                    axis_name='batch', donate_argnums=(0,), devices=devices)
+  p_step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
   holder = {'state': parallel.replicate(state, devices)}
   keys = parallel.replicate(jax.random.key(0), devices)
 
@@ -94,8 +91,7 @@ def rotjax_worker(opts):
                 'label': np.zeros(opts['eval_batch'], np.int32),
                 'mask': np.ones(opts['eval_batch'], np.float32)}
   eval_sharded = jax.device_put(input_pipeline.shard(eval_batch, len(devices)))
-  p_eval = jax.pmap(functools.partial(train.eval_step, prepare_fn=train.make_prepare_fn(config, train=False),
-                                      smoothing=0.1), axis_name='batch', devices=devices)
+  p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
   evaluate = lambda: jax.block_until_ready(p_eval(holder['state'], eval_sharded, keys))
   evaluate()
   result['eval'] = _timed(evaluate, max(1, opts['steps'] // 2), opts['repeats'], opts['eval_batch'])
@@ -218,7 +214,7 @@ def torch_worker(opts):
 def configurations(quick: bool, has_torch: bool):
   """(name, worker, options, extra environment) for each row of the table."""
   sys.path.insert(0, ROOT)
-  from rotjax import platform as rj_platform
+  from rotjax.cpu import platform as rj_platform
   rows = [
       # The default: model.dtype=auto, model.conv=auto, as a CLI run on this machine.
       (DEFAULT, 'rotjax', {'dtype': 'auto', 'conv': 'auto', 'loop': True}, {}),
@@ -265,7 +261,7 @@ def run_child(worker, opts, env_extra, cpu=None):
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if worker == 'rotjax' and 'XLA_FLAGS' not in env_extra and env_extra.get('ROTJAX_DEFAULT_FLAGS') != '0':
     sys.path.insert(0, ROOT)
-    from rotjax import platform as rj_platform  # the flags a CLI run gets
+    from rotjax.cpu import platform as rj_platform  # the flags a CLI run gets
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + rj_platform.cpu_xla_flags()).strip()
   if cpu:
     cpu_env, xla_flag = EMULATED_CPUS[cpu]

@@ -25,35 +25,19 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from rotjax import rundir, testing  # noqa: E402  (this checkout's)
+
 TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
 
 
-def make_folder(root: str, per_class=(24, 8), size=16, seed=0) -> str:
-  """train/ and test/ with three classes of noisy patterns (enough to learn something)."""
-  rng = np.random.default_rng(seed)
-  for split, count in zip(('train', 'test'), per_class):
-    for c, name in enumerate(('dots', 'bars', 'plain')):
-      os.makedirs(os.path.join(root, split, name), exist_ok=True)
-      for i in range(count):
-        image = rng.integers(0, 80, (size, size, 3))
-        image[:, c::4] += 150
-        image[: size // 4, : size // 8] = 255   # asymmetric marker
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
-            os.path.join(root, split, name, f'{i}.png'))
-  return root
-
-
 def command(args, workdir):
-  return [sys.executable, '-m', 'rotjax.main', f'--config={args.config}',
+  # The tests' tiny settings (rotjax/testing.py), in float32 as there, on args.config.
+  tiny = [f'--config.{key}={value}' for key, value in testing.TINY.items()]
+  return [sys.executable, '-m', 'rotjax.main', f'--config={args.config}', *tiny,
           f'--config.workdir={workdir}', f'--config.data.source={args.source}',
-          f'--config.num_epochs={args.epochs}', '--config.data.image_size=16',
-          '--config.model.width=4', '--config.batch_size=8', '--config.eval_batch_size=8',
-          '--config.data.val_fraction=0.25', '--config.data.max_train_images=0',
-          '--config.data.max_eval_images=0', '--config.log_every_steps=1',
+          f'--config.num_epochs={args.epochs}', '--config.log_every_steps=1',
           f'--config.data.cache_dir={os.path.join(workdir, "cache")}']
 
 
@@ -83,8 +67,8 @@ def tmp_checkpoints(workdir):
 
 def training_seconds(workdir) -> float:
   """From run_info.json (written just before the first step) to summary.json (the end)."""
-  mtime = lambda name: os.path.getmtime(os.path.join(workdir, name))
-  return mtime('summary.json') - mtime('run_info.json')
+  mtime = lambda name: os.path.getmtime(rundir.path(workdir, name))
+  return mtime(rundir.SUMMARY) - mtime(rundir.RUN_INFO)
 
 
 def run_and_kill(args, workdir, env, mode, at) -> str:
@@ -94,7 +78,7 @@ def run_and_kill(args, workdir, env, mode, at) -> str:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   t0, seen, started = time.time(), set(), None
   while proc.poll() is None:
-    if mode == 'time' and started is None and os.path.exists(os.path.join(workdir, 'run_info.json')):
+    if mode == 'time' and started is None and os.path.exists(rundir.path(workdir, rundir.RUN_INFO)):
       started = time.time()
     if mode == 'time' and started is not None and time.time() - started >= at:
       break
@@ -114,14 +98,11 @@ def run_and_kill(args, workdir, env, mode, at) -> str:
 
 
 def committed_steps(workdir):
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return [int(os.path.basename(d)) for d in rundir.step_dirs(workdir, rundir.LATEST)]
 
 
 def read_rows(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = rundir.path(workdir, rundir.METRICS)
   if not os.path.exists(path):
     return []
   rows = []
@@ -152,7 +133,7 @@ def main():
   base = args.workdir or tempfile.mkdtemp(prefix='rotjax-fault-drill-')
   os.makedirs(base, exist_ok=True)
   if not args.source:
-    args.source = 'folder:' + make_folder(os.path.join(base, 'images'))
+    args.source = 'folder:' + testing.make_image_folder(os.path.join(base, 'images'))
   env = environment(os.path.join(base, 'jit-cache'))
   rng = random.Random(args.seed)
 

@@ -29,11 +29,11 @@ def test_auto_lives_under_the_rotjax_cache_keyed_by_machine(monkeypatch, tmp_pat
   key = os.path.basename(path)
   assert f'jax{jax.__version__}' in key and jax.default_backend() in key
   if jax.default_backend() == 'cpu':
-    from rotjax import hardware
+    from rotjax.cpu import isa
     # XLA compiles for the host CPU: another instruction-set class must not share entries.
-    assert hardware.isa_class() in key
+    assert isa.isa_class() in key
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
-    assert compile_cache.resolve('auto') != path or hardware.isa_class() == 'avx2'
+    assert compile_cache.resolve('auto') != path or isa.isa_class() == 'avx2'
 
 
 def test_environment_moves_it_and_wins_over_the_setting(monkeypatch, tmp_path):

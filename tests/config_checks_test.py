@@ -36,7 +36,7 @@ CASES = [
     ('num_devices', 'supervised', {'num_devices': 3}, r'num_devices=3 but only 2 local devices exist'),
     ('samples_per_class', 'supervised', {'data.samples_per_class': 100}, r'data.samples_per_class=100 is larger than class 0 has \(\d+'),
     ('init_from_missing', 'finetune', lambda t: {'init_from': f'{t}/nope'}, r'init_from=.*nope does not exist'),
-    ('init_from_not_a_run', 'finetune', lambda t: {'init_from': _not_a_run(t)}, r'init_from=.*other is not a rotjax run'),
+    ('init_from_not_a_run', 'finetune', lambda t: {'init_from': _not_a_run(t)}, r'init_from=.*other has no complete checkpoint'),
     ('trainable', 'finetune', {'trainable': ('layer9', 'fc')}, r"trainable name 'layer9' matches no parameter; top-level subtrees are \['bn1', 'conv1', 'fc'"),
     ('workdir_under_file', 'supervised', lambda t: {'workdir': _under_a_file(t)}, r'workdir=.*a_file/run cannot be written'),
     # Root may write anywhere os.access asks about, but not into procfs.

@@ -23,15 +23,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tempfile
 
 import jax
-import numpy as np
 import pytest
+
+from rotjax.testing import make_image_folder, tiny_config  # noqa: F401  (tests import them from here)
 
 # Many tests compile the same tiny programs: a persistent cache makes repeats cheap.
 jax.config.update('jax_compilation_cache_dir',
                   os.environ.get('ROTJAX_TEST_JIT_CACHE', os.path.join(tempfile.gettempdir(), 'rotjax-test-jit-cache')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-from PIL import Image
 
 # A marker, not a skipif: conftest is imported by worker scripts (multihost_worker.py) that
 # must call jax.distributed.initialize before anything starts a backend.
@@ -49,64 +49,9 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.skip(reason=f'needs 2 devices; {backend} has {count}'))
 
 
-CLASSES = ('circle', 'square', 'stripes')
-
-
-def _draw(kind: str, rng, size: int) -> np.ndarray:
-  """A class-dependent pattern in a random colour on noise: learnable in a few steps."""
-  yy, xx = np.mgrid[:size, :size]
-  c = (size - 1) / 2
-  if kind == 'circle':
-    shape = (yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2
-  elif kind == 'square':
-    shape = (abs(yy - c) < size / 4) & (abs(xx - c) < size / 4)
-  else:
-    shape = (xx // 2) % 2 == 0
-  image = rng.integers(0, 60, (size, size, 3))
-  image[shape] = rng.integers(150, 256, 3)
-  # An asymmetric marker, so that rotations are distinguishable.
-  image[: size // 4, : size // 8] = 255
-  return image.astype(np.uint8)
-
-
-def make_image_folder(root, splits=(('train', 24), ('test', 8)), size=16, seed=0):
-  rng = np.random.default_rng(seed)
-  for split, count in splits:
-    for name in CLASSES:
-      os.makedirs(os.path.join(root, split, name), exist_ok=True)
-      for i in range(count):
-        Image.fromarray(_draw(name, rng, size)).save(os.path.join(root, split, name, f'{i}.png'))
-  return str(root)
-
-
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
   return make_image_folder(tmp_path_factory.mktemp('tiny_folder'))
-
-
-def tiny_config(stage: str, workdir, source: str, **overrides):
-  """A stage's smoke config shrunk further: width-4 ResNet18 on 16px images."""
-  from configs import finetune, pretext, supervised
-  config = {'pretext': pretext, 'finetune': finetune, 'supervised': supervised}[stage].get_config('smoke')
-  config.workdir = str(workdir)
-  config.data.source = f'folder:{source}'
-  config.data.image_size = 16
-  config.data.cache_dir = ''
-  config.data.max_train_images = 0
-  config.data.max_eval_images = 0
-  config.data.val_fraction = 0.25
-  config.model.width = 4
-  # float32 so equality tests are tight; the bf16 default runs in imagenette/study tests.
-  config.model.dtype = 'float32'
-  config.batch_size = 8
-  config.eval_batch_size = 8
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ import sys
 
 import pytest
 
-from rotjax import hardware
-from rotjax import onednn_conv
+from rotjax.cpu import hardware
+from rotjax.cpu import onednn_build
 
 pytestmark = pytest.mark.cpu_only('the CPU paths (instruction-set classes, oneDNN, XLA on the CPU)')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+PROGRAMS = os.path.join(HERE, 'programs')
 REQUIRED = os.environ.get('ROTJAX_REQUIRE_ONEDNN') == '1'
 
 
@@ -39,15 +40,15 @@ def _run(args, env, timeout=600):
 
 def _onednn_expected() -> bool:
   if REQUIRED:
-    assert onednn_conv.load(), onednn_conv.unavailable_reason()
-  return onednn_conv.load()
+    assert onednn_build.load(), onednn_build.unavailable_reason()
+  return onednn_build.load()
 
 
 @pytest.mark.parametrize('cpu', ['as-is', 'avx2', 'no-onednn'])
 def test_default_path_trains_and_predicts(cpu, image_folder, tmp_path):
   env = _env(**{'as-is': {}, 'avx2': {'ONEDNN_MAX_CPU_ISA': 'AVX2'},
                 'no-onednn': {'ROTJAX_ONEDNN': '0'}}[cpu])
-  out = _run([os.path.join(HERE, 'cpu_paths_worker.py'), image_folder, str(tmp_path / 'run'),
+  out = _run([os.path.join(PROGRAMS, 'train_and_predict.py'), image_folder, str(tmp_path / 'run'),
               'supervised'], env)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   compute = result['compute']
@@ -62,143 +63,50 @@ def test_default_path_trains_and_predicts(cpu, image_folder, tmp_path):
   else:
     assert compute['dtype'] == ('bfloat16' if hardware.native_bf16() else 'float32')
     assert compute['cpu_isa_class'] == hardware.isa_class()
-    expected_conv = _onednn_expected() and compute['dtype'] in onednn_conv.supported_dtypes()
+    expected_conv = _onednn_expected() and compute['dtype'] in onednn_build.supported_dtypes()
     assert compute['conv'] == ('onednn' if expected_conv else 'xla')
   assert compute['dtype_reason'] and compute['conv_reason']
 
-
-CHECKS = '''
-import sys
-sys.path.insert(0, {here!r})
-import conftest
-from rotjax import config_checks, hardware, onednn_conv
-config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
-config.model.dtype = 'bfloat16'
-config.model.conv = 'auto'
-info = hardware.describe(config.model)
-print('AUTO', info['conv'], info['conv_reason'])
-config.model.conv = 'onednn'
-try:
-  config_checks.check_config(config)
-  print('ACCEPTED')
-except onednn_conv.OneDNNConvError as e:
-  print('REFUSED', e)
-'''
 
 
 def test_bf16_on_avx2_goes_to_xla_and_onednn_is_refused_up_front(image_folder, tmp_path):
   if not _onednn_expected():
     pytest.skip('oneDNN unavailable: nothing to refuse')
-  code = CHECKS.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)
-  out = _run(['-c', code], _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
+  out = _run([os.path.join(PROGRAMS, 'conv_choice.py'), image_folder, str(tmp_path / 'run')],
+             _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
   assert 'AUTO xla oneDNN' in out and 'no optimized bfloat16 convolution' in out
   refused = [line for line in out.splitlines() if line.startswith('REFUSED')]
   assert refused, out
   assert 'bfloat16' in refused[0] and 'model.conv=xla' in refused[0]
 
 
-HANDLER_ERROR = '''
-import jax, jax.numpy as jnp
-from rotjax import onednn_conv
-assert onednn_conv.load()
-x, w = jnp.ones((2, 8, 8, 16), jnp.bfloat16), jnp.ones((3, 3, 16, 16), jnp.bfloat16)
-try:
-  with onednn_conv.named_errors():
-    # conv2d calls the FFI handler directly, past the checks made while tracing.
-    jax.block_until_ready(jax.jit(lambda x, w: onednn_conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1))))(x, w))
-  print('RAN')
-except onednn_conv.OneDNNConvError as e:
-  print('NAMED', e)
-print('ALIVE')
-'''
-
 
 def test_an_error_inside_the_custom_call_is_a_named_exception():
   if not _onednn_expected():
     pytest.skip('oneDNN unavailable: no custom call to fail')
-  out = _run(['-c', HANDLER_ERROR], _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
+  out = _run([os.path.join(PROGRAMS, 'handler_error.py')], _env(ONEDNN_MAX_CPU_ISA='AVX2')).stdout
   assert 'ALIVE' in out and 'NAMED' in out, out
   named = next(line for line in out.splitlines() if line.startswith('NAMED'))
   assert 'input NHWC [2, 8, 8, 16]' in named and 'bfloat16' in named and 'model.conv=xla' in named
 
 
-def test_isa_classes_and_the_onednn_cap():
-  bf16 = frozenset({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16'})
-  assert hardware.isa_class(frozenset({'avx2', 'fma'}), cap='') == 'avx2'
-  assert hardware.isa_class(frozenset({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl'}), cap='') == 'avx512'
-  assert hardware.isa_class(bf16, cap='') == 'avx512_bf16'
-  assert hardware.isa_class(bf16 | {'amx_bf16', 'amx_tile'}, cap='') == 'amx'
-  assert hardware.isa_class(bf16, cap='AVX2') == 'avx2'
-  assert hardware.isa_class(bf16, cap='avx512_core') == 'avx512'
-  assert hardware.isa_class(frozenset({'avx2', 'fma'}), cap='AVX512_CORE_AMX') == 'avx2'
-  assert hardware.isa_class(frozenset({'sse4_2'}), cap='') == 'older'
-
-
-XLA_ONLY = '''
-import sys
-sys.path.insert(0, {here!r})
-import conftest
-from rotjax import config_checks, hardware, onednn_conv
-config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
-config.model.conv = 'xla'
-config_checks.check_config(config)
-print('CONV', hardware.describe(config.model)['conv'])
-print('LOADED', 'ok' in onednn_conv._state)
-'''
-
-
 def test_model_conv_xla_never_builds_or_loads_onednn(image_folder, tmp_path):
-  code = XLA_ONLY.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)
-  out = _run(['-c', code], _env(ROTJAX_CACHE=str(tmp_path / 'cache'))).stdout
+  out = _run([os.path.join(PROGRAMS, 'xla_only.py'), image_folder, str(tmp_path / 'run')],
+             _env(ROTJAX_CACHE=str(tmp_path / 'cache'))).stdout
   assert 'CONV xla' in out and 'LOADED False' in out, out
   assert not (tmp_path / 'cache' / 'onednn').exists()
 
-
-TOO_OLD = '''
-from rotjax import onednn_conv, hardware
-onednn_conv.MIN_VERSION = (99, 0)   # as if the installed oneDNN were older than rotjax needs
-print('LOADED', onednn_conv.load())
-print('REASON', onednn_conv.unavailable_reason())
-print('AUTO', onednn_conv.resolve('auto', 'float32'))
-try:
-  onednn_conv.resolve('onednn', 'float32')
-except onednn_conv.OneDNNConvError as e:
-  print('NAMED', e)
-'''
 
 
 def test_a_too_old_onednn_falls_back_and_is_named():
   if not _onednn_expected():
     pytest.skip('oneDNN unavailable: no version to check')
-  out = _run(['-c', TOO_OLD], _env()).stdout
+  out = _run([os.path.join(PROGRAMS, 'too_old.py')], _env()).stdout
   assert 'LOADED False' in out and 'AUTO None' in out, out
   assert 'too old' in next(l for l in out.splitlines() if l.startswith('REASON'))
   named = next(l for l in out.splitlines() if l.startswith('NAMED'))
   assert 'too old' in named and 'model.conv=xla' in named
 
-
-REPEATS = '''
-import sys
-sys.path.insert(0, {here!r})
-import conftest, jax, jax.numpy as jnp, numpy as np
-from rotjax import train
-config = conftest.tiny_config('supervised', {workdir!r}, {folder!r})
-config.model.sync_bn = False   # per-device statistics, on one device
-state, _, _, _ = train.create_train_state(config, 3, steps_per_epoch=10)
-x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16, 16, 3)), jnp.float32)
-
-def loss(params, x):
-  (logits, _), _ = state.apply_fn({{'params': params, 'batch_stats': state.batch_stats}}, x,
-                                  train=True, mutable=['batch_stats'])
-  return jnp.sum(logits ** 2)
-
-# A pmap of one names the axis BatchNorm pools its running statistics over.
-p_grad = jax.pmap(jax.grad(loss), axis_name='batch', in_axes=(None, 0), devices=jax.devices()[:1])
-grad = lambda params: p_grad(params, x[None])
-results = [np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.device_get(grad(state.params)))])
-           for _ in range(4)]
-print('MAXDIFF', max(float(np.max(np.abs(r - results[0]))) for r in results[1:]))
-'''
 
 
 @pytest.mark.parametrize('cpu', ['as-is', 'avx2'])
@@ -209,6 +117,6 @@ def test_the_same_gradient_bit_for_bit_every_time(cpu, image_folder, tmp_path):
   # kernel over (csrc/onednn_conv.cc, SkipBroken): that weight gradient is computed by XLA.
   env = _env(XLA_FLAGS='--xla_force_host_platform_device_count=1',
              **({'ONEDNN_MAX_CPU_ISA': 'AVX2'} if cpu == 'avx2' else {}))
-  code = REPEATS.format(here=HERE, workdir=str(tmp_path / 'run'), folder=image_folder)
-  out = _run(['-c', code], env).stdout
+  out = _run([os.path.join(PROGRAMS, 'gradient_repeats.py'), image_folder, str(tmp_path / 'run')],
+             env).stdout
   assert 'MAXDIFF 0.0' in out, out

@@ -1,4 +1,3 @@
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +48,7 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
   before = jax.device_get(state)
   devices = jax.local_devices()[:1]
-  step = jax.pmap(functools.partial(train.train_step, prepare_fn=train.make_prepare_fn(config, train=True),
-                                    mask=mask, smoothing=0.1), axis_name='batch', devices=devices)
+  step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   for epoch in range(2):

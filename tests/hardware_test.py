@@ -3,7 +3,7 @@ import types
 
 import pytest
 
-from rotjax import hardware
+from rotjax.cpu import hardware
 
 
 def _gpu(kind, capability):

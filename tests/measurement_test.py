@@ -1,6 +1,5 @@
 """The study measures what it claims (issue 15): no angle cue in the pretext, evaluation
 independent of the device count, logits in float32."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,24 +7,17 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from configs import pretext
 from rotjax import input_pipeline
 from rotjax import models
 from rotjax import parallel
+from rotjax import testing
 from rotjax import train
 
 
 def _pretext_config(num_rotations: int, **overrides):
-  """The pretext's own settings, at the tests' scale: width-4 ResNet18, 16 px, float32."""
-  config = pretext.get_config('smoke')
-  config.data.image_size = 16
-  config.model.width = 4
-  config.model.dtype = 'float32'
-  config.rotation.num_rotations = num_rotations
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    config[section][field] = value
-  return config
+  """The pretext at the tests' scale (rotjax/testing.py), N directions; no data source."""
+  return testing.tiny_config('pretext', '', '', **{'rotation.num_rotations': num_rotations,
+                                                   **overrides})
 
 
 def _orientation_free(rng, count: int, size: int = 16) -> np.ndarray:
@@ -72,10 +64,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   config = _pretext_config(num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry})
   state, mask, _, _ = train.create_train_state(config, num, 100)
   devices = jax.local_devices()[:1]
-  step = jax.pmap(functools.partial(train.train_step,
-                                    prepare_fn=train.make_prepare_fn(config, train=True),
-                                    mask=mask, smoothing=0.0),
-                  axis_name='batch', devices=devices)
+  step = train.pmapped_train_step(config, mask, devices, smoothing=0.0)
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   data = np.random.default_rng(0)
@@ -114,9 +103,7 @@ def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   metrics = []
   for count in (1, 2):
     devices = jax.local_devices()[:count]
-    p_eval = jax.pmap(functools.partial(train.eval_step,
-                                        prepare_fn=train.make_prepare_fn(config, train=False),
-                                        smoothing=0.1), axis_name='batch', devices=devices)
+    p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
     metrics.append(train.evaluate(p_eval, parallel.replicate(state, devices), dataset, 'val', 8,
                                   count, parallel.replicate(jax.random.key(1), devices)))
   assert metrics[0]['loss'] == pytest.approx(metrics[1]['loss'], rel=1e-5)

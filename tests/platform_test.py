@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = '''
 import ctypes
 import threading
-from rotjax import platform
+from rotjax.cpu import platform
 print(platform.keep_large_buffers_in_heap())
 class MallInfo2(ctypes.Structure):
   _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks '
@@ -34,7 +34,7 @@ libc.malloc_stats()
 # threshold, 2**31 - 1) and prints whether the heap's end moved back (a trim).
 TRIM_PROBE = '''
 import ctypes
-from rotjax import platform
+from rotjax.cpu import platform
 platform.keep_large_buffers_in_heap()
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
-from rotjax import plots
-from rotjax import report
-from rotjax import results
-from rotjax import sweep
+from rotjax import rundir
+from rotjax.study import plots
+from rotjax.study import report
+from rotjax.study import results
+from rotjax.study import sweep
 
 
 def _write_run(study_dir, run: sweep.Run, val_acc: float, *, epochs=2, status='done',
@@ -25,14 +26,14 @@ def _write_run(study_dir, run: sweep.Run, val_acc: float, *, epochs=2, status='d
              for e in range(1, epochs + 1)]
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in history)
-  results.write_json(os.path.join(workdir, 'summary.json'), {
+  rundir.write_json(os.path.join(workdir, 'summary.json'), {
       'epochs': epochs, 'best_epoch': epochs, 'best_val_accuracy': history[-1]['val_accuracy'],
       'test_accuracy': history[-1]['test_accuracy'],
       'min_val_loss': min(r['val_loss'] for r in history), 'final_test_accuracy': 0.0,
       'train_seconds': 2.0, 'wall_seconds': 3.0, 'images_per_second': 100.0})
   stage_name = sweep.STAGES[run.stage][1]
   pretext = run.pretext.name if run.pretext else ''
-  results.write_json(os.path.join(workdir, 'config.json'), {
+  rundir.write_json(os.path.join(workdir, 'config.json'), {
       'stage': stage_name, 'num_epochs': num_epochs, 'seed': run.seed, 'batch_size': 16,
       'label_smoothing': run.label_smoothing, 'trainable': ['all'],
       **({} if legacy else {'freeze_bn': run.freeze_bn}),   # legacy: before freeze_bn existed
@@ -41,7 +42,7 @@ def _write_run(study_dir, run: sweep.Run, val_acc: float, *, epochs=2, status='d
       'data': {'dataset': run.dataset, 'image_size': 32, 'samples_per_class': run.samples_per_class},
       'rotation': {'num_rotations': run.num_rotations},
       'optim': {'name': 'adam', 'learning_rate': 1e-3}})
-  results.write_json(os.path.join(workdir, 'run_info.json'), {
+  rundir.write_json(os.path.join(workdir, 'run_info.json'), {
       'train_images': 8000 if not run.samples_per_class else 10 * run.samples_per_class,
       'val_images': 1000, 'test_images': 1000, 'class_names': [str(i) for i in range(10)],
       'num_devices': 1})
@@ -75,7 +76,7 @@ def study_dir(tmp_path_factory):
     for stage, acc in BN_RUNNING_ACC.items():
       _write_run(tmp_path, sweep.Run(stage, label_smoothing=0.1, seed=seed, freeze_bn='running',
                                      **base), acc)
-  results.write_json(os.path.join(tmp_path, 'study.json'), {'reference': {
+  rundir.write_json(os.path.join(tmp_path, 'study.json'), {'reference': {
       'dataset': 'cifar10', 'model': 'resnet18', 'num_rotations': 4, 'label_smoothing': 0.1,
       'samples_per_class': 0, 'seed': 0}})
   failed = sweep.Run(2, 'cifar10', 'resnet50', 4, 0.1, 0, 0)
@@ -87,7 +88,7 @@ def study_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def report_text(study_dir):
-  with open(report.build_report(study_dir)) as f:
+  with open(report.build_report(study_dir).path) as f:
     return f.read()
 
 

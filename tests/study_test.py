@@ -7,10 +7,11 @@ import pytest
 
 from configs import study as study_config
 from rotjax import checkpoint
-from rotjax import report
-from rotjax import results
-from rotjax import runner
-from rotjax import sweep
+from rotjax.study import report
+from rotjax.study import results
+from rotjax.study import runner
+from rotjax.study import sweep
+from rotjax import rundir
 from rotjax import train
 
 
@@ -111,11 +112,11 @@ class FakeTrain:
     if config.init_from:
       info['init_from_source'] = checkpoint.source_record(
           checkpoint.load_variables(config.init_from), config.workdir)
-    train._write_json(os.path.join(config.workdir, 'run_info.json'), info)
-    train._write_json(os.path.join(config.workdir, 'config.json'), config.to_dict())  # as train does
+    rundir.write_json(os.path.join(config.workdir, 'run_info.json'), info)
+    rundir.write_json(os.path.join(config.workdir, 'config.json'), config.to_dict())  # as train does
     summary = {'epochs': config.num_epochs, 'best_val_accuracy': 0.5, 'test_accuracy': 0.4,
                'min_val_loss': 1.0, 'wall_seconds': 1.0, 'images_per_second': 10.0}
-    results.write_json(os.path.join(config.workdir, 'summary.json'), summary)
+    rundir.write_json(os.path.join(config.workdir, 'summary.json'), summary)
     return summary
 
 
@@ -132,7 +133,7 @@ class FakeReport:
     path = os.path.join(study_dir, 'report.md')
     with open(path, 'w') as f:
       f.write('# study\n\n![a.png](a.png)\n![b c.png](b_c.png)\n')
-    return path
+    return report.Built(path, ['a.png', 'b_c.png'])
 
 
 def _run(config, fake, monkeypatch):
@@ -165,14 +166,14 @@ def test_rerun_skips_finished_runs_and_resumes_unfinished_ones(tmp_path, monkeyp
   # An interrupted run: its summary is from fewer epochs than the config asks for.
   interrupted = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/5_supervised_random'
   summary_path = os.path.join(tmp_path, interrupted, 'summary.json')
-  results.write_json(summary_path, {**results.read_json(summary_path), 'epochs': 1})
+  rundir.write_json(summary_path, {**rundir.read_json(summary_path), 'epochs': 1})
   second = FakeTrain()
   rows = _run(config, second, monkeypatch)
   assert sorted(second.calls) == sorted(['cifar10-resnet18-rot4-ls0.1-spcall-seed0/3_finetune_random',
                                          interrupted])
   assert rows[interrupted]['status'] == 'done' and rows[interrupted]['epochs'] == 2
   assert {r['status'] for w, r in rows.items() if w not in second.calls} == {'finished'}
-  manifest = results.read_json(os.path.join(tmp_path, 'study.json'))
+  manifest = rundir.read_json(os.path.join(tmp_path, 'study.json'))
   assert len(manifest['runs']) == 7 and manifest['reference']['samples_per_class'] == 0
 
 
@@ -221,12 +222,12 @@ def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   rows = results.collect(config.workdir)
   assert [(r['stage'], r['status'], r['epochs']) for r in rows] == [(1, 'done', 1), (2, 'done', 1)]
   finetune = os.path.join(config.workdir, rows[1]['workdir'])
-  info = results.read_json(os.path.join(finetune, 'run_info.json'))
+  info = rundir.read_json(os.path.join(finetune, 'run_info.json'))
   assert info['init_from'].startswith(os.path.join(config.workdir, rows[0]['workdir']) + os.sep)
   # The study alone leaves the report and its figures, and its last line names them.
   report_path = os.path.join(config.workdir, 'report.md')
   assert '| 2 fine-tune pretrained (layer4+fc) |' in open(report_path).read()
-  figures = runner.report_figures(report_path)
+  figures = report.build_report(config.workdir).figures
   assert 'curves_cifar10_2_finetune_pretrained.png' in figures
   for name in figures:
     with open(os.path.join(config.workdir, name), 'rb') as f:
@@ -241,9 +242,9 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path, monke
   _run(config, FakeTrain(), monkeypatch)
   old = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/3_finetune_random'
   path = os.path.join(tmp_path, old, 'config.json')
-  saved = results.read_json(path)
+  saved = rundir.read_json(path)
   del saved['freeze_bn']
-  results.write_json(path, saved)
+  rundir.write_json(path, saved)
   again = FakeTrain()
   rows = _run(config, again, monkeypatch)
   assert again.calls == []
@@ -279,7 +280,7 @@ def test_runs_from_a_stale_or_retrained_pretext_are_stale_not_averaged(tmp_path,
   _run(config, FakeTrain(), monkeypatch)
   # The pretext turns stale (trained with other settings): so do the runs made from it.
   path = os.path.join(tmp_path, PRETEXT, 'config.json')
-  results.write_json(path, {**results.read_json(path), 'label_smoothing': 0.3})
+  rundir.write_json(path, {**rundir.read_json(path), 'label_smoothing': 0.3})
   rows = _run(config, FakeTrain(), monkeypatch)
   assert [rows[r]['status'] for r in (PRETEXT, FINETUNE, SUPERVISED)] == ['stale'] * 3
   assert rows[FINETUNE]['error'].startswith(f'pretext {PRETEXT} stale')

@@ -1,4 +1,3 @@
-import functools
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import pytest
 from rotjax import input_pipeline
 from rotjax import parallel
 from rotjax import metrics
+from rotjax import rundir
 from rotjax import train
 
 
@@ -33,8 +33,8 @@ def _step_on(devices, state, mask, batch):
   from rotjax import preprocess
   prepare = lambda batch, rng: (preprocess.normalize(batch['image'], preprocess.CIFAR_MEAN,
                                                      preprocess.CIFAR_STD), batch['label'], batch['mask'])
-  step = jax.pmap(functools.partial(train.train_step, prepare_fn=prepare, mask=mask, smoothing=0.1),
-                  axis_name='batch', devices=devices)
+  step = train.pmapped_train_step(None, mask, devices, smoothing=0.1, prepare_fn=prepare,
+                                  donate=False)
   new_state, m = step(parallel.replicate(state, devices), input_pipeline.shard(batch, len(devices)),
                       parallel.replicate(jax.random.key(0), devices))
   return jax.device_get(parallel.unreplicate(m)), jax.device_get(parallel.unreplicate(new_state))
@@ -90,9 +90,9 @@ def test_padded_rows_carry_no_weight_and_the_loss_is_the_mean_over_real_rows(mak
 
 
 def test_resuming_with_another_epoch_length_is_an_error():
-  train._check_epoch_length({'epoch': 2, 'step': 14}, 7, 'run')   # same settings: fine
+  rundir._check_epoch_length({'epoch': 2, 'step': 14}, 7, 'run')   # same settings: fine
   with pytest.raises(ValueError, match='run was trained with 6 steps per epoch, this run has 7'):
-    train._check_epoch_length({'epoch': 2, 'step': 12}, 7, 'run')
+    rundir._check_epoch_length({'epoch': 2, 'step': 12}, 7, 'run')
 
 
 @pytest.mark.gpu
@@ -102,8 +102,7 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
   dataset = input_pipeline.load_dataset(config.data)
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
   devices = jax.local_devices()
-  step = jax.pmap(functools.partial(train.train_step, prepare_fn=train.make_prepare_fn(config, train=True),
-                                    mask=mask, smoothing=0.1), axis_name='batch', devices=devices)
+  step = train.pmapped_train_step(config, mask, devices, smoothing=0.1, donate=False)
   batch = jax.device_put(input_pipeline.shard(next(input_pipeline.train_batches(
       dataset.train, 8, 0, 1)), len(devices)))
   replicated = parallel.replicate(state, devices)
@@ -214,7 +213,7 @@ def test_per_device_batchnorm_trains_alike_on_one_and_two_devices(make_config, t
 
 def _bf16_then_not(monkeypatch, make_config, workdir, **overrides):
   """Epoch 1 where `auto` picks bfloat16, then a resume where it would pick float32."""
-  from rotjax import hardware
+  from rotjax.cpu import hardware
   monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: True)
   train.train_and_evaluate(make_config('supervised', workdir, num_epochs=1, **{'model.dtype': 'auto'}))
   first = json.load(open(workdir / 'run_info.json'))['compute']
@@ -237,7 +236,7 @@ def test_a_resumed_run_keeps_the_dtype_and_convolutions_of_its_first_start(
 
 def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
     make_config, tmp_path, monkeypatch):
-  from rotjax import onednn_conv
+  from rotjax.cpu import onednn_conv
   first, config = _bf16_then_not(monkeypatch, make_config, tmp_path)
   if first['conv'] != 'onednn':
     pytest.skip('needs oneDNN bfloat16 convolutions for the first start')

@@ -2,15 +2,15 @@
 import json
 import logging
 import os
-import re
 import time
 import traceback
 
 from rotjax import checkpoint
 from rotjax import input_pipeline
-from rotjax import report
-from rotjax import results
-from rotjax import sweep
+from rotjax import rundir
+from rotjax.study import report
+from rotjax.study import results
+from rotjax.study import sweep
 from rotjax import train
 
 MANIFEST = 'study.json'
@@ -54,7 +54,7 @@ def changed_settings(run_config) -> list[str]:
   statistics) nor be resumed as if it were the planned one. A setting missing from the old
   config.json counts as changed.
   """
-  old = results.read_json(os.path.join(run_config.workdir, 'config.json'), {})
+  old = rundir.read(run_config.workdir, rundir.CONFIG, {})
   if not old:
     return []
   old, new = _flatten(old), _flatten(run_config.to_dict())
@@ -88,7 +88,7 @@ def source_change(run_config, sources: SourceRecords) -> str:
   """Why the run already in the workdir did not start from its planned init_from as that
   run is now ('' if it did, or never started): another pretext (pretext_seed changed) or the
   same folder retrained. A run that records no source (an older rotjax) counts as changed."""
-  info = results.read_json(os.path.join(run_config.workdir, 'run_info.json'), {})
+  info = rundir.read(run_config.workdir, rundir.RUN_INFO, {})
   if not info:
     return ''
   recorded = info.get('init_from_source')
@@ -106,13 +106,13 @@ def source_change(run_config, sources: SourceRecords) -> str:
 
 def is_finished(run_config) -> bool:
   """summary.json says the run trained all its epochs."""
-  summary = results.read_json(os.path.join(run_config.workdir, 'summary.json'), {})
+  summary = rundir.read(run_config.workdir, rundir.SUMMARY, {})
   return summary.get('epochs') == run_config.num_epochs
 
 
 def write_manifest(config, runs, study_dir) -> None:
   """study.json: the study config, the reference setting, and every run with its pretext."""
-  results.write_json(os.path.join(study_dir, MANIFEST), {
+  rundir.write_json(os.path.join(study_dir, MANIFEST), {
       'config': config.to_dict(),
       'reference': {a: config.axes[a][0] for a in sweep.AXES},
       'runs': [{'name': r.name, 'stage': r.stage, **r.axes(),
@@ -132,14 +132,8 @@ def _train(run_config, datasets) -> tuple[str, str, dict]:
   return 'done', '', summary
 
 
-def report_figures(report_path: str) -> list[str]:
-  """The image files report.md shows, in its order (its links are relative to the study folder)."""
-  with open(report_path) as f:
-    return re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', f.read())
-
-
-def write_report(study_dir: str) -> str:
-  """Rebuilds results.csv, report.md and its figures; returns report.md's path, '' if that failed.
+def write_report(study_dir: str) -> report.Built | None:
+  """Rebuilds results.csv, report.md and its figures; None if that failed.
 
   Never raises: a plotting or table bug must not stop a study of many hours (the runs are what
   matter, and `python -m rotjax.report DIR` rebuilds the report once the bug is fixed).
@@ -150,7 +144,7 @@ def write_report(study_dir: str) -> str:
   except Exception:  # Whatever broke, the study goes on; the traceback says what.
     logging.error('report of %s failed (rebuild: python -m rotjax.report %s):\n%s',
                   study_dir, study_dir, traceback.format_exc())
-    return ''
+    return None
 
 
 def _line(k, n, name, status, seconds, summary, error) -> str:
@@ -210,17 +204,17 @@ def run_study(config, datasets=None) -> list[dict]:
   return rows
 
 
-def final_line(study_dir: str, rows: list[dict], report_path: str) -> str:
+def final_line(study_dir: str, rows: list[dict], built: report.Built | None) -> str:
   """What the study did and which report files it wrote (or how to rebuild a failed report)."""
   counts = {}
   for row in rows:
     counts[row['status']] = counts.get(row['status'], 0) + 1
   line = f'study {study_dir}: {len(rows)} runs (' + ', '.join(
       f'{n} {status}' for status, n in sorted(counts.items())) + ')'
-  if not report_path:
+  if built is None:
     return f'{line}; the report failed (error above), rebuild: python -m rotjax.report {study_dir}'
-  figures = report_figures(report_path)
-  return f'{line}; wrote {report_path} and {len(figures)} figures beside it: {", ".join(figures)}'
+  return (f'{line}; wrote {built.path} and {len(built.figures)} figures beside it: '
+          f'{", ".join(built.figures)}')
 
 
 def run_study_and_report(config, datasets=None) -> str:

@@ -3,7 +3,7 @@
 `model.dtype=auto` and `model.conv=auto` mean "the fastest path that is correct on
 this machine". Nothing is assumed from the machine the defaults were tuned on:
 the CPU's instruction sets come from /proc/cpuinfo, oneDNN's abilities from a
-probe (onednn_conv.probe), and the choice and its reasons are logged once and
+probe (onednn_build.probe), and the choice and its reasons are logged once and
 written to run_info.json (`describe`).
 
 The rule, from scripts/benchmark.py on each CPU class (README, Performance):
@@ -13,70 +13,20 @@ The rule, from scripts/benchmark.py on each CPU class (README, Performance):
 - convolutions on oneDNN wherever it has optimized kernels for that dtype
   (onednn_conv.uses_onednn), XLA's own otherwise.
 
-`ONEDNN_MAX_CPU_ISA` (oneDNN's switch to act as an older CPU) caps what rotjax
-believes the CPU has too, so `ONEDNN_MAX_CPU_ISA=AVX2` on any machine takes the
-whole path an AVX2-only machine takes. That is how the tests cover the lesser paths.
+The CPU's class comes from isa.py (`ONEDNN_MAX_CPU_ISA` caps it, for the tests of the
+lesser paths); whether oneDNN takes a dtype here from onednn_conv.uses_onednn.
 """
-import functools
 import os
-import platform
 import re
 
 import jax
 import jax.numpy as jnp
 
-from rotjax import onednn_conv
+from rotjax.cpu import onednn_build
+from rotjax.cpu import onednn_conv
+from rotjax.cpu.isa import NATIVE_BF16_CLASSES, cpu_flags, cpu_model, isa_class
 
 DTYPES = ('auto', 'float32', 'bfloat16')
-# CPU classes, weakest first, with the /proc/cpuinfo flags that make each.
-ISA_CLASSES = (('older', ()), ('avx2', ('avx2', 'fma')), ('avx512', ('avx512f', 'avx512bw', 'avx512vl')),
-               ('avx512_bf16', ('avx512_bf16',)), ('amx', ('amx_bf16', 'amx_tile')))
-# ONEDNN_MAX_CPU_ISA values (lower case) and the class they cap the CPU at.
-_ONEDNN_CAPS = {'sse41': 'older', 'avx': 'older', 'avx2': 'avx2', 'avx2_vnni': 'avx2',
-                'avx2_vnni_2': 'avx2', 'avx512_core': 'avx512', 'avx512_core_vnni': 'avx512',
-                'avx512_core_bf16': 'avx512_bf16', 'avx512_core_fp16': 'avx512_bf16',
-                'avx10_1_512': 'avx512_bf16', 'avx512_core_amx': 'amx',
-                'avx512_core_amx_fp16': 'amx', 'all': 'amx', 'default': 'amx'}
-NATIVE_BF16_CLASSES = ('avx512_bf16', 'amx')
-
-
-@functools.lru_cache(maxsize=None)
-def _cpuinfo(field: str) -> str:
-  """The first `field` line of /proc/cpuinfo ('' where there is none)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith(field):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
-
-
-def cpu_flags() -> frozenset:
-  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-  return frozenset(_cpuinfo('flags').split())
-
-
-def cpu_model() -> str:
-  return _cpuinfo('model name') or platform.processor() or platform.machine()
-
-
-def isa_class(flags=None, cap=None) -> str:
-  """The strongest class in ISA_CLASSES whose flags the CPU has, capped by ONEDNN_MAX_CPU_ISA."""
-  flags = cpu_flags() if flags is None else flags
-  best = 'older'
-  for name, needed in ISA_CLASSES[1:]:   # each class implies the ones before it
-    if all(f in flags for f in needed):
-      best = name
-  cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '') if cap is None else cap
-  cap_class = _ONEDNN_CAPS.get(cap.strip().lower())
-  if cap_class is not None:
-    names = [n for n, _ in ISA_CLASSES]
-    best = names[min(names.index(best), names.index(cap_class))]
-  return best
-
-
 # NVIDIA GPUs with bf16 matrix units (tensor cores): Ampere (compute capability 8.0) and
 # later. V100 (7.0), T4 (7.5) and P100 (6.0) run bf16 through float32 (XLA converts around
 # every matmul and convolution): slower than float32 itself, so `auto` picks float32 there.
@@ -146,10 +96,10 @@ def describe(model_config) -> dict:
                 cpu_flags=sorted(f for f in flags if f.startswith(('avx', 'amx', 'fma'))),
                 onednn_max_cpu_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''))
     if conv != 'xla':
-      info.update(onednn_version=onednn_conv.version(), onednn_source=onednn_conv.source(),
-                  onednn_found=[f'{i.source} {i.version}' for i in onednn_conv.installations()],
-                  onednn_dtypes=list(onednn_conv.supported_dtypes()),
-                  onednn_unavailable=onednn_conv.unavailable_reason())
+      info.update(onednn_version=onednn_build.version(), onednn_source=onednn_build.source(),
+                  onednn_found=[f'{i.source} {i.version}' for i in onednn_build.installations()],
+                  onednn_dtypes=list(onednn_build.supported_dtypes()),
+                  onednn_unavailable=onednn_build.unavailable_reason())
   return info
 
 

@@ -5,8 +5,9 @@ summary.json, config.json and run_info.json; never the checkpoints.
 """
 import csv
 import glob
-import json
 import os
+
+from rotjax import rundir
 
 RECORD = 'study_run.json'
 COLUMNS = ('stage', 'dataset', 'model', 'num_rotations', 'label_smoothing', 'samples_per_class',
@@ -14,40 +15,22 @@ COLUMNS = ('stage', 'dataset', 'model', 'num_rotations', 'label_smoothing', 'sam
            'wall_seconds', 'images_per_second', 'workdir', 'pretext_run', 'status', 'error')
 
 
-def read_json(path: str, default=None):
-  """The parsed file, or default if it is missing or torn."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return default
-
-
-def write_json(path: str, obj) -> None:
-  """Write-then-rename, so a killed process never leaves half a file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)
-
-
 def write_record(workdir: str, record: dict) -> None:
   """study_run.json: a run's axes, pretext run, status and error."""
-  write_json(os.path.join(workdir, RECORD), record)
+  rundir.write(workdir, RECORD, record)
 
 
 def run_dirs(study_dir: str) -> list[str]:
   """Every run folder of a study (one with a record, or at least a config.json)."""
   found = set()
-  for name in (RECORD, 'config.json'):
+  for name in (RECORD, rundir.CONFIG):
     found |= {os.path.dirname(p) for p in glob.glob(os.path.join(study_dir, '*', '*', name))}
   return sorted(found)
 
 
 def _from_config(workdir: str) -> dict:
   """The record of a run the study did not write (e.g. copied in): its axes from config.json."""
-  config = read_json(os.path.join(workdir, 'config.json'), {})
+  config = rundir.read(workdir, rundir.CONFIG, {})
   if not config:
     return {}
   pretrained = bool(config.get('init_from'))
@@ -65,10 +48,10 @@ def collect(study_dir: str) -> list[dict]:
   """One row per run: its axes, status and summary (missing numbers are None)."""
   rows = []
   for workdir in run_dirs(study_dir):
-    record = read_json(os.path.join(workdir, RECORD)) or _from_config(workdir)
+    record = rundir.read(workdir, RECORD) or _from_config(workdir)
     if not record:
       continue
-    summary = read_json(os.path.join(workdir, 'summary.json'), {})
+    summary = rundir.read(workdir, rundir.SUMMARY, {})
     row = {c: record.get(c, summary.get(c)) for c in COLUMNS}
     row['workdir'] = os.path.relpath(workdir, study_dir)
     if record.get('status') == 'unknown' and summary:

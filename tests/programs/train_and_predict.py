@@ -7,11 +7,11 @@ import json
 import os
 import sys
 
-from rotjax import platform
+import _path  # noqa: F401  (this checkout first)
+from rotjax.cpu import platform
 
 platform.configure()
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402  (after platform.configure: XLA flags before jax starts)
 import numpy as np  # noqa: E402
 

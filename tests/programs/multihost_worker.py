@@ -1,8 +1,9 @@
 """One process of the multi-host test.
 
-python tests/multihost_worker.py FOLDER WORKDIR NPROC PID PORT [LATE_SECONDS]
-LATE_SECONDS: process 1 starts training that much later than process 0, as a
-process does that compiles slowly or loads its data late.
+python tests/programs/multihost_worker.py FOLDER WORKDIR NPROC PID PORT [LATE_SECONDS]
+LATE_SECONDS: process 1 reaches the first train step (the first collective) that long
+after process 0 has reached it, as a process does that compiles slowly or loads its data
+late. "Reached" is read off process 0's run_info.json, written right before its first step.
 """
 import os
 import sys
@@ -13,7 +14,7 @@ nproc, pid = int(nproc), int(pid)
 late = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
 # 2 CPU devices in all, split over the processes: 1 process x 2 or 2 processes x 1.
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={2 // nproc}'
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 from conftest import tiny_config  # noqa: E402
@@ -28,6 +29,20 @@ if nproc > 1:
   config.distributed.process_id = pid
 parallel.initialize_distributed(config.distributed)
 assert jax.device_count() == 2 and jax.process_count() == nproc, jax.devices()
-time.sleep(late if pid == 1 else 0.0)
+if pid == 1 and late:
+  replicate = parallel.replicate
+
+  def replicate_late(tree, *args, **kwargs):
+    """The state's replication is the last thing before the first step: wait there until
+    process 0 is at its first step, then `late` seconds more."""
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(workdir, 'run_info.json')):
+      if time.time() > deadline:
+        raise TimeoutError('process 0 never reached its first train step')
+      time.sleep(0.2)
+    time.sleep(late)
+    parallel.replicate = replicate
+    return replicate(tree, *args, **kwargs)
+  parallel.replicate = replicate_late
 print('SUMMARY', train.train_and_evaluate(config), flush=True)
 parallel.shutdown_distributed()

@@ -9,7 +9,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from rotjax import platform
+from rotjax.cpu import platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -22,7 +22,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   platform.quiet_library_logs()
   import jax  # After platform.configure(): XLA flags must be set before jax starts.
-  from rotjax import runner
+  from rotjax.study import runner
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   print(runner.run_study_and_report(FLAGS.config), flush=True)
 

@@ -1,0 +1,145 @@
+"""A run's folder: what its files are called, how each is read and written, where its
+checkpoints are, and the rule that its log never runs ahead of them. Everything else asks
+this module; nothing else spells out a file name of a run.
+
+  WORKDIR/config.json         the config as given (`model.dtype=auto` stays `auto`)
+  WORKDIR/run_info.json       what the first start resolved: devices, data sizes, compute
+                              (dtype, convolutions), the checkpoint it loaded (init_from)
+  WORKDIR/metrics.jsonl       one row per finished epoch, appended once that epoch's
+                              checkpoint is committed (`commit_epoch`)
+  WORKDIR/summary.json        written when the last epoch is done
+  WORKDIR/checkpoints/<step>  the latest few Orbax steps: a rerun resumes from here
+  WORKDIR/best/<step>         the best on validation: what init_from and rotjax.load read
+  WORKDIR/events.out.tfevents.*  TensorBoard scalars
+
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so
+a step folder named by its number alone is a whole checkpoint (`step_dirs`).
+"""
+import json
+import os
+
+CONFIG = 'config.json'
+RUN_INFO = 'run_info.json'
+METRICS = 'metrics.jsonl'
+SUMMARY = 'summary.json'
+LATEST = 'checkpoints'
+BEST = 'best'
+
+
+def absolute(workdir: str) -> str:
+  return os.path.abspath(os.path.expanduser(workdir))
+
+
+def path(workdir: str, name: str) -> str:
+  """WORKDIR/name, for one of the names above."""
+  return os.path.join(absolute(workdir), name)
+
+
+def read_json(file: str, default=None):
+  """The parsed file, or `default` where it is missing or torn (a killed writer)."""
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return default
+
+
+def write_json(file: str, obj) -> None:
+  """Write-then-rename, so a killed process never leaves half a file."""
+  os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+  tmp = file + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, file)
+
+
+def read(workdir: str, name: str, default=None):
+  """One of the run's JSON files (CONFIG, RUN_INFO, SUMMARY), or `default`."""
+  return read_json(path(workdir, name), default)
+
+
+def write(workdir: str, name: str, obj) -> None:
+  write_json(path(workdir, name), obj)
+
+
+def is_run(workdir: str) -> bool:
+  """A rotjax run's folder: it has a config.json."""
+  return os.path.exists(path(workdir, CONFIG))
+
+
+def step_dirs(workdir: str, sub: str) -> list[str]:
+  """The complete checkpoint steps under WORKDIR/sub (LATEST or BEST), oldest first."""
+  directory = path(workdir, sub)
+  if not os.path.isdir(directory):
+    return []
+  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  return [os.path.join(directory, str(step)) for step in steps]
+
+
+def find_checkpoint(where: str, what: str = 'path') -> tuple[str, str]:
+  """(workdir, step folder) of a run's workdir (its best step, else its latest) or of a step
+  folder WORKDIR/checkpoints/<step> or WORKDIR/best/<step>. Errors name `what` was given
+  (e.g. 'init_from') and why it is no checkpoint."""
+  where_abs = absolute(where)
+  if not os.path.exists(where_abs):
+    raise FileNotFoundError(f'{what}={where} does not exist')
+  parent = os.path.dirname(where_abs)
+  if os.path.basename(where_abs).isdigit() and os.path.basename(parent) in (LATEST, BEST):
+    return os.path.dirname(parent), where_abs
+  for sub in (BEST, LATEST):
+    steps = step_dirs(where_abs, sub)
+    if steps:
+      return where_abs, steps[-1]
+  if not is_run(where_abs):
+    raise FileNotFoundError(
+        f'{what}={where} is not a rotjax run: it has no {CONFIG} and no complete checkpoint '
+        f'under {LATEST}/ or {BEST}/ (pass the workdir of a finished stage, or '
+        f'WORKDIR/{LATEST}/<step>)')
+  raise FileNotFoundError(f'{what}={where} has no complete checkpoint under {BEST}/ or '
+                          f'{LATEST}/ (did the run finish its first epoch?)')
+
+
+# ---------------------------------------------------------------- the log and the checkpoints
+
+def commit_epoch(checkpoints, log, step: int, state, is_best: bool, row: dict) -> None:
+  """Saves the epoch's checkpoint (its metrics row inside it) and only once it is committed
+  appends the row to metrics.jsonl: the log never claims an epoch a rerun would redo."""
+  checkpoints.save(step, state, is_best, row)
+  log.write(row)
+
+
+def resume(checkpoints, log, state, steps_per_epoch: int):
+  """(state, first epoch to train, metrics rows so far) of a run starting in its workdir.
+
+  From the latest complete checkpoint, if any. metrics.jsonl is cut back to the epochs
+  the checkpoints hold (a kill may have fallen after an append and before the next
+  commit), and the checkpointed epoch's row is appended again where a kill fell between
+  its commit and its append (the row travels inside the checkpoint). best/ gets the
+  restored step again where a kill fell between the two saves.
+  """
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state = restored
+    _check_epoch_length(checkpoints.latest_row(), steps_per_epoch, checkpoints.workdir)
+  start_epoch = int(state.step) // max(steps_per_epoch, 1)
+  log.truncate(start_epoch)
+  history = log.read()
+  if start_epoch and (not history or history[-1]['epoch'] < start_epoch):
+    row = checkpoints.latest_row()
+    if row is not None and row.get('epoch') == start_epoch:
+      log.write(row)
+      history.append(row)
+  if restored is not None and history and max(
+      history, key=lambda r: r['val_accuracy'])['epoch'] == start_epoch:
+    checkpoints.ensure_best(int(state.step), state)
+  return state, start_epoch, history
+
+
+def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:
+  """A resumed run keeps its steps per epoch: the epoch it resumes at, its data order and
+  its learning-rate schedule are all counted in them."""
+  if row and row['step'] != row['epoch'] * steps_per_epoch:
+    raise ValueError(
+        f'{workdir} was trained with {row["step"] // row["epoch"]} steps per epoch, this run '
+        f'has {steps_per_epoch} (another batch_size or training set, or a rotjax that dropped '
+        "each epoch's last partial batch): resume with its settings or use a new workdir")
