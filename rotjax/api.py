@@ -8,16 +8,13 @@
 No CLI and no dataset needed: the run's config.json and run_info.json say how
 to build the model and preprocess images (eval style, as in training's eval).
 """
-import functools
-import json
 import logging
-import os
 
 import numpy as np
 
-from rotjax.cpu import hardware
 from rotjax import models
 from rotjax import rundir
+from rotjax.cpu import hardware
 from rotjax.cpu import onednn_conv
 
 

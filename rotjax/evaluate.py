@@ -1,4 +1,4 @@
-r"""Evaluation tools for trained runs: linear probe, k-NN, per-class accuracy, t-SNE.
+r"""Command line of the evaluation tools (probes.py): linear probe, k-NN, per-class accuracy, t-SNE.
 
   python -m rotjax.evaluate probe runs/pretext --layer=layer3
   python -m rotjax.evaluate knn runs/pretext --layer=pooled --k=20
@@ -13,14 +13,16 @@ Features are frozen: extracted once in eval mode, then the probe is trained on t
 """
 import argparse
 import copy
-import functools
 import json
 import os
 import sys
 
 import numpy as np
 
-PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+from rotjax import probes
+from rotjax import rundir
+from rotjax.study import plots
+
 
 
 # ---------------------------------------------------------------- runs and data
@@ -57,183 +59,30 @@ def load_data(config, **overrides):
   return input_pipeline.load_dataset(data_config(config, **overrides))
 
 
-# ---------------------------------------------------------------- linear probe / k-NN
-
-def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, *,
-                 steps=500, learning_rate=1e-2, weight_decays=PROBE_WEIGHT_DECAYS, seed=0):
-  """Multinomial logistic regression on frozen features, full-batch Adam in JAX.
-
-  One probe per weight decay (vmapped); the one best on val is reported on test.
-  Features are standardised with the train split's mean and std.
-  """
-  import jax
-  import jax.numpy as jnp
-  import optax
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  norm = lambda x: jnp.asarray((x - mean) / std, jnp.float32)
-  train_x, val_x, test_x = norm(train_x), norm(val_x), norm(test_x)
-  tx = optax.adam(learning_rate)
-
-  def fit(weight_decay):
-    params = {'w': jnp.zeros((train_x.shape[1], num_classes)), 'b': jnp.zeros(num_classes)}
-
-    def loss_fn(params):
-      logits = train_x @ params['w'] + params['b']
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_y).mean()
-      return ce + weight_decay * jnp.sum(params['w'] ** 2)
-
-    def step(carry, _):
-      params, opt_state = carry
-      grads = jax.grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-    acc = lambda x, y: jnp.mean(jnp.argmax(x @ params['w'] + params['b'], -1) == y)
-    return acc(train_x, train_y), acc(val_x, val_y), acc(test_x, test_y)
-
-  wds = jnp.asarray(weight_decays, jnp.float32)
-  train_acc, val_acc, test_acc = jax.device_get(jax.jit(jax.vmap(fit))(wds))
-  best = int(np.argmax(val_acc))  # first of the ties: the least regularised
-  return {'train_accuracy': float(train_acc[best]), 'val_accuracy': float(val_acc[best]),
-          'test_accuracy': float(test_acc[best]), 'weight_decay': float(weight_decays[best]),
-          'val_accuracy_per_weight_decay': dict(zip(map(str, weight_decays), val_acc.tolist()))}
-
-
-def knn_accuracy(train_x, train_y, query_x, query_y, num_classes, k=20, chunk=1024):
-  """Accuracy of a k-nearest-neighbour vote by cosine similarity (ties: summed similarity)."""
-  import jax
-  import jax.numpy as jnp
-  k = min(k, len(train_x))
-  unit = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-  bank = jnp.asarray(unit(train_x), jnp.float32)
-  bank_y = jnp.asarray(train_y)
-
-  @jax.jit
-  def predict(q):
-    sims, idx = jax.lax.top_k(q @ bank.T, k)
-    votes = jax.nn.one_hot(bank_y[idx], num_classes).sum(1)
-    votes += 1e-3 * (jax.nn.one_hot(bank_y[idx], num_classes) * sims[..., None]).sum(1)
-    return jnp.argmax(votes, -1)
-  query = unit(query_x).astype(np.float32)
-  preds = np.concatenate([np.asarray(predict(query[i:i + chunk]))
-                          for i in range(0, len(query), chunk)])
-  return float(np.mean(preds == query_y))
-
-
-# ---------------------------------------------------------------- per-class / confusion
-
-def predictions(model, images):
-  """(predicted, true) labels for a split's images: classes, or rotations for a pretext run."""
-  if model.config.stage != 'pretext':
-    return model.predict(images).argmax(-1), None
-  import jax
-  from rotjax import train
-  prepare = train.make_prepare_fn(model.config, train=False)
-
-  @jax.jit
-  def rotated(variables, batch, index):
-    # The loop's eval pipeline and keys (index: each image's place in the split): the
-    # very images its val/test accuracy scored.
-    x, labels, _ = prepare({'image': batch, 'index': index}, train.eval_key(model.config.seed))
-    logits, _ = model.module.apply(variables, x, train=False)
-    return logits.argmax(-1), labels
-  outs = [jax.device_get(rotated(model.variables, images[i:i + 128],
-                                 np.arange(i, min(i + 128, len(images)), dtype=np.int32)))
-          for i in range(0, len(images), 128)]
-  return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
-
-
-def confusion_matrix(true, pred, num_classes) -> np.ndarray:
-  """counts[true, predicted]."""
-  counts = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(counts, (true, pred), 1)
-  return counts
-
-
-def plot_confusion(counts, class_names, title, path):
-  """Row-normalised confusion matrix with counts written in each cell."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  n = len(class_names)
-  rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-  size = max(4.5, 0.55 * n + 2.5)
-  fig, ax = plt.subplots(figsize=(size, size * 0.9))
-  im = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
-  ax.set_xticks(range(n), class_names, rotation=45, ha='right')
-  ax.set_yticks(range(n), class_names)
-  ax.set_xlabel('predicted')
-  ax.set_ylabel('true')
-  for i in range(n):
-    for j in range(n):
-      ax.text(j, i, str(counts[i, j]), ha='center', va='center', fontsize=8,
-              color='white' if rates[i, j] > 0.5 else 'black')
-  fig.colorbar(im, ax=ax, fraction=0.046, label='fraction of the true class')
-  ax.set_title(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-
-
-# ---------------------------------------------------------------- t-SNE
-
-def tsne_embed(features, seed=0, perplexity=30.0):
-  """2-D t-SNE of features (PCA to 50 dimensions first, as is usual)."""
-  from sklearn.decomposition import PCA
-  from sklearn.manifold import TSNE
-  x = (features - features.mean(0)) / (features.std(0) + 1e-6)
-  if x.shape[1] > 50 and len(x) > 50:
-    x = PCA(50, random_state=seed).fit_transform(x)
-  perplexity = min(perplexity, (len(x) - 1) / 3)
-  return TSNE(2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(x)
-
-
-def plot_tsne(embeddings, labels, class_names, titles, path, suptitle=''):
-  """One scatter per run, side by side, coloured by class, with one shared legend."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  n = len(embeddings)
-  fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.6, 4.4), squeeze=False)
-  cmap = plt.get_cmap('tab10' if len(class_names) <= 10 else 'tab20')
-  for ax, emb, title in zip(axes[0], embeddings, titles):
-    for c, name in enumerate(class_names):
-      sel = labels == c
-      ax.scatter(emb[sel, 0], emb[sel, 1], s=6, alpha=0.75, color=cmap(c % cmap.N), label=name)
-    ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  handles, names = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, names, loc='center right', markerscale=3, fontsize=9, frameon=False)
-  if suptitle:
-    fig.suptitle(suptitle, fontsize=11)
-  fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-
-
 # ---------------------------------------------------------------- commands
 
-def cmd_probe(args):
+def _run_and_features(args):
+  """(name, model, dataset, {split: features}) of the one run a probe or k-NN command names."""
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
-  feats = {s: model.features(getattr(dataset, s).images, layer=args.layer)
-           for s in ('train', 'val', 'test')}
-  result = linear_probe(feats['train'], dataset.train.labels, feats['val'], dataset.val.labels,
-                        feats['test'], dataset.test.labels, dataset.num_classes, steps=args.steps,
-                        learning_rate=args.learning_rate)
+  return name, model, dataset, probes.split_features(model, dataset, args.layer)
+
+
+def cmd_probe(args):
+  name, _, dataset, feats = _run_and_features(args)
+  result = probes.linear_probe(feats['train'], dataset.train.labels, feats['val'],
+                               dataset.val.labels, feats['test'], dataset.test.labels,
+                               dataset.num_classes, steps=args.steps,
+                               learning_rate=args.learning_rate)
   return {'run': name, 'layer': args.layer, 'feature_dim': int(feats['train'].shape[1]),
           'train_images': len(dataset.train), **result}
 
 
 def cmd_knn(args):
-  name, model = load_run(args.runs[0])
-  dataset = load_data(model.config, **_data_overrides(args))
-  feats = {s: model.features(getattr(dataset, s).images, layer=args.layer)
-           for s in ('train', 'val', 'test')}
+  name, _, dataset, feats = _run_and_features(args)
   result = {'run': name, 'layer': args.layer, 'k': args.k, 'train_images': len(dataset.train)}
   for split in ('val', 'test'):
-    result[f'{split}_accuracy'] = knn_accuracy(
+    result[f'{split}_accuracy'] = probes.knn_accuracy(
         feats['train'], dataset.train.labels, feats[split], getattr(dataset, split).labels,
         dataset.num_classes, k=args.k)
   return result
@@ -243,16 +92,16 @@ def cmd_confusion(args):
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
   split = getattr(dataset, args.split)
-  pred, true = predictions(model, split.images)
+  pred, true = probes.predictions(model, split.images)
   true = split.labels if true is None else true
   names = model.class_names or tuple(str(i) for i in range(model.num_classes))
-  counts = confusion_matrix(true, pred, len(names))
+  counts = probes.confusion_matrix(true, pred, len(names))
   per_class = (np.diag(counts) / np.maximum(counts.sum(1), 1)).tolist()
   accuracy = float(np.trace(counts) / max(counts.sum(), 1))
   path = args.out or os.path.join(_out_dir(args), f'confusion_{args.split}.png')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   what = 'rotation' if model.config.stage == 'pretext' else 'class'
-  plot_confusion(counts, names, f'{name} ({model.config.stage}): {what} accuracy on '
+  plots.plot_confusion(counts, names, f'{name} ({model.config.stage}): {what} accuracy on '
                  f'{args.split} {accuracy:.3f}, n={counts.sum()}', path)
   return {'run': name, 'split': args.split, 'accuracy': accuracy,
           'per_class_accuracy': dict(zip(names, per_class)), 'confusion': counts.tolist(),
@@ -269,12 +118,12 @@ def cmd_tsne(args):
   split = getattr(dataset, args.split)
   embeddings, titles = [], []
   for name, model in runs:
-    embeddings.append(tsne_embed(model.features(split.images, layer=args.layer),
+    embeddings.append(probes.tsne_embed(model.features(split.images, layer=args.layer),
                                  perplexity=args.perplexity))
     titles.append(f'{name} ({model.config.stage if name != "random" else "random init"})')
   path = args.out or os.path.join(_out_dir(args), f'tsne_{args.layer}.png')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  plot_tsne(embeddings, split.labels, dataset.class_names, titles, path,
+  plots.plot_tsne(embeddings, split.labels, dataset.class_names, titles, path,
             suptitle=f't-SNE of {args.layer} features, {len(split)} {args.split} images')
   return {'runs': [n for n, _ in runs], 'layer': args.layer, 'images': len(split), 'figure': path}
 
@@ -290,8 +139,22 @@ def _out_dir(args):
   if args.out_dir:
     return args.out_dir
   first = args.runs[0].rpartition('=')[2]
-  from rotjax import api
-  return os.path.join(api.resolve_checkpoint(first)[0], 'eval')
+  return os.path.join(rundir.find_checkpoint(first)[0], 'eval')
+
+
+# Each command's own options: (flags, argparse keywords); every command also takes the
+# run(s) and the data overrides. The layer default: tsne shows the pooled features.
+OPTIONS = {
+    'probe': ((('--layer',), dict(default='layer3')), (('--steps',), dict(type=int, default=500)),
+              (('--learning_rate',), dict(type=float, default=1e-2))),
+    'knn': ((('--layer',), dict(default='layer3')), (('--k',), dict(type=int, default=20))),
+    'confusion': ((('--split',), dict(default='test', choices=('train', 'val', 'test'))),
+                  (('--out',), dict(default='', help='PNG path'))),
+    'tsne': ((('--layer',), dict(default='pooled')),
+             (('--split',), dict(default='test', choices=('train', 'val', 'test'))),
+             (('--out',), dict(default='', help='PNG path')),
+             (('--perplexity',), dict(type=float, default=30.0))),
+}
 
 
 def parse_args(argv):
@@ -308,19 +171,10 @@ def parse_args(argv):
     p.add_argument('--max_images', type=int, default=0, help='cap on train/val/test images (0 = the run\'s own)')
     p.add_argument('--cache_dir', default=None, help='override data.cache_dir')
     p.add_argument('--out_dir', default='', help='where the JSON/PNG go (default RUN/eval)')
-    if command in ('probe', 'knn', 'tsne'):
-      p.add_argument('--layer', default='pooled' if command == 'tsne' else 'layer3',
-                     choices=models.LAYER_NAMES)
-    if command == 'probe':
-      p.add_argument('--steps', type=int, default=500)
-      p.add_argument('--learning_rate', type=float, default=1e-2)
-    if command == 'knn':
-      p.add_argument('--k', type=int, default=20)
-    if command in ('confusion', 'tsne'):
-      p.add_argument('--split', default='test', choices=('train', 'val', 'test'))
-      p.add_argument('--out', default='', help='PNG path')
-    if command == 'tsne':
-      p.add_argument('--perplexity', type=float, default=30.0)
+    for flags, kwargs in OPTIONS[command]:
+      if flags == ('--layer',):
+        kwargs = {**kwargs, 'choices': models.LAYER_NAMES}
+      p.add_argument(*flags, **kwargs)
   return parser.parse_args(argv)
 
 

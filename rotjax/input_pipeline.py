@@ -301,12 +301,11 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
   train_images, train_labels, classes = load_split(data_config, data_config.train_split)
   test_images, test_labels, test_classes = load_split(data_config, data_config.test_split)
   _check_same_classes(data_config, classes, test_classes)
-  train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
+  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
+                                                        process_index, process_count)
   train, test = Split(train_images, train_labels), Split(test_images, test_labels)
-  own_train, own_val, own_test = (i[process_index::process_count]
-                                  for i in (train_idx, val_idx, test_idx))
   return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
-                 num_shards, process_index, process_count, _sizes(train_idx, val_idx, test_idx))
+                 num_shards, process_index, process_count, sizes)
 
 
 def _load_folder_shard(data_config, root, process_index, process_count) -> Dataset:
@@ -319,9 +318,8 @@ def _load_folder_shard(data_config, root, process_index, process_count) -> Datas
   train_files, train_labels, classes = list_folder_split(root, data_config.train_split)
   test_files, test_labels, test_classes = list_folder_split(root, data_config.test_split)
   _check_same_classes(data_config, classes, test_classes)
-  train_idx, val_idx, test_idx = select_examples(train_labels, len(test_labels), data_config)
-  own_train, own_val, own_test = (i[process_index::process_count]
-                                  for i in (train_idx, val_idx, test_idx))
+  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
+                                                        process_index, process_count)
   parts = {}
   for split, files, labels, wanted in (
       (data_config.train_split, train_files, train_labels, (own_train, own_val)),
@@ -332,12 +330,18 @@ def _load_folder_shard(data_config, root, process_index, process_count) -> Datas
     local = Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
   (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
-  return Dataset(train, val, test, classes, process_count, process_index, process_count,
-                 _sizes(train_idx, val_idx, test_idx))
+  return Dataset(train, val, test, classes, process_count, process_index, process_count, sizes)
 
 
-def _sizes(train_idx, val_idx, test_idx) -> dict:
-  return {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
+def _own_examples(train_labels, num_test: int, data_config, process_index: int,
+                  process_count: int):
+  """((train, val, test) indices this process holds, {split: size of the whole split}).
+
+  The split is decided from the labels alone, the same in every process; process p then
+  holds every process_count-th example of each split from p on."""
+  train_idx, val_idx, test_idx = select_examples(train_labels, num_test, data_config)
+  own = tuple(i[process_index::process_count] for i in (train_idx, val_idx, test_idx))
+  return own, {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
 
 
 def _check_same_classes(data_config, classes, test_classes):
@@ -361,8 +365,8 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   batch i joins the shards' i-th slices. `split` holds the shards `shards`
   interleaved (shards[j] at positions j::len(shards)), so one process holding
   every shard yields the very batches (the same images at the same `index`) that
-  processes holding one shard each assemble. The order depends only on (seed, epoch, number of shards): a resumed
-  run sees exactly the batches an uninterrupted one would.
+  processes holding one shard each assemble. The order depends only on (seed, epoch,
+  number of shards): a resumed run sees exactly the batches an uninterrupted one would.
 
   A shard's last slice, when short, is filled up to the full batch (static shapes:
   nothing recompiles) with its first examples of the epoch again, and `mask` is 0 on
@@ -386,6 +390,9 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   orders = []
   for j, shard_id in enumerate(shards):
     positions = np.arange(j, len(split), len(shards))
+    # Shard 0 keeps the key (seed, epoch) alone: the order one process has always used,
+    # so runs checkpointed before data shards existed resume with the very batches an
+    # uninterrupted run of theirs would have seen (fault_drill.py checks resumes bit for bit).
     key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
     orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
   if num_steps is None:

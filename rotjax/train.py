@@ -6,13 +6,11 @@ many devices: a single device is a pmap of one.
 """
 import copy
 import functools
-import json
 import logging
 import os
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,17 +23,17 @@ from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
 from rotjax import config_checks
 from rotjax import freeze
-from rotjax.cpu import hardware
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
 from rotjax import models
-from rotjax.cpu import onednn_conv
 from rotjax import optim
 from rotjax import parallel
 from rotjax import preprocess
 from rotjax import progress
 from rotjax import rotation
 from rotjax import rundir
+from rotjax.cpu import hardware
+from rotjax.cpu import onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
 

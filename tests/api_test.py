@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import rotjax
-from rotjax import api
 from rotjax import input_pipeline
 from rotjax import train
 

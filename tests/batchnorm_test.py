@@ -1,5 +1,4 @@
 """rotjax.batchnorm against flax.linen.BatchNorm: same outputs, statistics and gradients."""
-import functools
 
 import flax.linen as nn
 import jax

@@ -7,12 +7,12 @@ import pytest
 
 from configs import study as study_config
 from rotjax import checkpoint
+from rotjax import rundir
+from rotjax import train
 from rotjax.study import report
 from rotjax.study import results
 from rotjax.study import runner
 from rotjax.study import sweep
-from rotjax import rundir
-from rotjax import train
 
 
 def _config(workdir, arg='smoke'):

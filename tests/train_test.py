@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from rotjax import input_pipeline
-from rotjax import parallel
 from rotjax import metrics
+from rotjax import parallel
 from rotjax import rundir
 from rotjax import train
 

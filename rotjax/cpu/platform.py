@@ -8,10 +8,12 @@ import sys
 # jaxlib 0.10 lowers every convolution to a YNNPACK fusion whose gradients are
 # 2.5-3x slower than PyTorch's at CIFAR sizes; keeping individual convolutions
 # out of it made the ResNet18 train step 1.6-1.7x faster on the 2-core CPU
-# (cpu-performance-notes.md, scripts/benchmark.py). By default the convolutions go
-# to oneDNN (onednn_conv.py); this still matters for model.conv=xla and for the
-# convolutions oneDNN does not take. The flag is experimental and an unknown XLA
-# flag aborts the process, so it is only set where it was verified.
+# (README, Performance; the measurements behind it are in the study's shared
+# reference, ../shared/reference/cpu-performance-notes.md, outside this repository).
+# By default the convolutions go to oneDNN (onednn_conv.py); this still matters for
+# model.conv=xla and for the convolutions oneDNN does not take. The flag is
+# experimental and an unknown XLA flag aborts the process, so it is only set where it
+# was verified.
 _CPU_FLAGS = {'0.10': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'}
 
 
@@ -40,7 +42,7 @@ def keep_large_buffers_in_heap() -> bool:
 
   By default glibc mmaps every buffer over 32 MB afresh and unmaps it on free,
   so each train step page-faults its large activations again (a 33 MB
-  elementwise op: 11 ms instead of 2.3 ms, cpu-performance-notes.md). With mmap
+  elementwise op: 11 ms instead of 2.3 ms; README, Performance). With mmap
   off for allocations and no trimming, the step reuses the same pages. glibc
   also gives each thread that allocates its own arena, a separate mmap'd heap
   that it shrinks and grows again on its own terms; XLA's and oneDNN's worker

@@ -1,4 +1,5 @@
-"""Figures of a study, drawn from metrics.jsonl rows and summaries (matplotlib, Agg)."""
+"""Figures (matplotlib, Agg): a study's, drawn from metrics.jsonl rows and summaries, and
+`rotjax.evaluate`'s confusion matrices and t-SNE scatters."""
 import math
 
 import matplotlib
@@ -115,3 +116,46 @@ def samples_per_class(curves: dict, title: str, path: str) -> dict:
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return found
+
+
+def plot_confusion(counts, class_names, title, path):
+  """Row-normalised confusion matrix with counts written in each cell."""
+  n = len(class_names)
+  rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  size = max(4.5, 0.55 * n + 2.5)
+  fig, ax = plt.subplots(figsize=(size, size * 0.9))
+  im = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
+  ax.set_xticks(range(n), class_names, rotation=45, ha='right')
+  ax.set_yticks(range(n), class_names)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, str(counts[i, j]), ha='center', va='center', fontsize=8,
+              color='white' if rates[i, j] > 0.5 else 'black')
+  fig.colorbar(im, ax=ax, fraction=0.046, label='fraction of the true class')
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def plot_tsne(embeddings, labels, class_names, titles, path, suptitle=''):
+  """One scatter per run, side by side, coloured by class, with one shared legend."""
+  n = len(embeddings)
+  fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.6, 4.4), squeeze=False)
+  cmap = plt.get_cmap('tab10' if len(class_names) <= 10 else 'tab20')
+  for ax, emb, title in zip(axes[0], embeddings, titles):
+    for c, name in enumerate(class_names):
+      sel = labels == c
+      ax.scatter(emb[sel, 0], emb[sel, 1], s=6, alpha=0.75, color=cmap(c % cmap.N), label=name)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  handles, names = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, names, loc='center right', markerscale=3, fontsize=9, frameon=False)
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=11)
+  fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
+  fig.savefig(path, dpi=130)
+  plt.close(fig)

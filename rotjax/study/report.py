@@ -11,10 +11,10 @@ import numpy as np
 from absl import app
 
 from rotjax import metrics
-from rotjax.study import plots
-from rotjax.study import results
 from rotjax import rotation
 from rotjax import rundir
+from rotjax.study import plots
+from rotjax.study import results
 from rotjax.study import sweep
 
 STAGE_LABELS = {1: '1 rotation pretext', 2: '2 fine-tune pretrained (layer4+fc)',

@@ -8,10 +8,10 @@ import traceback
 from rotjax import checkpoint
 from rotjax import input_pipeline
 from rotjax import rundir
+from rotjax import train
 from rotjax.study import report
 from rotjax.study import results
 from rotjax.study import sweep
-from rotjax import train
 
 MANIFEST = 'study.json'
 
