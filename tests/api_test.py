@@ -21,6 +21,7 @@ def run_dir(image_folder, tmp_path_factory):
   return str(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_load_in_fresh_process_predicts_probabilities(run_dir, image_folder):
   # The README example, run as a new user would: a fresh interpreter, no CLI.

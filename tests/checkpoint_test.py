@@ -15,6 +15,7 @@ def _flat(tree):
   return flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/')
 
 
+@pytest.mark.slow
 def test_pretext_to_finetune_restores_backbone_and_reinits_head(make_config, tmp_path):
   pre = make_config('pretext', tmp_path / 'pre', num_epochs=1)
   train.train_and_evaluate(pre)
@@ -88,6 +89,7 @@ def test_init_from_of_another_architecture_is_refused_before_compute(
     train.train_and_evaluate(fine)
 
 
+@pytest.mark.slow
 def test_head_is_reinitialised_when_the_source_stage_differs(make_config, tmp_path):
   """A 3-class supervised run into a 3-class fine-tune: the shapes agree, the head still resets."""
   source = _fake_run(tmp_path / 'sup', make_config('supervised', tmp_path / 'sup', seed=5), 3)
@@ -111,6 +113,7 @@ def test_missing_init_from_is_an_error(tmp_path):
     checkpoint.load_variables(str(tmp_path / 'empty'))
 
 
+@pytest.mark.slow
 def test_partial_checkpoint_is_never_restored(make_config, tmp_path):
   config = make_config('supervised', tmp_path / 'run', num_epochs=1)
   train.train_and_evaluate(config)
@@ -125,6 +128,7 @@ def test_partial_checkpoint_is_never_restored(make_config, tmp_path):
   assert int(restored.step) == -(-len(dataset.train) // config.batch_size)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_a_checkpoint_made_on_the_cpu_is_used_on_this_backend(image_folder, tmp_path):
   """Checkpoints hold host arrays, no device: a run trained on the CPU (JAX_PLATFORMS=cpu,

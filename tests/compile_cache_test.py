@@ -77,6 +77,7 @@ def _stage(workdir, source, cache, *overrides, config='finetune'):
           re.findall(r'\] (model init|train step|eval step): (.+?) in [0-9.]+ s', out.stderr)}
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_stage3_loads_the_programs_stage2_compiled(tmp_path, make_config, image_folder):
   pretext = make_config('pretext', tmp_path / 'pretext', num_epochs=1)

@@ -44,6 +44,7 @@ def _onednn_expected() -> bool:
   return onednn_build.load()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cpu', ['as-is', 'avx2', 'no-onednn'])
 def test_default_path_trains_and_predicts(cpu, image_folder, tmp_path):
   env = _env(**{'as-is': {}, 'avx2': {'ONEDNN_MAX_CPU_ISA': 'AVX2'},
@@ -109,6 +110,7 @@ def test_a_too_old_onednn_falls_back_and_is_named():
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cpu', ['as-is', 'avx2'])
 def test_the_same_gradient_bit_for_bit_every_time(cpu, image_folder, tmp_path):
   # Under ONEDNN_MAX_CPU_ISA=AVX2, oneDNN 2.6.3's jit_1x1:avx2 backward-weights kernel gave a

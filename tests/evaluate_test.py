@@ -17,6 +17,7 @@ def runs(image_folder, tmp_path_factory):
   return str(root / 'pre'), str(root / 'sup')
 
 
+@pytest.mark.slow
 def test_cli_probe_and_knn(runs):
   pre, _ = runs
   probe = evaluate.main(['probe', pre, '--layer=layer2', '--steps=50'])
@@ -39,6 +40,7 @@ def test_cli_confusion_for_classifier_and_pretext(runs, tmp_path):
   assert result['accuracy'] == pytest.approx(logged, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_tsne_side_by_side(runs, tmp_path):
   pre, sup = runs
   out = str(tmp_path / 'tsne.png')

@@ -49,6 +49,7 @@ def test_folder_images_are_stored_square_rgb_with_crop_margin(odd_folder, tmp_pa
   assert len(ds.test) == 8 and ds.num_classes == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_rotations', [4, 8])
 def test_pretext_then_finetune_run_on_imagenet_style_images(odd_folder, tmp_path, num_rotations):
   pre = _config('pretext', tmp_path / 'pre', odd_folder)

@@ -50,6 +50,7 @@ def test_a_uniform_image_looks_the_same_in_every_direction(num, training):
   np.testing.assert_allclose(out_NB, np.broadcast_to(out_NB[:1], out_NB.shape), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num, geometry', [(4, 'disc'), (6, 'disc'), (8, 'disc'), (4, 'square')])
 def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geometry):
   """Trained through the real train step and pretext pipeline on images that carry no

@@ -2,6 +2,7 @@ import glob
 import os
 
 import numpy as np
+import pytest
 
 from rotjax import metrics
 
@@ -15,6 +16,7 @@ def _read_events(workdir):
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
 
+@pytest.mark.slow
 def test_rows_go_to_jsonl_and_tensorboard(tmp_path):
   log = metrics.MetricsLog(str(tmp_path))
   log.write({'epoch': 1, 'step': 4, 'train_loss': 1.5, 'val_accuracy': 0.25,

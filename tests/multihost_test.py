@@ -43,6 +43,7 @@ def _run(folder, workdir, nproc, late=0.0):
   return outs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(image_folder, tmp_path):
   _run(image_folder, tmp_path / 'one', 1)
   # Process 1 reaches the first step 31 s after process 0: more than the 30 s a Gloo

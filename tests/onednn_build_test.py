@@ -56,6 +56,7 @@ def test_found_installations_are_real(tmp_path):
   assert run(ROTJAX_ONEDNN_ROOT=str(tmp_path / 'empty')) == '[]'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _BOTH or onednn_build.disabled(), reason='needs the pip and the system oneDNN')
 def test_headers_of_one_onednn_with_the_library_of_another_are_refused(tmp_path):
   """A build whose headers and library differ never loads; load() goes on to the next."""

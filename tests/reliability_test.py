@@ -51,6 +51,7 @@ def _restore_latest(config, workdir):
   return restored
 
 
+@pytest.mark.slow
 def test_kill_between_commit_and_metrics_row_loses_no_row(make_config, reference, tmp_path):
   ref_dir, ref_rows, _ = reference
   workdir = tmp_path / 'run'
@@ -79,6 +80,7 @@ def test_kill_between_latest_and_best_commit_rewrites_best(make_config, referenc
   np.testing.assert_array_equal(best['fc']['kernel'], latest['fc']['kernel'])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, reference, tmp_path,
                                                              monkeypatch):
   _, ref_rows, steps_per_epoch = reference
@@ -141,6 +143,7 @@ def test_write_error_names_step_and_keeps_earlier_step(tmp_path, monkeypatch, er
   manager.close()
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failure_mid_run_keeps_earlier_ones(make_config, reference, tmp_path,
                                                              monkeypatch):
   _, ref_rows, steps_per_epoch = reference
@@ -162,6 +165,7 @@ def test_checkpoint_write_failure_mid_run_keeps_earlier_ones(make_config, refere
   assert not [d for d in os.listdir(workdir / 'checkpoints') if 'tmp' in d]   # Cleaned up.
 
 
+@pytest.mark.slow
 @two_devices
 def test_resume_across_device_counts(make_config, tmp_path):
   workdir = tmp_path / 'run'
@@ -177,6 +181,7 @@ def test_resume_across_device_counts(make_config, tmp_path):
   assert all(np.isfinite(r['val_loss']) for r in rows)
 
 
+@pytest.mark.slow
 @two_devices
 def test_init_from_across_device_counts(make_config, tmp_path):
   # A pretext run on 2 devices feeds a 1-device run, which feeds a 2-device run.

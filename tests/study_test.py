@@ -211,6 +211,7 @@ def test_a_failing_report_is_logged_and_the_study_goes_on(tmp_path, monkeypatch,
   assert len(results.read_csv(os.path.join(tmp_path, 'results.csv'))) == 7
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   config = _config(tmp_path / 'study')
   config.base = make_config('pretext', tmp_path / 'unused')

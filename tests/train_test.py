@@ -40,6 +40,7 @@ def _step_on(devices, state, mask, batch):
   return jax.device_get(parallel.unreplicate(m)), jax.device_get(parallel.unreplicate(new_state))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)')
 def test_one_and_two_devices_agree_on_the_same_global_batch(make_config, tmp_path):
   # SGD, not Adam: Adam's first step is +-lr for any gradient, so a gradient that is
@@ -122,6 +123,7 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
   assert not [m for m in messages if m.startswith('Compiling')], messages
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_smoke_pretext_end_to_end_writes_metrics_and_checkpoints(make_config, tmp_path):
   config = make_config('pretext', tmp_path / 'pre')
@@ -137,6 +139,7 @@ def test_smoke_pretext_end_to_end_writes_metrics_and_checkpoints(make_config, tm
   assert json.load(open(tmp_path / 'pre' / 'config.json'))['stage'] == 'pretext'
 
 
+@pytest.mark.slow
 def test_run_stopped_after_epoch_one_resumes_at_saved_step(make_config, tmp_path):
   workdir = tmp_path / 'run'
   reference = train.train_and_evaluate(make_config('supervised', tmp_path / 'ref', num_epochs=3))
@@ -174,6 +177,7 @@ def test_epoch_means_weigh_steps_by_their_real_images(make_config, tmp_path, mon
   assert row['train_loss'] != pytest.approx((float(steps[0]['loss']) + float(steps[1]['loss'])) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)')
 def test_per_device_batchnorm_pools_running_statistics_with_the_spread_between_devices(
     make_config, tmp_path):
@@ -196,6 +200,7 @@ def test_per_device_batchnorm_pools_running_statistics_with_the_spread_between_d
   np.testing.assert_allclose(two['var'], one['var'], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)')
 def test_per_device_batchnorm_trains_alike_on_one_and_two_devices(make_config, tmp_path):
   # sync_bn=False normalises each device's part of the batch alone. With the folder's
@@ -223,6 +228,7 @@ def _bf16_then_not(monkeypatch, make_config, workdir, **overrides):
   return first, config
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_dtype_and_convolutions_of_its_first_start(
     make_config, tmp_path, monkeypatch):
   first, config = _bf16_then_not(monkeypatch, make_config, tmp_path)
@@ -234,6 +240,7 @@ def test_a_resumed_run_keeps_the_dtype_and_convolutions_of_its_first_start(
   assert json.load(open(tmp_path / 'config.json'))['model']['dtype'] == 'auto'
 
 
+@pytest.mark.slow
 def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
     make_config, tmp_path, monkeypatch):
   from rotjax.cpu import onednn_conv
@@ -252,6 +259,7 @@ def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
   assert info['compute']['dtype'] == 'bfloat16' and info['compute_now']['dtype'] == 'float32'
 
 
+@pytest.mark.slow
 def test_a_resume_whose_init_from_was_retrained_is_refused(make_config, tmp_path):
   import shutil
   pre, fine = tmp_path / 'pre', tmp_path / 'fine'
