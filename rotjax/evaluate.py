@@ -185,8 +185,7 @@ def main(argv=None):
   os.makedirs(out_dir, exist_ok=True)
   tag = args.layer if hasattr(args, 'layer') and args.command != 'tsne' else getattr(args, 'split', '')
   path = os.path.join(out_dir, f'{args.command}_{tag}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
+  rundir.write_json(path, result)
   print(json.dumps({k: v for k, v in result.items() if k != 'confusion'}, indent=2))
   return result
 
