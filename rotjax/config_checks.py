@@ -15,7 +15,7 @@ from rotjax import preprocess
 from rotjax import rotation
 
 STAGES = ('pretext', 'finetune', 'supervised')
-FREEZE_BN = ('batch', 'running')
+FREEZE_BN = ('batch', 'running', 'reestimated')
 ARCHITECTURE = ('name', 'stem', 'width')   # model fields a loaded checkpoint must share
 ROTATION_MODES = ('all', 'random')
 

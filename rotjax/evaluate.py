@@ -214,16 +214,45 @@ def plot_tsne(embeddings, labels, class_names, titles, path, suptitle=''):
 
 # ---------------------------------------------------------------- commands
 
+def reestimate_bn(model, images, batch_size: int = 128) -> dict:
+  """Every BatchNorm of `model` given the running statistics of `images` (its .variables
+  replaced; bn_stats), prepared as the features are (eval preprocessing, no augmentation):
+  the probe then normalises the task's images with their own statistics, not the pretext's.
+  Full batches of `batch_size` only (one batch of all when there are fewer); returns the record."""
+  import jax
+  from rotjax import bn_stats
+  from rotjax import preprocess
+  images = model.prepare_images(images)
+  config = model.config
+
+  def prepare(batch, _):
+    return preprocess.preprocess(batch['image'], jax.random.key(0), train=False,
+                                 style=config.data.preprocess, image_size=config.data.image_size)
+  devices = jax.local_devices()[:1]
+  p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=model.module,
+                                         prepare_fn=prepare), axis_name='batch', devices=devices)
+  size = min(batch_size, len(images))
+  batches = ({'image': images[i:i + size][None]}
+             for i in range(0, len(images) - size + 1, size))
+  stats, record = bn_stats.reestimate(p_moments, model.variables, batches, lambda _: True,
+                                      devices)
+  model.variables = {**model.variables, 'batch_stats': stats}
+  return {**record, 'images': record['batches'] * size, 'augmentation': 'eval'}
+
+
 def cmd_probe(args):
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
+  bn = {'bn': args.bn}
+  if args.bn == 'reestimated':
+    bn['bn_reestimated'] = reestimate_bn(model, dataset.train.images, model.config.batch_size)
   feats = {s: model.features(getattr(dataset, s).images, layer=args.layer)
            for s in ('train', 'val', 'test')}
   result = linear_probe(feats['train'], dataset.train.labels, feats['val'], dataset.val.labels,
                         feats['test'], dataset.test.labels, dataset.num_classes, steps=args.steps,
                         learning_rate=args.learning_rate)
   return {'run': name, 'layer': args.layer, 'feature_dim': int(feats['train'].shape[1]),
-          'train_images': len(dataset.train), **result}
+          'train_images': len(dataset.train), **bn, **result}
 
 
 def cmd_knn(args):
@@ -314,6 +343,9 @@ def parse_args(argv):
     if command == 'probe':
       p.add_argument('--steps', type=int, default=500)
       p.add_argument('--learning_rate', type=float, default=1e-2)
+      p.add_argument('--bn', default='running', choices=('running', 'reestimated'),
+                     help="BatchNorm statistics: the checkpoint's running ones, or re-estimated "
+                          "on the training images first (one no-gradient pass)")
     if command == 'knn':
       p.add_argument('--k', type=int, default=20)
     if command in ('confusion', 'tsne'):
@@ -330,6 +362,8 @@ def main(argv=None):
   out_dir = _out_dir(args)
   os.makedirs(out_dir, exist_ok=True)
   tag = args.layer if hasattr(args, 'layer') and args.command != 'tsne' else getattr(args, 'split', '')
+  if getattr(args, 'bn', 'running') != 'running':
+    tag = f'{tag}_bn{args.bn}'
   path = os.path.join(out_dir, f'{args.command}_{tag}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)

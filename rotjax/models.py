@@ -23,7 +23,8 @@ from rotjax import batchnorm, onednn_conv
 STEMS = ('cifar', 'imagenet')
 
 
-def _is_frozen(path: str, frozen: Sequence[str]) -> bool:
+def is_frozen(path: str, frozen: Sequence[str]) -> bool:
+  """Whether `path` lies in one of the `frozen` subtrees (path prefixes)."""
   return any(path == p or path.startswith(p + '/') for p in frozen)
 
 
@@ -39,7 +40,7 @@ class _Block(nn.Module):
   def norm(self, name, train):
     # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
     # statistics synced over `axis_name` otherwise.
-    frozen = not train or _is_frozen('/'.join((*self.path, name)), self.frozen)
+    frozen = not train or is_frozen('/'.join((*self.path, name)), self.frozen)
     return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,
