@@ -215,10 +215,14 @@ def reestimate_frozen_bn(config, state, dataset, devices):
   The images are prepared as training prepares them (same augmentation, a key of its own):
   these layers normalise the training batches with the statistics, as a BatchNorm's running
   average would have come from them. The epoch's full global batches only (at least one), so
-  padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode.
+  padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode, and
+  synced whatever model.sync_bn: each layer's input is then normalised over the global batch,
+  so the statistics do not depend on how many devices share it.
   """
   prefixes = freeze.frozen_prefixes(state.params, config.trainable)
-  module = build_model(config, num_outputs(config, dataset))
+  synced = copy.deepcopy(config)
+  synced.model.sync_bn = True
+  module = build_model(synced, num_outputs(config, dataset))
   prepare = make_prepare_fn(config, train=True)
   key = jax.random.key(config.seed + 2)   # eval_key is seed + 1
 

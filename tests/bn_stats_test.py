@@ -5,10 +5,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
+from rotjax import input_pipeline
 from rotjax import models
 from rotjax import train
 
@@ -104,3 +106,19 @@ def test_finetune_reestimated_replaces_only_frozen_statistics_and_records_it(mak
     if frozen(name):
       np.testing.assert_array_equal(kept['batch_stats'][name], source['batch_stats'][name])
       assert not np.array_equal(tuned['batch_stats'][name], source['batch_stats'][name]), name
+
+
+@pytest.mark.two_devices
+@pytest.mark.parametrize('sync_bn', [True, False])
+def test_one_and_two_devices_reestimate_the_same_statistics(make_config, tmp_path, sync_bn):
+  """The pass's moments are the global batch's (synced, or pooled per device), and each image
+  is prepared alike on any number of devices: the same statistics up to summation order."""
+  config = make_config('finetune', tmp_path, freeze_bn='reestimated',
+                       **{'model.sync_bn': sync_bn})
+  dataset = input_pipeline.load_dataset(config.data)
+  state, _, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=2)
+  one, record = train.reestimate_frozen_bn(config, state, dataset, jax.local_devices()[:1])
+  two, _ = train.reestimate_frozen_bn(config, state, dataset, jax.local_devices()[:2])
+  assert record['batches'] == len(dataset.train) // config.batch_size
+  for a, b in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(two.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
