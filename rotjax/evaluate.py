@@ -1,6 +1,7 @@
 r"""Evaluation tools for trained runs: linear probe, k-NN, per-class accuracy, t-SNE.
 
   python -m rotjax.evaluate probe runs/pretext --layer=layer3
+  python -m rotjax.evaluate probe runs/pretext --layer=layer3 --bn=reestimated
   python -m rotjax.evaluate knn runs/pretext --layer=pooled --k=20
   python -m rotjax.evaluate confusion runs/finetune            # per-class acc + PNG
   python -m rotjax.evaluate tsne pretext=runs/pretext finetune=runs/finetune random \

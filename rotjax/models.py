@@ -7,7 +7,7 @@ in the reports. `__call__` returns `(logits, feats)` like big_vision's models;
 
 BatchNorm layers inside the `frozen` subtrees (path prefixes) use their running
 statistics in training too, and leave them as they are. train.py names subtrees
-here only for `freeze_bn='running'`: by default (the reports' PyTorch, whose
+here only for `freeze_bn='running'` or `'reestimated'`: by default (the reports' PyTorch, whose
 frozen layers stay in .train() mode) a frozen BatchNorm normalises with batch
 statistics and updates its running ones like any other; the freeze mask alone
 keeps its gamma and beta fixed.
