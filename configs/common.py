@@ -12,7 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.trainable = ('all',)          # subtree names trained; everything else frozen
   # BatchNorm in frozen subtrees, in training: 'batch' (the reports' PyTorch, frozen layers in
   # .train() mode) normalises with batch statistics and updates the running ones, gamma/beta
-  # fixed; 'running' normalises with the running statistics and leaves them as they are.
+  # fixed; 'running' normalises with the running statistics and leaves them as they are;
+  # 'reestimated' is 'running' with those statistics first re-estimated on this run's training
+  # images (one no-gradient pass before the first step: rotjax/bn_stats.py).
   config.freeze_bn = 'batch'
 
   config.model = ml_collections.ConfigDict()

@@ -54,7 +54,8 @@ def get_config(arg=None):
   config.axes.label_smoothing = (0.1,)
   config.axes.samples_per_class = (0,)  # 0 = all labels
   config.axes.seed = (0, 1, 2)
-  config.axes.freeze_bn = ('batch',)   # BatchNorm in frozen layers (stages 2, 3): batch | running
+  # BatchNorm in frozen layers (stages 2, 3): batch | running | reestimated
+  config.axes.freeze_bn = ('batch',)
   # -1: every seed trains its own pretext (the reports); k: all seeds load seed k's pretext.
   config.pretext_seed = -1
 

@@ -25,6 +25,10 @@ import numpy as np
 from jax import lax
 
 
+# The collection where each BatchNorm in batch mode leaves its batch's (mean, variance).
+MOMENTS = 'bn_moments'
+
+
 def _reduce_axes(x):
   return tuple(range(x.ndim - 1))
 
@@ -123,6 +127,9 @@ class BatchNorm(nn.Module):
     if not self.is_initializing():
       if axis_name is None and self.stats_axis_name is not None:
         mean, var = pooled_moments(mean, var, self.stats_axis_name)
+      # The batch's moments, for bn_stats.reestimate (kept only where the caller asks for
+      # the MOMENTS collection: a no-op in training).
+      self.sow(MOMENTS, 'moments', (mean, var))
       m = self.momentum
       running_mean.value = m * running_mean.value + (1 - m) * mean
       running_var.value = m * running_var.value + (1 - m) * var

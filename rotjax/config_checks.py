@@ -15,7 +15,7 @@ from rotjax.cpu import hardware
 from rotjax.cpu import onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
-FREEZE_BN = ('batch', 'running')
+FREEZE_BN = ('batch', 'running', 'reestimated')
 ARCHITECTURE = ('name', 'stem', 'width')   # model fields a loaded checkpoint must share
 ROTATION_MODES = ('all', 'random')
 

@@ -1,6 +1,7 @@
 r"""Command line of the evaluation tools (probes.py): linear probe, k-NN, per-class accuracy, t-SNE.
 
   python -m rotjax.evaluate probe runs/pretext --layer=layer3
+  python -m rotjax.evaluate probe runs/pretext --layer=layer3 --bn=reestimated
   python -m rotjax.evaluate knn runs/pretext --layer=pooled --k=20
   python -m rotjax.evaluate confusion runs/finetune            # per-class acc + PNG
   python -m rotjax.evaluate tsne pretext=runs/pretext finetune=runs/finetune random \
@@ -61,21 +62,26 @@ def load_data(config, **overrides):
 
 # ---------------------------------------------------------------- commands
 
-def _run_and_features(args):
-  """(name, model, dataset, {split: features}) of the one run a probe or k-NN command names."""
+def _run_and_features(args, bn: dict | None = None):
+  """(name, model, dataset, {split: features}) of the one run a probe or k-NN command names;
+  with --bn=reestimated its BatchNorm statistics first re-estimated (recorded in `bn`)."""
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
+  if getattr(args, 'bn', 'running') == 'reestimated':
+    bn['bn_reestimated'] = probes.reestimate_bn(model, dataset.train.images,
+                                                model.config.batch_size)
   return name, model, dataset, probes.split_features(model, dataset, args.layer)
 
 
 def cmd_probe(args):
-  name, _, dataset, feats = _run_and_features(args)
+  bn = {'bn': args.bn}
+  name, _, dataset, feats = _run_and_features(args, bn)
   result = probes.linear_probe(feats['train'], dataset.train.labels, feats['val'],
                                dataset.val.labels, feats['test'], dataset.test.labels,
                                dataset.num_classes, steps=args.steps,
                                learning_rate=args.learning_rate)
   return {'run': name, 'layer': args.layer, 'feature_dim': int(feats['train'].shape[1]),
-          'train_images': len(dataset.train), **result}
+          'train_images': len(dataset.train), **bn, **result}
 
 
 def cmd_knn(args):
@@ -146,7 +152,11 @@ def _out_dir(args):
 # run(s) and the data overrides. The layer default: tsne shows the pooled features.
 OPTIONS = {
     'probe': ((('--layer',), dict(default='layer3')), (('--steps',), dict(type=int, default=500)),
-              (('--learning_rate',), dict(type=float, default=1e-2))),
+              (('--learning_rate',), dict(type=float, default=1e-2)),
+              (('--bn',), dict(default='running', choices=('running', 'reestimated'),
+                               help="BatchNorm statistics: the checkpoint's running ones, or "
+                                    're-estimated on the training images first (one '
+                                    'no-gradient pass)'))),
     'knn': ((('--layer',), dict(default='layer3')), (('--k',), dict(type=int, default=20))),
     'confusion': ((('--split',), dict(default='test', choices=('train', 'val', 'test'))),
                   (('--out',), dict(default='', help='PNG path'))),
@@ -184,6 +194,8 @@ def main(argv=None):
   out_dir = _out_dir(args)
   os.makedirs(out_dir, exist_ok=True)
   tag = args.layer if hasattr(args, 'layer') and args.command != 'tsne' else getattr(args, 'split', '')
+  if getattr(args, 'bn', 'running') != 'running':
+    tag = f'{tag}_bn{args.bn}'
   path = os.path.join(out_dir, f'{args.command}_{tag}.json')
   rundir.write_json(path, result)
   print(json.dumps({k: v for k, v in result.items() if k != 'confusion'}, indent=2))

@@ -7,7 +7,7 @@ in the reports. `__call__` returns `(logits, feats)` like big_vision's models;
 
 BatchNorm layers inside the `frozen` subtrees (path prefixes) use their running
 statistics in training too, and leave them as they are. train.py names subtrees
-here only for `freeze_bn='running'`: by default (the reports' PyTorch, whose
+here only for `freeze_bn='running'` or `'reestimated'`: by default (the reports' PyTorch, whose
 frozen layers stay in .train() mode) a frozen BatchNorm normalises with batch
 statistics and updates its running ones like any other; the freeze mask alone
 keeps its gamma and beta fixed.
@@ -24,7 +24,8 @@ from rotjax.cpu import onednn_conv
 STEMS = ('cifar', 'imagenet')
 
 
-def _is_frozen(path: str, frozen: Sequence[str]) -> bool:
+def is_frozen(path: str, frozen: Sequence[str]) -> bool:
+  """Whether `path` lies in one of the `frozen` subtrees (path prefixes)."""
   return any(path == p or path.startswith(p + '/') for p in frozen)
 
 
@@ -40,7 +41,7 @@ class _Block(nn.Module):
   def norm(self, name, train):
     # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
     # statistics synced over `axis_name` otherwise.
-    frozen = not train or _is_frozen('/'.join((*self.path, name)), self.frozen)
+    frozen = not train or is_frozen('/'.join((*self.path, name)), self.frozen)
     return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,

@@ -6,6 +6,33 @@ import numpy as np
 PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
+def reestimate_bn(model, images, batch_size: int = 128) -> dict:
+  """Every BatchNorm of `model` given the running statistics of `images` (its .variables
+  replaced; bn_stats), prepared as the features are (eval preprocessing, no augmentation):
+  the probe then normalises the task's images with their own statistics, not the pretext's.
+  Full batches of `batch_size` only (one batch of all when there are fewer); returns the record."""
+  import functools
+  import jax
+  from rotjax import bn_stats
+  from rotjax import preprocess
+  images = model.prepare_images(images)
+  config = model.config
+
+  def prepare(batch, _):
+    return preprocess.preprocess(batch['image'], jax.random.key(0), train=False,
+                                 style=config.data.preprocess, image_size=config.data.image_size)
+  devices = jax.local_devices()[:1]
+  p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=model.module,
+                                         prepare_fn=prepare), axis_name='batch', devices=devices)
+  size = min(batch_size, len(images))
+  batches = ({'image': images[i:i + size][None]}
+             for i in range(0, len(images) - size + 1, size))
+  stats, record = bn_stats.reestimate(p_moments, model.variables, batches, lambda _: True,
+                                      devices)
+  model.variables = {**model.variables, 'batch_stats': stats}
+  return {**record, 'images': record['batches'] * size, 'augmentation': 'eval'}
+
+
 def split_features(model, dataset, layer: str, splits=('train', 'val', 'test')) -> dict:
   """{split: [images, channels] features of `layer`} for a dataset's splits (eval mode)."""
   return {s: model.features(getattr(dataset, s).images, layer=layer) for s in splits}

@@ -19,6 +19,7 @@ import optax
 from flax import jax_utils
 from flax.training import train_state
 
+from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
 from rotjax import config_checks
@@ -36,6 +37,8 @@ from rotjax.cpu import hardware
 from rotjax.cpu import onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
+# freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
+RUNNING_STATS = ('running', 'reestimated')
 
 
 class TrainState(train_state.TrainState):
@@ -194,9 +197,10 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   mask = freeze.trainable_mask(params, config.trainable)
   # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
-  # BatchNorm like any other in training; only 'running' tells the model which subtrees
-  # normalise with their running statistics instead.
-  running = freeze.frozen_prefixes(params, config.trainable) if config.freeze_bn == 'running' else ()
+  # BatchNorm like any other in training; only 'running' and 'reestimated' tell the model
+  # which subtrees normalise with their running statistics instead.
+  running = (freeze.frozen_prefixes(params, config.trainable)
+             if config.freeze_bn in RUNNING_STATS else ())
   model = build_model(config, num_classes, frozen=running)
   init_info = {}
   if config.init_from:
@@ -219,6 +223,45 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   state = TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
                      opt_state=jax.jit(tx.init)(params), batch_stats=batch_stats)
   return state, mask, schedule, init_info
+
+
+def reestimate_frozen_bn(config, state, dataset, devices):
+  """(state, record): the frozen layers' BatchNorm running statistics replaced by those of
+  the task's training images (bn_stats), for freeze_bn='reestimated'.
+
+  The images are prepared as training prepares them (same augmentation, a key of its own):
+  these layers normalise the training batches with the statistics, as a BatchNorm's running
+  average would have come from them. The epoch's full global batches only (at least one), so
+  padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode, and
+  synced whatever model.sync_bn: each layer's input is then normalised over the global batch,
+  so the statistics do not depend on how many devices share it.
+  """
+  prefixes = freeze.frozen_prefixes(state.params, config.trainable)
+  synced = copy.deepcopy(config)
+  synced.model.sync_bn = True
+  module = build_model(synced, num_outputs(config, dataset))
+  prepare = make_prepare_fn(config, train=True)
+  key = jax.random.key(config.seed + 2)   # eval_key is seed + 1
+
+  def prepare_images(batch, batch_number):
+    return prepare(with_index(batch), jax.random.fold_in(key, batch_number))[0]
+  p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=module,
+                                         prepare_fn=prepare_images),
+                       axis_name='batch', devices=devices)
+  local_batch = dataset.local_batch(config.batch_size)
+  steps = max(1, dataset.size('train') // config.batch_size)
+  batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, 0,
+                                         dataset.shards, steps,
+                                         first_index=dataset.process_index * local_batch)
+  batches = (input_pipeline.shard(b, len(parallel.local(devices))) for b in batches)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  stats, record = bn_stats.reestimate(p_moments, variables, batches,
+                                      lambda path: models.is_frozen(path, prefixes), devices)
+  record = {**record, 'images': steps * config.batch_size, 'augmentation': 'train'}
+  logging.info('freeze_bn=reestimated: %d BatchNorm layers (%s .. %s) re-estimated on %d '
+               'training images in %.1f s', record['layers'], record['first_layer'],
+               record['last_layer'], record['images'], record['seconds'])
+  return state.replace(batch_stats=stats), record
 
 
 # ---------------------------------------------------------------- the loop
@@ -274,6 +317,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if start_epoch:
     logging.info('resuming %s from step %d', workdir, int(state.step))
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
+  if config.freeze_bn == 'reestimated':
+    # Once, before the first step: a resumed run's checkpoint already holds the statistics
+    # (the frozen layers leave them as they are), and its first start's record stays.
+    if not start_epoch:
+      with compile_cache.logged('BatchNorm re-estimation'):
+        state, record = reestimate_frozen_bn(config, state, dataset, devices)
+    else:
+      record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
+    init_info = {**init_info, 'bn_reestimated': record}
   compute = hardware.describe(config.model)
   logging.info('%s', hardware.summary_line(compute))
   _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,

@@ -23,6 +23,12 @@ def test_cli_probe_and_knn(runs):
   probe = evaluate.main(['probe', pre, '--layer=layer2', '--steps=50'])
   assert 0 <= probe['test_accuracy'] <= 1 and probe['feature_dim'] == 8
   assert json.load(open(os.path.join(pre, 'eval', 'probe_layer2.json')))['layer'] == 'layer2'
+  # Re-estimated BatchNorm statistics: the other figure, in a file of its own.
+  again = evaluate.main(['probe', pre, '--layer=layer2', '--steps=50', '--bn=reestimated'])
+  assert again['bn'] == 'reestimated' and again['bn_reestimated']['layers'] > 0
+  assert again['bn_reestimated']['augmentation'] == 'eval'
+  saved = json.load(open(os.path.join(pre, 'eval', 'probe_layer2_bnreestimated.json')))
+  assert saved['bn'] == 'reestimated' and probe['bn'] == 'running'
   knn = evaluate.main(['knn', pre, '--layer=pooled', '--k=3', '--max_images=12'])
   assert knn['train_images'] == 12 and 0 <= knn['val_accuracy'] <= 1
 

@@ -34,11 +34,13 @@ def test_unknown_trainable_name_is_an_error():
     freeze.trainable_mask(_params(), ('layer5', 'fc'))
 
 
-@pytest.mark.parametrize('optimizer,freeze_bn', [('adam', None), ('sgd', None), ('adam', 'running')])
+@pytest.mark.parametrize('optimizer,freeze_bn', [('adam', None), ('sgd', None), ('adam', 'running'),
+                                              ('adam', 'reestimated')])
 def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
     make_config, tmp_path, optimizer, freeze_bn):
   """Frozen params never move. Frozen BatchNorm statistics keep updating by default (the
-  reports' PyTorch: frozen layers in .train() mode) and stay put with freeze_bn='running'."""
+  reports' PyTorch: frozen layers in .train() mode) and stay put with freeze_bn='running' or
+  'reestimated' (whose one pass before training is train_and_evaluate's, bn_stats_test.py)."""
   config = make_config('finetune', tmp_path, **{'optim.name': optimizer})
   if freeze_bn is None:
     assert config.freeze_bn == 'batch'

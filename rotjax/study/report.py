@@ -31,7 +31,9 @@ TABLE_NOTES = {'freeze_bn': (
     'updating its running statistics, gamma and beta fixed (the reports\' PyTorch: frozen layers '
     'in .train() mode). freeze_bn=running: it normalises with its running statistics and leaves '
     'them; from random init (stage 3) those are mean 0 and variance 1, so layers 1-3 run '
-    'unnormalised. Only the stages with frozen layers are shown.'),
+    'unnormalised. freeze_bn=reestimated: as running, with the running statistics first '
+    're-estimated on the task\'s training images (one no-gradient pass). Only the stages with '
+    'frozen layers are shown.'),
     'num_rotations': (
         'Stage 1 is N-way: chance is 25.0% at N = 4, 16.7% at N = 6 and 12.5% at N = 8, so '
         'pretext accuracies compare only against their own chance. With rotation.geometry=disc '
