@@ -211,7 +211,8 @@ def torch_worker(opts):
   first_call = time.perf_counter() - start
   step()
   result = {'train': _timed(step, opts['steps'], opts['repeats'], opts['batch'])}
-  result['compile_s'] = first_call - opts['batch'] / result['train']['median']
+  if opts.get('compile'):   # eager has nothing to compile
+    result['compile_s'] = first_call - opts['batch'] / result['train']['median']
   xe = torch.randn(opts['eval_batch'], 3, 32, 32).to(memory_format=memory)
 
   def evaluate():
