@@ -1,7 +1,7 @@
 r"""Side-by-side training speed: rotjax against PyTorch, in one run.
 
   python scripts/benchmark.py                 # ResNet18 (CIFAR stem), batch 128, Adam
-  python scripts/benchmark.py --quick         # fewer configurations and repeats
+  python scripts/benchmark.py --quick         # fewer configurations (still 2 rounds x 6 steps)
   python scripts/benchmark.py --cpu avx2      # every row as on an AVX2-only CPU (emulated)
   python scripts/benchmark.py --json out.json
 
@@ -14,9 +14,13 @@ Every configuration runs in its own child process (XLA flags are fixed when a
 process starts), on the same random in-memory data, once per round; rounds
 interleave the configurations so that a slow spell of the shared machine hits
 them alike. The table shows the median images/s with min and max over all
-repeats, and the ratio to the PyTorch eager channels_last row taken within each
-round (median over rounds). Rows for PyTorch appear when torch is installed
-(`pip install -e '.[bench]'`); rotjax never needs it.
+repeats, and ratios to PyTorch taken within each round: their median and every
+round's own, flagged where the rounds disagree by more than 10% (one round's
+answer is then not the other's). "x same" compares at equal precision with the
+faster of PyTorch eager and torch.compile (inductor) in the row's dtype. Rows
+for PyTorch appear when torch is installed (`pip install -e '.[bench]'`); rotjax
+never needs it. A row whose child fails (a torch.compile that cannot build, say)
+is a row with its error.
 """
 import argparse
 import json
@@ -96,13 +100,14 @@ def rotjax_worker(opts):
   evaluate()
   result['eval'] = _timed(evaluate, max(1, opts['steps'] // 2), opts['repeats'], opts['eval_batch'])
 
+  # The real loop in every round: its ratio to PyTorch is judged per round like the step's.
+  if opts.get('loop'):
+    result['loop'] = _real_loop(opts, config)
   if not opts.get('extras', True):
     return result
   # XLA counts nothing inside the oneDNN custom calls: FLOPs come from rows on XLA's convolutions.
   if opts.get('conv') == 'xla':
     result.update(_xla_flops(p_step, (holder['state'], sharded, keys), len(devices)))
-  if opts.get('loop'):
-    result['loop'] = _real_loop(opts, config)
   result['devices'] = [str(d) for d in devices]
   result['backend'] = jax.default_backend()
   return result
@@ -139,48 +144,30 @@ def _real_loop(opts, config):
   return rows[-1]['images_per_second']
 
 
+def machine_worker(opts):
+  """What `auto` picks here, and why (hardware.describe), as a rotjax run would see it."""
+  sys.path.insert(0, ROOT)
+  from rotjax.cpu import platform as rj_platform
+  rj_platform.configure()
+  import ml_collections
+  from rotjax.cpu import hardware
+  return hardware.describe(ml_collections.ConfigDict({'dtype': 'auto', 'conv': 'auto'}))
+
+
 def torch_worker(opts):
   import torch
-  import torch.nn as tnn
   import torch.nn.functional as F
-
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(cout)
-      self.down = None
-      if stride != 1 or cin != cout:
-        self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-      return F.relu(y + (x if self.down is None else self.down(x)))
-
-  class ResNet18(tnn.Module):
-    def __init__(self, width=64, classes=10):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(width)
-      layers, cin = [], width
-      for i in range(4):
-        cout = width * 2 ** i
-        layers.append(tnn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)))
-        cin = cout
-      self.layers = tnn.Sequential(*layers)
-      self.fc = tnn.Linear(cin, classes)
-
-    def forward(self, x):
-      x = self.layers(F.relu(self.bn1(self.conv1(x))))
-      return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+  from torch_resnet import ResNet18   # scripts/torch_resnet.py, beside this file
 
   torch.manual_seed(0)
   model = ResNet18(opts['width'])
   memory = torch.channels_last if opts['channels_last'] else torch.contiguous_format
   model = model.to(memory_format=memory)
   optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  if opts.get('compile'):
+    # Inductor on CPU: forward and backward as generated C++ (gcc), oneDNN convolutions;
+    # the first call compiles (cached in inductor's default cache for later rounds).
+    model = torch.compile(model)
   x = torch.randn(opts['batch'], 3, 32, 32).to(memory_format=memory)
   y = torch.randint(0, 10, (opts['batch'],))
   autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=opts['dtype'] == 'bfloat16')
@@ -193,9 +180,13 @@ def torch_worker(opts):
     loss.backward()
     optimizer.step()
 
+  start = time.perf_counter()
   step()
+  first_call = time.perf_counter() - start
   step()
   result = {'train': _timed(step, opts['steps'], opts['repeats'], opts['batch'])}
+  if opts.get('compile'):   # eager has nothing to compile
+    result['compile_s'] = first_call - opts['batch'] / result['train']['median']
   xe = torch.randn(opts['eval_batch'], 3, 32, 32).to(memory_format=memory)
 
   def evaluate():
@@ -207,6 +198,9 @@ def torch_worker(opts):
   result['torch'] = torch.__version__
   result['threads'] = torch.get_num_threads()
   return result
+
+
+WORKERS = {'rotjax': rotjax_worker, 'torch': torch_worker, 'machine': machine_worker}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -237,6 +231,10 @@ def configurations(quick: bool, has_torch: bool):
     rows += [
         (REFERENCE, 'torch', {'dtype': 'float32', 'channels_last': True}, {}),
         (REFERENCE_BF16, 'torch', {'dtype': 'bfloat16', 'channels_last': True}, {}),
+        # PyTorch's fastest CPU path, beside eager: each rotjax row is judged against the
+        # faster of the two in its dtype.
+        (COMPILED, 'torch', {'dtype': 'float32', 'channels_last': True, 'compile': True}, {}),
+        (COMPILED_BF16, 'torch', {'dtype': 'bfloat16', 'channels_last': True, 'compile': True}, {}),
     ]
     if not quick:
       rows += [
@@ -256,10 +254,19 @@ EMULATED_CPUS = {'avx2': ({'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 
                           '--xla_cpu_max_isa=AVX2')}
 
 
-def run_child(worker, opts, env_extra, cpu=None):
+# A row that takes longer is reported as an error row, not waited for (torch.compile's
+# first build is the slowest child: minutes on 2 busy cores).
+CHILD_TIMEOUT_S = 1800
+
+
+def child_environment(worker, env_extra=None, cpu=None) -> dict:
+  """The one environment every child process gets: this checkout on PYTHONPATH, the row's
+  extra variables, the XLA flags a CLI run of rotjax gets, and an emulated CPU's switches."""
+  env_extra = env_extra or {}
   env = dict(os.environ, **env_extra)
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (ROOT, env.get('PYTHONPATH', '')) if p)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  if worker == 'rotjax' and 'XLA_FLAGS' not in env_extra and env_extra.get('ROTJAX_DEFAULT_FLAGS') != '0':
+  if worker != 'torch' and 'XLA_FLAGS' not in env_extra and env_extra.get('ROTJAX_DEFAULT_FLAGS') != '0':
     sys.path.insert(0, ROOT)
     from rotjax.cpu import platform as rj_platform  # the flags a CLI run gets
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + rj_platform.cpu_xla_flags()).strip()
@@ -267,8 +274,16 @@ def run_child(worker, opts, env_extra, cpu=None):
     cpu_env, xla_flag = EMULATED_CPUS[cpu]
     env.update(cpu_env)
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flag).strip()
+  return env
+
+
+def run_child(worker, opts, env_extra, cpu=None):
+  env = child_environment(worker, env_extra, cpu)
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', worker, '--opts', json.dumps(opts)]
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  try:
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    return {'error': f'no result within {CHILD_TIMEOUT_S} s (a hung compile?)'}
   if out.returncode != 0:
     lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
     named = [l for l in lines if 'Error' in l.split(':')[0]]   # the exception line
@@ -279,19 +294,9 @@ def run_child(worker, opts, env_extra, cpu=None):
 def machine_header(cpu=None) -> str:
   """CPU model, ISA class and flags, oneDNN's version and what `auto` picks, from a child
   process with the same environment as the rows (so an emulated CPU shows as such)."""
-  code = ('import json, ml_collections\n'
-          'from rotjax import platform; platform.configure()\n'
-          'from rotjax import hardware\n'
-          'info = hardware.describe(ml_collections.ConfigDict({"dtype": "auto", "conv": "auto"}))\n'
-          'print(json.dumps(info))')
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
-  if cpu:
-    env.update(EMULATED_CPUS[cpu][0])
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
-  try:
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-  except (IndexError, json.JSONDecodeError):
-    return 'machine: unknown (' + (out.stderr.strip().splitlines() or ['?'])[-1] + ')'
+  info = run_child('machine', {}, {}, cpu)
+  if 'error' in info:
+    return f'machine: unknown ({info["error"]})'
   isa = info.get('cpu_isa_class', info['backend'])
   flags = ' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in info.get('cpu_flags', []))
   emulated = f' [emulated: {cpu}-only CPU via ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, --xla_cpu_max_isa]' if cpu else ''
@@ -337,8 +342,19 @@ def peak_flops(backend_devices, cpu=None) -> tuple[dict | None, str]:
 
 
 DEFAULT = 'rotjax default (auto)'
+# Timed steps per repeat by default and at least under --quick: a 2-step repeat (under
+# 1.5 s for the bf16 step) is shorter than the shared machine's slow spells.
+MIN_STEPS = 6
 REFERENCE = 'PyTorch eager channels_last fp32'
 REFERENCE_BF16 = 'PyTorch eager channels_last bf16'
+COMPILED = 'PyTorch compile channels_last fp32'
+COMPILED_BF16 = 'PyTorch compile channels_last bf16'
+# Equal precision: a row is compared with the faster of PyTorch's eager and torch.compile
+# steps in its own dtype, round by round (users choosing a framework take its fastest).
+SAME_DTYPE = {'float32': (REFERENCE, COMPILED), 'bfloat16': (REFERENCE_BF16, COMPILED_BF16)}
+# Per-round ratios further apart than this (max / min - 1) are flagged: one round's
+# answer would have been another's, so the median alone would overstate what is known.
+DISAGREEMENT = 0.10
 
 
 def combine(name, worker, opts, per_round):
@@ -349,30 +365,107 @@ def combine(name, worker, opts, per_round):
   row = {'name': name, 'worker': worker, **opts, **ok[0]}
   for key in ('train', 'eval'):
     row[key] = stats([rate for r in ok for rate in r[key]['rates']])
+  loops = [r['loop'] for r in ok if r.get('loop')]
+  if loops:
+    row['loop'], row['loop_rounds'] = float(np.median(loops)), loops
   return row
 
 
-def _ratio(rounds, name, reference, key):
-  ratios = [r[name][key]['median'] / r[reference][key]['median'] for r in rounds
-            if key in r.get(name, {}) and key in r.get(reference, {})]
-  return float(np.median(ratios)) if ratios else None
+def _median_rate(result, key):
+  """A round's images/s for `key`: 'train'/'eval' (median of its repeats) or 'loop'."""
+  value = (result or {}).get(key)
+  return value['median'] if isinstance(value, dict) else value
+
+
+def round_ratios(rounds, name, references, key='train', reference_key='train'):
+  """Per round, `name`'s images/s over the fastest of `references` measured in that round.
+
+  A round where the row or every reference is missing (an error) gives no ratio.
+  """
+  ratios = []
+  for measured in rounds:
+    mine = _median_rate(measured.get(name), key)
+    theirs = [_median_rate(measured.get(ref), reference_key) for ref in references]
+    theirs = [t for t in theirs if t]
+    if mine and theirs:
+      ratios.append(mine / max(theirs))
+  return ratios
+
+
+def disagree(ratios, tolerance=DISAGREEMENT) -> bool:
+  """Whether the rounds' ratios spread by more than `tolerance` (max over min)."""
+  # Rounded so that exactly 10% apart (1.00 and 1.10, as printed) is not flagged.
+  return len(ratios) > 1 and round(max(ratios) / min(ratios) - 1, 6) > tolerance
+
+
+def fmt_ratios(ratios, width=0) -> str:
+  """'1.02 (1.02 1.03)': the median, then each round's ratio; '!' when they disagree."""
+  if not ratios:
+    return f'{"n/a":>{width}s}'
+  text = f'{np.median(ratios):.2f}'
+  if len(ratios) > 1:
+    text += ' (' + ' '.join(f'{r:.2f}' for r in ratios) + ')' + ('!' if disagree(ratios) else '')
+  return f'{text:>{width}s}'
 
 
 def add_ratios(results, rounds):
-  """Per round, this row's median over a PyTorch row's; the median of those over rounds.
+  """Each row's per-round ratios to PyTorch and their medians.
 
-  ratio_train / ratio_eval: against PyTorch eager channels_last fp32; ratio_same: train,
-  against PyTorch eager channels_last in the row's own compute dtype (equal precision).
+  ratio_train / ratio_eval: against PyTorch eager channels_last fp32. ratio_same: train,
+  against the faster of PyTorch's eager and compiled channels_last steps in the row's own
+  compute dtype (equal precision); loop_same: the row's real loop against the same.
   """
   for row in results:
     for key in ('train', 'eval'):
-      row['ratio_' + key] = _ratio(rounds, row['name'], REFERENCE, key)
-    same = REFERENCE_BF16 if row.get('dtype') == 'bfloat16' else REFERENCE
-    row['ratio_same'] = _ratio(rounds, row['name'], same, 'train')
+      row['rounds_' + key] = round_ratios(rounds, row['name'], (REFERENCE,), key, key)
+    same = SAME_DTYPE.get(row.get('dtype'), (REFERENCE,))
+    row['rounds_same'] = round_ratios(rounds, row['name'], same)
+    row['rounds_loop_same'] = round_ratios(rounds, row['name'], same, key='loop')
+    for key in ('train', 'eval', 'same', 'loop_same'):
+      ratios = row['rounds_' + key]
+      row['ratio_' + key] = float(np.median(ratios)) if ratios else None
+    row['disagree'] = [key for key in ('train', 'same', 'loop_same') if disagree(row['rounds_' + key])]
 
 
 def fmt(stats):
   return f'{stats["median"]:7.1f} [{stats["min"]:.1f}-{stats["max"]:.1f}]'
+
+
+COLUMNS = ('configuration', 'dtype', 'train img/s [min-max]', 'x torch CL', 'x same',
+           'eval img/s [min-max]', 'x torch CL (eval)', 'compile s', 'loop/step', 'loop x same',
+           '% peak')
+
+
+def table_cells(results, flops_per_step, peak, batch) -> list:
+  """Each result row as the strings of COLUMNS (an error row: its name, dtype and error)."""
+  lines = []
+  for r in results:
+    if 'error' in r:
+      lines.append([r['name'], r.get('dtype', ''), 'error: ' + r['error']])
+      continue
+    frac = '-'
+    if flops_per_step and peak:
+      r['achieved_flops'] = flops_per_step * r['train']['median'] / batch
+      frac = f'{r["achieved_flops"] / peak[r["dtype"]]:.1%}'
+    lines.append([r['name'], r['dtype'], fmt(r['train']).strip(), fmt_ratios(r['rounds_train']),
+                  fmt_ratios(r['rounds_same']), fmt(r['eval']).strip(), fmt_ratios(r['rounds_eval']),
+                  f'{r["compile_s"]:.1f}' if 'compile_s' in r else '-',
+                  f'{r["loop"] / r["train"]["median"]:.0%}' if r.get('loop') else '-',
+                  fmt_ratios(r['rounds_loop_same']) if r.get('loop') else '-', frac])
+  return lines
+
+
+def print_table(results, lines):
+  """COLUMNS left-aligned (names) and right-aligned (figures), each as wide as it needs."""
+  full = [l for l in lines if len(l) == len(COLUMNS)]
+  widths = [max([len(c)] + [len(l[i]) for l in full]) for i, c in enumerate(COLUMNS)]
+  row = lambda cells: ' '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(cells, widths)))
+  print(row(COLUMNS))
+  print('-' * len(row(COLUMNS)))
+  for line in lines:
+    print(row(line) if len(line) == len(COLUMNS)
+          else f'{line[0].ljust(widths[0])} {line[1].rjust(widths[1])} {line[2]}')
 
 
 def main():
@@ -383,7 +476,7 @@ def main():
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--eval_batch', type=int, default=256)
   parser.add_argument('--width', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=2, help='timed steps per repeat')
+  parser.add_argument('--steps', type=int, default=MIN_STEPS, help='timed steps per repeat')
   parser.add_argument('--repeats', type=int, default=3, help='timed repeats per round')
   parser.add_argument('--rounds', type=int, default=2,
                       help='times every configuration is measured, interleaved')
@@ -397,7 +490,7 @@ def main():
   args = parser.parse_args()
   if args.worker:
     opts = json.loads(args.opts)
-    print(json.dumps((rotjax_worker if args.worker == 'rotjax' else torch_worker)(opts)))
+    print(json.dumps(WORKERS[args.worker](opts)))
     return
 
   try:
@@ -407,7 +500,10 @@ def main():
     has_torch = False
     print('torch is not installed: PyTorch rows skipped (pip install -e ".[bench]")')
   if args.quick:
-    args.repeats, args.steps, args.rounds = min(args.repeats, 3), min(args.steps, 2), 1
+    # Fewer rows, not fewer rounds: one round of 2-step repeats flipped its answer with a
+    # shared machine's noise (issue 25), so even --quick interleaves 2 rounds of >= 6 steps.
+    args.repeats = min(args.repeats, 3)
+    args.steps, args.rounds = max(args.steps, MIN_STEPS), max(args.rounds, 2)
   base = {'batch': args.batch, 'eval_batch': args.eval_batch, 'width': args.width,
           'steps': args.steps, 'repeats': args.repeats, 'loop_steps': args.loop_steps}
   rows = configurations(args.quick, has_torch)
@@ -423,9 +519,9 @@ def main():
     shift = round_index % len(rows)
     for name, worker, opts, env in rows[shift:] + rows[:shift]:
       print(f'round {round_index + 1}/{args.rounds}: {name} ...', flush=True)
-      # The real loop and XLA's FLOP count once, in the first round.
+      # XLA's FLOP count once, in the first round (the real loop runs in every round).
       extras = round_index == 0
-      child_opts = {**base, **opts, 'extras': extras, 'loop': opts.get('loop', False) and extras}
+      child_opts = {**base, **opts, 'extras': extras}
       measured[name] = run_child(worker, child_opts, env, args.cpu)
     rounds.append(measured)
   results = [combine(name, worker, opts, [r[name] for r in rounds]) for name, worker, opts, _ in rows]
@@ -436,37 +532,26 @@ def main():
   # Every row trains the same network on the same batch: one FLOP count (from a row on
   # XLA's convolutions) serves all, PyTorch's and the oneDNN rows included.
   flops_per_step = next((r['flops_per_step'] for r in results if r.get('flops_per_step')), None)
-  header = (f'{"configuration":36s} {"dtype":>8s} {"train img/s [min-max]":>24s} {"x torch CL":>10s} '
-            f'{"x same":>7s} {"eval img/s [min-max]":>24s} {"x torch CL":>10s} {"compile s":>9s} '
-            f'{"loop/step":>9s} {"% peak":>7s}')
   print()
   print(f'ResNet18 CIFAR stem, width {args.width}, batch {args.batch} (eval {args.eval_batch}), '
         f'Adam, {args.rounds} rounds x {args.repeats} repeats x {args.steps} steps')
   print(machine_header(args.cpu))
-  print(header)
-  print('-' * len(header))
-  for r in results:
-    if 'error' in r:
-      print(f'{r["name"]:36s} {r.get("dtype", ""):>8s} error: {r["error"]}')
-      continue
-    ratio = lambda key, w=9: (f'{r["ratio_" + key]:{w}.2f}x' if r.get('ratio_' + key) else ' ' * (w - 2) + 'n/a')
-    loop = f'{r["loop"] / r["train"]["median"]:8.0%}' if r.get('loop') else '        -'
-    compile_s = f'{r["compile_s"]:9.1f}' if 'compile_s' in r else '        -'
-    frac = '      -'
-    if flops_per_step and peak:
-      achieved = flops_per_step * r['train']['median'] / args.batch
-      r['achieved_flops'] = achieved
-      frac = f'{achieved / peak[r["dtype"]]:6.1%}'
-    print(f'{r["name"]:36s} {r["dtype"]:>8s} {fmt(r["train"]):>24s} {ratio("train"):>10s} '
-          f'{ratio("same", 6):>7s} {fmt(r["eval"]):>24s} {ratio("eval"):>10s} {compile_s} {loop} {frac:>7s}')
-  print(f'\nimages/s: median [min-max] over all repeats of all rounds; x torch CL: median over '
-        f'rounds of the ratio within a round, against PyTorch eager channels_last fp32; x same: '
-        f'the same against PyTorch channels_last in the row\'s dtype (equal precision).\npeak used for % peak: '
+  print_table(results, table_cells(results, flops_per_step, peak, args.batch))
+  print(f'\nimages/s: median [min-max] over all repeats of all rounds. Ratios: the median over '
+        f'rounds of the ratio within a round, then (in brackets) each round\'s; "!" where the '
+        f'rounds disagree by more than {DISAGREEMENT:.0%}.\nx torch CL: against PyTorch eager '
+        f'channels_last fp32; x same: against the faster of PyTorch eager and torch.compile '
+        f'channels_last in the row\'s dtype (equal precision); loop x same: the real loop '
+        f'(train_and_evaluate, epoch 2) against the same.\npeak used for % peak: '
         + (f'{peak["float32"] / 1e9:.0f} GFLOP/s fp32, {peak["bfloat16"] / 1e9:.0f} bf16'
            if peak else 'unknown') + f' ({peak_how}); '
         + (f'{flops_per_step / 1e9:.0f} GFLOP per train step (XLA\'s count)\n'
            if flops_per_step else '\n')
         + 'loop/step = images/s of train_and_evaluate over epoch 2 / bare step')
+  disagreeing = [r['name'] for r in results if r.get('disagree')]
+  if disagreeing:
+    print(f'rounds disagree by more than {DISAGREEMENT:.0%} on: {", ".join(disagreeing)} '
+          f'(a noisy machine: rerun with more --rounds before drawing a conclusion)')
   with open(args.json, 'w') as f:
     json.dump({'args': vars(args), 'peak_flops': peak, 'peak_how': peak_how, 'results': results,
                'rounds': rounds}, f, indent=2)

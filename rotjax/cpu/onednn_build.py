@@ -99,16 +99,24 @@ def _version_key(inst: Installation) -> tuple:
   return tuple(int(v) for v in inst.version.split('.'))
 
 
-def preferred(found: list, isa_class: str) -> list:
-  """The installations in the order to try them on a CPU of `isa_class` (isa.isa_class).
+# Which oneDNN runs a CPU class's training step fastest, from scripts/benchmark.py
+# (README, Performance: the class x oneDNN table). 'newest': the newest found first;
+# 'system': the system's (Debian's 2.6) first, then the oldest.
+#  - avx2 (and older): 3.x has brgemm convolution kernels for AVX2, 2.x only its older
+#    jit ones (fp32 step, Zen 5 under ONEDNN_MAX_CPU_ISA=AVX2: 64 img/s with 3.2, 55 with 2.6).
+#  - avx512_bf16: both have brgemm kernels; Debian's 2.6 ran the bf16 step 7% faster than
+#    3.2 on a Zen 5 (198 vs 183 img/s, interleaved). avx512 without bf16 follows it,
+#    unmeasured.
+#  - amx: 3.2's AMX kernels beat 2.6's: bf16 step 88.9 img/s with pip's 3.2 against 73.1
+#    with Debian's 2.6.3 on a 2-core Xeon with AMX (issue 25, 2026-11-29, main at 93aba00).
+FASTEST = {'older': 'newest', 'avx2': 'newest', 'avx512': 'system', 'avx512_bf16': 'system',
+           'amx': 'newest'}
 
-  Without AVX-512 the newest first: oneDNN 3.x has brgemm convolution kernels for AVX2,
-  2.x only its older jit ones (ResNet18 fp32 train step on the Zen 5 under
-  ONEDNN_MAX_CPU_ISA=AVX2: 64 img/s with 3.2 against 55 with 2.6). With AVX-512 the
-  system's first, then the oldest: there both have brgemm kernels and Debian's 2.6 ran
-  the bf16 step 7% faster than 3.2 (README, Performance).
-  """
-  if isa_class in ('older', 'avx2'):
+
+def preferred(found: list, isa_class: str) -> list:
+  """The installations in the order to try them on a CPU of `isa_class` (isa.isa_class),
+  fastest first by FASTEST; an unknown class takes the newest."""
+  if FASTEST.get(isa_class, 'newest') == 'newest':
     return sorted(found, key=_version_key, reverse=True)
   return sorted(found, key=lambda inst: (inst.source != 'system', _version_key(inst)))
 
