@@ -377,8 +377,8 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   flax's masked BatchNorm is no way out: it pmean's per-device means, which is
   wrong when devices hold different numbers of real rows (and NaN on a device with none).
 
-  The rows of each batch are then put in a seeded random order, so that each device's
-  consecutive part (`shard`) is a uniform random part of the batch. In index order a
+  The rows of each shard's part of the batch are then put in a seeded random order, so that
+  each device's consecutive part (`shard`) is a uniform random part of it. In index order a
   folder split (listed class by class) would give device 0 mostly the low classes: with
   per-device BatchNorm (model.sync_bn=False) its statistics would carry a label cue that
   evaluation lacks, and results would change with the device count. `index` is each
@@ -398,11 +398,15 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   if num_steps is None:
     num_steps = -(-max(len(o) for o in orders) // per_shard)
   for i in range(num_steps):
-    idx, mask = zip(*(_padded_slice(o, i * per_shard, per_shard) for o in orders))
-    idx = np.concatenate(idx)
-    mixed = np.random.default_rng([seed, epoch, i, _MIX_KEY]).permutation(len(idx))
-    yield {'image': split.images[idx][mixed], 'label': split.labels[idx][mixed],
-           'mask': np.concatenate(mask)[mixed], 'index': (first_index + mixed).astype(np.int32)}
+    parts = [_padded_slice(o, i * per_shard, per_shard) for o in orders]
+    # Each shard's part is mixed by the same permutation, so one process holding every
+    # shard feeds each device the very rows that one process per shard would.
+    mixed = np.random.default_rng([seed, epoch, i, _MIX_KEY]).permutation(per_shard)
+    rows = np.concatenate([idx[mixed] for idx, _ in parts])
+    index = np.concatenate([j * per_shard + mixed for j in range(len(parts))])
+    yield {'image': split.images[rows], 'label': split.labels[rows],
+           'mask': np.concatenate([mask[mixed] for _, mask in parts]),
+           'index': (first_index + index).astype(np.int32)}
 
 
 def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
