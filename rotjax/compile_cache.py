@@ -151,7 +151,9 @@ class Watch:
       return f'compiled ({where})' if not hits else f'{hits} loaded from the cache, {misses} compiled'
     if hits:
       return 'loaded from the compilation cache'
-    return 'compiled, not cached' if not status().get('path') else 'already compiled in this process'
+    # No lookup at all: the cache is off, or JAX did not consult it (a program this process
+    # had compiled already, or one JAX keeps out of the cache).
+    return 'compiled, not cached' if not status().get('path') else 'compiled without a cache lookup'
 
 
 def log_first_call(fn, name: str, since: float | None = None):
