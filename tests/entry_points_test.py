@@ -51,3 +51,20 @@ def test_the_package_imports_light_and_loads_lazily():
   code, out = _run('-c', 'import sys, rotjax; light = "jax" not in sys.modules; '
                          'print(light, callable(rotjax.load))')
   assert code == 0 and out.split()[-2:] == ['True', 'True'], out[-2000:]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_every_package_and_the_cpp_source(tmp_path):
+  """A non-editable install gets every sub-package (each needs its __init__.py) and the
+  C++ source that onednn_build compiles on first use."""
+  import glob
+  import zipfile
+  code, out = _run('-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', ROOT,
+                   '-w', str(tmp_path))
+  assert code == 0, out[-2000:]
+  names = set(zipfile.ZipFile(glob.glob(str(tmp_path / '*.whl'))[0]).namelist())
+  packages = {os.path.relpath(d, ROOT) for d, _, files in os.walk(os.path.join(ROOT, 'rotjax'))
+              if any(f.endswith('.py') for f in files)}
+  for package in packages:
+    assert f'{package}/__init__.py' in names, package
+  assert 'rotjax/cpu/csrc/onednn_conv.cc' in names and 'configs/study.py' in names
