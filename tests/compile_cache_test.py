@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from rotjax import compile_cache
+from rotjax import testing
 from rotjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,13 +62,8 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path):
   assert 'cannot be written' in out.stderr and str(blocker) in out.stderr
 
 
-def _stage(workdir, source, cache, *overrides, config='finetune'):
-  flags = [f'--config={ROOT}/configs/{config}.py:smoke', f'--config.workdir={workdir}',
-           f'--config.data.source=folder:{source}', '--config.data.image_size=16',
-           '--config.data.cache_dir=', '--config.data.max_train_images=0',
-           '--config.data.max_eval_images=0', '--config.data.val_fraction=0.25',
-           '--config.model.width=4', '--config.model.dtype=float32', '--config.batch_size=8',
-           '--config.eval_batch_size=8', '--config.num_epochs=1', *overrides]
+def _stage(workdir, source, cache, **overrides):
+  flags = testing.tiny_flags('finetune', workdir, source, num_epochs=1, **overrides)
   # Tiny programs compile in well under the cache's 0.5 s floor: store them all here.
   env = {**os.environ, compile_cache.ENV: str(cache), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   out = subprocess.run([sys.executable, '-m', 'rotjax.main', *flags], capture_output=True,
@@ -83,7 +79,7 @@ def test_stage3_loads_the_programs_stage2_compiled(tmp_path, make_config, image_
   pretext = make_config('pretext', tmp_path / 'pretext', num_epochs=1)
   train.train_and_evaluate(pretext)
   cache = tmp_path / 'jit'
-  stage2 = _stage(tmp_path / 'stage2', image_folder, cache, f'--config.init_from={tmp_path}/pretext')
+  stage2 = _stage(tmp_path / 'stage2', image_folder, cache, init_from=f'{tmp_path}/pretext')
   assert stage2['train step'].startswith('compiled'), stage2
   stage3 = _stage(tmp_path / 'stage3', image_folder, cache)
   # Same model, freeze mask and shapes: the same programs, loaded instead of compiled.
