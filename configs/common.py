@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
   config.data.preprocess = 'cifar'     # cifar (pad-crop, flip) | imagenet (resized crop, flip)
   config.data.cache_dir = '~/.cache/rotjax'  # decoded folder datasets are cached here
+  # memory: decode each split once into RAM; stream: decode each batch from its files in
+  # worker processes (datasets larger than memory); auto: memory where the decoded images
+  # take at most half the memory available, else stream (input_pipeline.choose_loader).
+  # Both give the same batches.
+  config.data.loader = 'auto'
+  config.data.workers = 0              # decoding processes (0 = one per core)
   config.data.skip_bad_files = False   # skip unreadable images with a warning (else error)
   # Training data shards; the batch order depends on their number. 0: one per
   # process. On one host, set it to a multi-host run's process count to replay
@@ -79,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1
   config.log_every_steps = 20          # progress bar refresh (a host sync)
   config.keep_checkpoints = 3
+  # Also checkpoint every this many steps inside an epoch (0: at epoch ends only): a run
+  # killed mid-epoch resumes there, with the same batches and metrics as an unbroken one.
+  config.checkpoint_every_steps = 0
   config.progress = True
   # Compiled programs kept between processes (rotjax/compile_cache.py): 'auto'
   # (~/.cache/rotjax/jit), a folder, or '' to turn it off; ROTJAX_COMPILE_CACHE wins.

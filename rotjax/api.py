@@ -109,7 +109,7 @@ class RotjaxModel:
 
   def prepare_images(self, images) -> np.ndarray:
     """Checks dtype/shape; resizes to the run's stored size like the data loader does."""
-    from rotjax import input_pipeline
+    from rotjax import image_files, input_pipeline
     images = np.asarray(images)
     if images.dtype != np.uint8:
       raise TypeError(f'images must be uint8 (0-255, as decoded from files); got {images.dtype}. '
@@ -122,7 +122,7 @@ class RotjaxModel:
     size = input_pipeline.storage_size(self.config.data)
     if images.shape[1:3] != (size, size):
       from PIL import Image
-      images = np.stack([input_pipeline.fit_square(Image.fromarray(im), size) for im in images])
+      images = np.stack([image_files.fit_square(Image.fromarray(im), size) for im in images])
     return images
 
 

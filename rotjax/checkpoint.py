@@ -34,14 +34,19 @@ class Checkpoints:
     self.latest = _manager(rundir.path(workdir, rundir.LATEST), keep)
     self.best = _manager(rundir.path(workdir, rundir.BEST), 1)
 
-  def save(self, step: int, state, is_best: bool, row: dict | None = None) -> None:
+  def save(self, step: int, state, is_best: bool, row: dict | None = None,
+           partial_epoch: dict | None = None) -> None:
     """Writes `step` and returns once it is committed; an error names the step and path.
 
-    Waiting (instead of overlapping the write with the next epoch) is what lets
-    the caller append the metrics row only for committed steps.
+    `row` is a finished epoch's metrics row; `partial_epoch` is what a step inside an epoch
+    carries instead (rundir.save_partial_epoch): where the data loader stands and the
+    epoch's step metrics so far. Waiting (instead of overlapping the write with the next
+    steps) is what lets the caller append the metrics row only for committed steps.
     """
     item = flax.serialization.to_state_dict(state)
     meta = {'metrics_row': row} if row is not None else None
+    if partial_epoch is not None:
+      meta = {'partial_epoch': partial_epoch}
     try:
       self.latest.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
       if is_best:
@@ -71,6 +76,13 @@ class Checkpoints:
       return None
     meta = self.latest.metadata(step).custom_metadata or {}
     return meta.get('metrics_row')
+
+  def latest_partial_epoch(self) -> dict | None:
+    """What the latest step saved of an unfinished epoch (None for an epoch's end)."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    return (self.latest.metadata(step).custom_metadata or {}).get('partial_epoch')
 
   def restore_latest(self, state):
     """`state` restored from the latest complete step, or None if there is none."""

@@ -67,6 +67,14 @@ def check_config(config) -> None:
   _require(config.batch_size >= 1 and config.eval_batch_size >= 1,
            'batch_size and eval_batch_size must be >= 1')
   _require(config.log_every_steps >= 1, 'log_every_steps must be >= 1')
+  _require(config.get('checkpoint_every_steps', 0) >= 0,
+           f'checkpoint_every_steps={config.get("checkpoint_every_steps")} must be >= 0 '
+           '(0 = at epoch ends only)')
+  _require(config.data.get('loader', 'auto') in input_pipeline.LOADERS,
+           f'data.loader={config.data.get("loader")!r} is unknown; allowed: '
+           f'{input_pipeline.LOADERS}')
+  _require(config.data.get('workers', 0) >= 0,
+           f'data.workers={config.data.get("workers")} must be >= 0 (0 = one per core)')
   _require(config.freeze_bn in FREEZE_BN,
            f'freeze_bn={config.freeze_bn!r} is unknown; allowed: {FREEZE_BN}')
   if config.init_from:

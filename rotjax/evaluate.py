@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from rotjax import input_pipeline
 from rotjax import probes
 from rotjax import rundir
 from rotjax.study import plots
@@ -56,7 +57,6 @@ def data_config(config, source='', max_images=0, cache_dir=None):
 
 
 def load_data(config, **overrides):
-  from rotjax import input_pipeline
   return input_pipeline.load_dataset(data_config(config, **overrides))
 
 
@@ -68,8 +68,9 @@ def _run_and_features(args, bn: dict | None = None):
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
   if getattr(args, 'bn', 'running') == 'reestimated':
-    bn['bn_reestimated'] = probes.reestimate_bn(model, dataset.train.images,
-                                                model.config.batch_size)
+    bn['bn_reestimated'] = probes.reestimate_bn(
+        model, input_pipeline.images_of(dataset.train, model.config.batch_size),
+        model.config.batch_size)
   return name, model, dataset, probes.split_features(model, dataset, args.layer)
 
 
@@ -98,7 +99,7 @@ def cmd_confusion(args):
   name, model = load_run(args.runs[0])
   dataset = load_data(model.config, **_data_overrides(args))
   split = getattr(dataset, args.split)
-  pred, true = probes.predictions(model, split.images)
+  pred, true = probes.split_predictions(model, split)
   true = split.labels if true is None else true
   names = model.class_names or tuple(str(i) for i in range(model.num_classes))
   counts = probes.confusion_matrix(true, pred, len(names))
@@ -124,7 +125,9 @@ def cmd_tsne(args):
   split = getattr(dataset, args.split)
   embeddings, titles = [], []
   for name, model in runs:
-    embeddings.append(probes.tsne_embed(model.features(split.images, layer=args.layer),
+    features = np.concatenate([model.features(chunk, layer=args.layer)
+                               for chunk in input_pipeline.images_of(split)])
+    embeddings.append(probes.tsne_embed(features,
                                  perplexity=args.perplexity))
     titles.append(f'{name} ({model.config.stage if name != "random" else "random init"})')
   path = args.out or os.path.join(_out_dir(args), f'tsne_{args.layer}.png')

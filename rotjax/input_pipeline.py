@@ -1,15 +1,22 @@
-"""Host side of the data: load a dataset into memory as uint8, split it, batch it.
+"""Host side of the data: which images make each batch, and the two loaders that fetch them.
 
 Knows nothing of rotation or augmentation: those run on device (preprocess.py,
-rotation.py). A dataset is small enough for host memory (CIFAR-10: 180 MB;
-ImageNette stored at 64-256 px), so each split is a pair of numpy arrays and a
-batch is a fancy-index into them: the input pipeline costs next to nothing.
+rotation.py). Two loaders (`data.loader`), the same batches from both:
+
+- memory: a split decoded once into uint8 arrays (cached as .npy under data.cache_dir);
+  a batch is a fancy-index into them. CIFAR-10 (180 MB) and ImageNette (2.6 GB at 256 px).
+- stream: a split kept as file names (streaming.FileSplit); each batch is decoded from
+  disk by worker processes while the device trains. ImageNet (190 GB decoded).
+- auto (the default): memory where the decoded dataset fits comfortably in the memory
+  this machine has available (`choose_loader`), stream otherwise.
+
+Which rows make each batch is decided here, once, for both (TrainPlan, EvalPlan): a pure
+function of (seed, epoch, step), so a run resumed mid-epoch sees the batches an
+uninterrupted run would have.
 
 Sources: `tfds:NAME` (tfds.load, needs internet the first time) and
-`folder:PATH` (PATH/SPLIT/CLASS/IMAGE, decoded in parallel with PIL and cached
-as .npy files under `data.cache_dir`).
+`folder:PATH` (PATH/SPLIT/CLASS/IMAGE, image_files.py).
 """
-import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -17,10 +24,16 @@ import os
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-DATASETS = ('cifar10', 'imagenette')
+from rotjax import image_files
+from rotjax import streaming
+
+DATASETS = ('cifar10', 'imagenette', 'imagenet')
+LOADERS = ('auto', 'memory', 'stream')
+# data.loader=auto keeps a dataset in memory while its decoded images take at most this
+# share of the memory available: the rest is the training process, its copies of batches,
+# XLA's buffers and everything else on the machine.
+MEMORY_SHARE = 0.5
 
 
 @dataclasses.dataclass
@@ -34,6 +47,17 @@ class Split:
   def take(self, indices) -> 'Split':
     return Split(self.images[indices], self.labels[indices])
 
+  def gather(self, plan: dict) -> dict:
+    """One batch of a plan (rows: indices into this split, -1 = padding: zero images)."""
+    rows = plan['rows']
+    real = rows >= 0
+    images, labels = self.images[np.maximum(rows, 0)], self.labels[np.maximum(rows, 0)]
+    if not real.all():
+      images[~real] = 0
+      labels = np.where(real, labels, 0).astype(np.int32)
+    return {'image': images, 'label': labels,
+            **{k: v for k, v in plan.items() if k != 'rows'}}
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -44,14 +68,16 @@ class Dataset:
   with several processes, process p holds shard p and every p-th val and test
   example, and `sizes` keeps the whole-dataset counts.
   """
-  train: Split
-  val: Split
-  test: Split
+  train: 'Split | streaming.FileSplit'
+  val: 'Split | streaming.FileSplit'
+  test: 'Split | streaming.FileSplit'
   class_names: tuple[str, ...]
   num_shards: int = 1
   process_index: int = 0
   process_count: int = 1
   sizes: dict | None = None   # whole-dataset {'train', 'val', 'test'} counts (None: these splits)
+  loader: str = 'memory'      # 'memory' or 'stream' (what data.loader resolved to)
+  loader_reason: str = ''
 
   @property
   def num_classes(self) -> int:
@@ -96,77 +122,35 @@ def storage_size(data_config) -> int:
 
 # ---------------------------------------------------------------- decoding
 
-def decode_image(path: str, size: int) -> np.ndarray:
-  """One file -> uint8 [size, size, 3]: RGB-converted, shorter side resized, centre-cropped."""
-  with Image.open(path) as image:
-    return fit_square(image.convert('RGB'), size)   # grayscale, palette, RGBA -> RGB
+# Below this many files a split is decoded in this process: starting worker processes
+# (about a second) would cost more than they save.
+MIN_FILES_FOR_WORKERS = 2000
 
 
-def fit_square(image: Image.Image, size: int) -> np.ndarray:
-  """RGB PIL image -> uint8 [size, size, 3]: shorter side resized (bicubic), centre-cropped."""
-  width, height = image.size
-  if (width, height) != (size, size):
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-  return np.asarray(image, dtype=np.uint8)
-
-
-# tfds calls ImageNette's held-out split 'validation'; image-folder copies call it 'val'.
-SPLIT_ALIASES = {'validation': 'val', 'val': 'validation'}
-
-
-def list_folder_split(root: str, split: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
-  """Files, integer labels and sorted class names of ROOT/SPLIT/CLASS/IMAGE."""
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir) and split in SPLIT_ALIASES:
-    split_dir = os.path.join(root, SPLIT_ALIASES[split])
-  if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f'data.source folder has no split {split!r}: {split_dir} does not exist')
-  classes = tuple(sorted(d for d in os.listdir(split_dir)
-                         if os.path.isdir(os.path.join(split_dir, d))))
-  if not classes:
-    raise ValueError(f'split folder {split_dir} has no class sub-folders')
-  files, labels = [], []
-  for label, name in enumerate(classes):
-    class_dir = os.path.join(split_dir, name)
-    names = sorted(f for f in os.listdir(class_dir) if not f.startswith('.'))
-    if not names:
-      raise ValueError(f'class folder {class_dir} is empty')
-    files += [os.path.join(class_dir, f) for f in names]
-    labels += [label] * len(names)
-  return files, np.asarray(labels, np.int32), classes
-
-
-def decode_files(files, labels, size, skip_bad_files=False, threads=None):
-  """Decodes files in parallel (PIL releases the GIL). A bad file is an error naming it,
-  or, with skip_bad_files, is dropped with a warning and a count."""
-  def load(path):
-    try:
-      return decode_image(path, size)
-    except Exception as e:  # PIL raises several types for corrupt/non-image files.
-      if not skip_bad_files:
-        raise ValueError(f'cannot read image {path}: {e} '
-                         '(set data.skip_bad_files=True to skip such files)') from e
-      return None
-  with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-    decoded = list(pool.map(load, files))
-  keep = [i for i, image in enumerate(decoded) if image is not None]
-  if len(keep) < len(files):
-    bad = [files[i] for i, image in enumerate(decoded) if image is None]
-    logging.warning('skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
-                    len(bad), bad[:3])
-  if not keep:
-    raise ValueError(f'no readable images among {len(files)} files, e.g. {files[:3]}')
+def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
+  """(images, labels) of `files`, decoded by worker processes (one per core) as the
+  streaming loader decodes its batches. A bad file is an error naming it, or, with
+  skip_bad_files, is dropped with a warning and a count."""
+  split = streaming.FileSplit(list(files), np.asarray(labels, np.int32), size, skip_bad_files,
+                              workers, name)
+  plan = EvalPlan(len(split), 256)
+  procs = 0 if len(split) < MIN_FILES_FOR_WORKERS else None
+  images = np.empty((len(split), size, size, 3), np.uint8)
+  keep = np.ones(len(split), bool)
+  for i, batch in enumerate(streaming.stream(split, plan, workers=procs)):
+    rows = plan[i]['rows']
+    real = rows >= 0
+    images[rows[real]] = batch['image'][real]
+    keep[rows[real]] = batch['mask'][real] > 0
+  if not keep.any():
+    raise ValueError(f'no readable images among {len(files)} files, e.g. {list(files)[:3]}')
+  labels = np.asarray(labels)
   emptied = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
   if emptied:
     # A class with no images left would still get an output unit and never be seen.
     folder = os.path.dirname(files[labels.tolist().index(emptied[0])])
     raise ValueError(f'every image of class folder {folder} is unreadable')
-  images = np.stack([decoded[i] for i in keep])
-  return images, labels[keep]
+  return images[keep], labels[keep]
 
 
 def _cache_key(files, size) -> str:
@@ -178,14 +162,15 @@ def _cache_key(files, size) -> str:
   return digest.hexdigest()[:16]
 
 
-def load_folder_split(root, split, size, cache_dir='', skip_bad_files=False):
+def load_folder_split(root, split, size, cache_dir='', skip_bad_files=False, workers=0):
   """A split of an image folder as (images, labels, class_names), via a decoded cache."""
-  files, labels, classes = list_folder_split(root, split)
-  images, labels = load_files(files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files)
+  files, labels, classes = image_files.list_folder_split(root, split)
+  images, labels = load_files(files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files,
+                              workers)
   return images, labels, classes
 
 
-def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False):
+def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False, workers=0):
   """Decoded (images, labels) of `files`, cached under cache_dir keyed on the file list."""
   cache = None
   if cache_dir:
@@ -195,7 +180,7 @@ def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False):
     if os.path.exists(cache + '.labels.npy'):
       return np.load(cache + '.images.npy'), np.load(cache + '.labels.npy')
   logging.info('decoding %d images of %s at %dpx', len(files), name, size)
-  images, labels = decode_files(files, labels, size, skip_bad_files)
+  images, labels = decode_files(files, labels, size, skip_bad_files, workers, name)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     # Write-then-rename, labels last: a killed run never leaves a cache that looks whole.
@@ -242,7 +227,8 @@ def load_split(data_config, split: str):
   size = storage_size(data_config)
   if kind == 'tfds':
     return load_tfds_split(arg, split, size)
-  return load_folder_split(arg, split, size, data_config.cache_dir, data_config.skip_bad_files)
+  return load_folder_split(arg, split, size, data_config.cache_dir, data_config.skip_bad_files,
+                           data_config.get('workers', 0))
 
 
 def balanced_subset(labels, per_class, order) -> np.ndarray:
@@ -286,38 +272,114 @@ def num_data_shards(data_config, process_count: int = 1) -> int:
   return num_shards
 
 
+def available_memory() -> int:
+  """Bytes of memory this machine can give a new allocation now (MemAvailable)."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
+
+
+def choose_loader(requested: str, num_images: int, size: int,
+                  memory: int | None = None) -> tuple[str, str]:
+  """(loader, why): data.loader resolved for `num_images` images kept at size x size.
+
+  'auto' keeps them in memory while their decoded bytes (images x size^2 x 3) are at most
+  MEMORY_SHARE of the memory available now, and streams them otherwise.
+  """
+  if requested not in LOADERS:
+    raise ValueError(f'data.loader={requested!r} is unknown; allowed: {LOADERS}')
+  decoded = num_images * size * size * 3
+  need = f'{num_images} images at {size} px take {decoded / 2**30:.1f} GiB decoded'
+  if requested != 'auto':
+    return requested, f'data.loader={requested} ({need})'
+  memory = available_memory() if memory is None else memory
+  have = f'{memory / 2**30:.1f} GiB available'
+  if decoded <= MEMORY_SHARE * memory:
+    return 'memory', f'auto: {need}, within {MEMORY_SHARE:.0%} of the {have}'
+  return 'stream', f'auto: {need}, more than {MEMORY_SHARE:.0%} of the {have}'
+
+
 def load_dataset(data_config, process_index: int = 0, process_count: int = 1) -> Dataset:
-  """Train / val / test splits in memory: all of them with one process, this process's
-  shard of each with several. The val split is carved from train with
-  `split_seed`, so it is the same on every device, process and rerun."""
+  """Train / val / test splits: all of them with one process, this process's shard of
+  each with several, in memory or as files to stream (data.loader). The val split is
+  carved from train with `split_seed`, so it is the same on every device, process, loader
+  and rerun."""
   if data_config.dataset not in DATASETS:
     raise ValueError(f'data.dataset={data_config.dataset!r} is unknown; allowed: {DATASETS}')
   num_shards = num_data_shards(data_config, process_count)
   kind, root = parse_source(data_config.source)
-  if process_count > 1 and kind == 'folder':
-    return _load_folder_shard(data_config, root, process_index, process_count)
-  # One process, or tfds (which has no cheap way to read labels alone): load every
-  # example, then keep this process's part.
+  requested = data_config.get('loader', 'auto')
+  if kind == 'folder':
+    # Listing is cheap (no file is opened): the split and the loader are decided from it.
+    size = storage_size(data_config)
+    train_files, train_labels, classes = image_files.list_folder_split(root, data_config.train_split)
+    test_files, test_labels, test_classes = image_files.list_folder_split(root, data_config.test_split)
+    _check_same_classes(data_config, classes, test_classes)
+    loader, why = choose_loader(requested, (len(train_files) + len(test_files)) // process_count,
+                                size)
+    if loader == 'stream':
+      dataset = _stream_folder(data_config, root, (train_files, train_labels),
+                               (test_files, test_labels), classes, process_index, process_count)
+    elif process_count > 1:
+      dataset = _load_folder_shard(data_config, root, (train_files, train_labels),
+                                   (test_files, test_labels), classes, process_index, process_count)
+    else:
+      dataset = None
+    if dataset is not None:
+      logging.info('data loader: %s (%s)', loader, why)
+      return dataclasses.replace(dataset, loader=loader, loader_reason=why)
+  else:
+    if requested == 'stream':
+      raise ValueError(f'data.loader=stream reads image folders; data.source={data_config.source} '
+                       'loads into memory (data.loader=memory or auto), or point data.source at '
+                       'a folder:PATH copy of the dataset')
+    why = 'tfds sources are loaded into memory'
+  # One process in memory, or tfds (which has no cheap way to read labels alone): load
+  # every example, then keep this process's part.
   train_images, train_labels, classes = load_split(data_config, data_config.train_split)
   test_images, test_labels, test_classes = load_split(data_config, data_config.test_split)
   _check_same_classes(data_config, classes, test_classes)
   (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
                                                         process_index, process_count)
   train, test = Split(train_images, train_labels), Split(test_images, test_labels)
+  logging.info('data loader: memory (%s)', why)
   return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
-                 num_shards, process_index, process_count, sizes)
+                 num_shards, process_index, process_count, sizes, 'memory', why)
 
 
-def _load_folder_shard(data_config, root, process_index, process_count) -> Dataset:
-  """One process's shard of an image folder: the file lists decide the split for every
-  process alike, and only this process's images are decoded."""
+def _stream_folder(data_config, root, train_list, test_list, classes, process_index,
+                   process_count) -> Dataset:
+  """This process's part of an image folder as FileSplits: nothing is decoded before a
+  batch needs it. Files that turn out unreadable are masked where they fall
+  (data.skip_bad_files), so every process keeps the same file lists and split."""
+  (train_files, train_labels), (test_files, test_labels) = train_list, test_list
+  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
+                                                        process_index, process_count)
+  size, workers = storage_size(data_config), data_config.get('workers', 0)
+  train = streaming.FileSplit(train_files, train_labels, size, data_config.skip_bad_files, workers,
+                              f'{root}/{data_config.train_split}')
+  test = streaming.FileSplit(test_files, test_labels, size, data_config.skip_bad_files, workers,
+                             f'{root}/{data_config.test_split}')
+  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
+                 num_data_shards(data_config, process_count), process_index, process_count, sizes)
+
+
+def _load_folder_shard(data_config, root, train_list, test_list, classes, process_index,
+                       process_count) -> Dataset:
+  """One process's shard of an image folder in memory: the file lists decide the split for
+  every process alike, and only this process's images are decoded."""
   if data_config.skip_bad_files:
-    raise ValueError('data.skip_bad_files=True needs one process: with several, every process '
-                     'must see the same file list; remove the unreadable files instead')
+    raise ValueError('data.skip_bad_files=True with data.loader=memory needs one process: with '
+                     'several, every process must see the same file list; use '
+                     'data.loader=stream (it masks unreadable files where they fall) or remove '
+                     'the unreadable files')
   size = storage_size(data_config)
-  train_files, train_labels, classes = list_folder_split(root, data_config.train_split)
-  test_files, test_labels, test_classes = list_folder_split(root, data_config.test_split)
-  _check_same_classes(data_config, classes, test_classes)
+  (train_files, train_labels), (test_files, test_labels) = train_list, test_list
   (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
                                                         process_index, process_count)
   parts = {}
@@ -326,7 +388,8 @@ def _load_folder_shard(data_config, root, process_index, process_count) -> Datas
       (data_config.test_split, test_files, test_labels, (own_test,))):
     rows = np.unique(np.concatenate(wanted))
     images, kept_labels = load_files([files[i] for i in rows], labels[rows],
-                                     f'{root}/{split}', size, data_config.cache_dir)
+                                     f'{root}/{split}', size, data_config.cache_dir,
+                                     workers=data_config.get('workers', 0))
     local = Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
   (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
@@ -357,9 +420,9 @@ def _check_same_classes(data_config, classes, test_classes):
 _MIX_KEY = 0x6d6978
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(0,),
-                  num_steps: int | None = None, first_index: int = 0) -> Iterator[dict]:
-  """One epoch of this process's parts of the global batches, every example once.
+class TrainPlan:
+  """Which rows of a split make each of one epoch's batches (this process's parts of the
+  global batches), every example once: a sequence of {rows, mask, index}, one per step.
 
   Each data shard is shuffled on its own with (seed, epoch, shard), and global
   batch i joins the shards' i-th slices. `split` holds the shards `shards`
@@ -385,28 +448,78 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int, shards=(
   row's place in the global batch before that mixing (`first_index` = where this
   process's part starts): augmentation is keyed on it (train.make_prepare_fn), so one
   device and several still draw the same numbers for each image.
+
+  A Sequence, step i computed when asked for: the streaming loader's workers each build
+  the steps they decode, and a resumed run starts at its step.
   """
-  per_shard = batch_size // len(shards)
-  orders = []
-  for j, shard_id in enumerate(shards):
-    positions = np.arange(j, len(split), len(shards))
-    # Shard 0 keeps the key (seed, epoch) alone: the order one process has always used,
-    # so runs checkpointed before data shards existed resume with the very batches an
-    # uninterrupted run of theirs would have seen (fault_drill.py checks resumes bit for bit).
-    key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
-    orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
-  if num_steps is None:
-    num_steps = -(-max(len(o) for o in orders) // per_shard)
-  for i in range(num_steps):
-    parts = [_padded_slice(o, i * per_shard, per_shard) for o in orders]
+
+  def __init__(self, num_rows: int, batch_size: int, seed: int, epoch: int, shards=(0,),
+               num_steps: int | None = None, first_index: int = 0):
+    self.seed, self.epoch, self.first_index = seed, epoch, first_index
+    self.per_shard = batch_size // len(shards)
+    self.orders = []
+    for j, shard_id in enumerate(shards):
+      positions = np.arange(j, num_rows, len(shards))
+      # Shard 0 keeps the key (seed, epoch) alone: the order one process has always used,
+      # so runs checkpointed before data shards existed resume with the very batches an
+      # uninterrupted run of theirs would have seen (fault_drill.py checks resumes bit for bit).
+      key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
+      self.orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
+    if num_steps is None:
+      num_steps = -(-max(len(o) for o in self.orders) // self.per_shard)
+    self.num_steps = num_steps
+
+  def __len__(self):
+    return self.num_steps
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < self.num_steps:
+      raise IndexError(f'step {i} of a {self.num_steps}-step epoch')
+    per_shard = self.per_shard
+    parts = [_padded_slice(o, i * per_shard, per_shard) for o in self.orders]
     # Each shard's part is mixed by the same permutation, so one process holding every
     # shard feeds each device the very rows that one process per shard would.
-    mixed = np.random.default_rng([seed, epoch, i, _MIX_KEY]).permutation(per_shard)
-    rows = np.concatenate([idx[mixed] for idx, _ in parts])
+    mixed = np.random.default_rng([self.seed, self.epoch, i, _MIX_KEY]).permutation(per_shard)
     index = np.concatenate([j * per_shard + mixed for j in range(len(parts))])
-    yield {'image': split.images[rows], 'label': split.labels[rows],
-           'mask': np.concatenate([mask[mixed] for _, mask in parts]),
-           'index': (first_index + index).astype(np.int32)}
+    return {'rows': np.concatenate([idx[mixed] for idx, _ in parts]),
+            'mask': np.concatenate([mask[mixed] for _, mask in parts]),
+            'index': (self.first_index + index).astype(np.int32)}
+
+
+class EvalPlan:
+  """Every row of a split once, in order, in batches of `batch_size`, then fully padded
+  batches up to `num_batches` (so that every process runs as many steps); rows -1 and
+  mask 0 on the padding."""
+
+  def __init__(self, num_rows: int, batch_size: int, num_batches: int | None = None):
+    self.num_rows, self.batch_size = num_rows, batch_size
+    self.num_batches = -(-num_rows // batch_size) if num_batches is None else num_batches
+
+  def __len__(self):
+    return self.num_batches
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < self.num_batches:
+      raise IndexError(f'batch {i} of {self.num_batches}')
+    rows = i * self.batch_size + np.arange(self.batch_size)
+    real = rows < self.num_rows
+    return {'rows': np.where(real, rows, -1), 'mask': real.astype(np.float32)}
+
+
+def batches(split, plan, start: int = 0) -> Iterator[dict]:
+  """The batches plan[start:] of `split`: gathered from memory, or streamed from its files
+  by worker processes (streaming.FileSplit)."""
+  if isinstance(split, streaming.FileSplit):
+    return streaming.stream(split, plan, start)
+  return (split.gather(plan[i]) for i in range(start, len(plan)))
+
+
+def train_batches(split, batch_size: int, seed: int, epoch: int, shards=(0,),
+                  num_steps: int | None = None, first_index: int = 0,
+                  start: int = 0) -> Iterator[dict]:
+  """One epoch of training batches (TrainPlan), from step `start` on."""
+  plan = TrainPlan(len(split), batch_size, seed, epoch, shards, num_steps, first_index)
+  return batches(split, plan, start)
 
 
 def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -419,20 +532,19 @@ def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray,
   return idx[by_index], mask[by_index]
 
 
-def eval_batches(split: Split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:
-  """Every example once, then fully padded batches up to `num_batches` (so that every
-  process runs as many steps); `mask` is 0 on the padding."""
-  if num_batches is None:
-    num_batches = -(-len(split) // batch_size)
-  for start in range(0, num_batches * batch_size, batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    pad = batch_size - len(labels)
-    mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-    yield {'image': images, 'label': labels, 'mask': mask}
+def eval_batches(split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:
+  """Every example once, then fully padded batches up to `num_batches` (EvalPlan); `mask`
+  is 0 on the padding (zero images)."""
+  return batches(split, EvalPlan(len(split), batch_size, num_batches))
+
+
+def images_of(split, batch_size: int = 256) -> Iterator[np.ndarray]:
+  """The split's images in order, at most `batch_size` at a time: features, predictions and
+  statistics over a split that need not fit in memory decoded (row for row with
+  split.labels: a skipped unreadable file keeps its place, holding another image)."""
+  plan = EvalPlan(len(split), batch_size)
+  for i, batch in enumerate(batches(split, plan)):
+    yield batch['image'][plan[i]['rows'] >= 0]
 
 
 def shard(batch: dict, num_devices: int) -> dict:

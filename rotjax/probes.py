@@ -10,12 +10,15 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
   """Every BatchNorm of `model` given the running statistics of `images` (its .variables
   replaced; bn_stats), prepared as the features are (eval preprocessing, no augmentation):
   the probe then normalises the task's images with their own statistics, not the pretext's.
-  Full batches of `batch_size` only (one batch of all when there are fewer); returns the record."""
+  `images`: an array, or chunks of `batch_size` in order (input_pipeline.images_of, for a
+  split streamed from its files). Full batches of `batch_size` only (one batch of all when
+  there are fewer); returns the record."""
   import functools
   import jax
   from rotjax import bn_stats
   from rotjax import preprocess
-  images = model.prepare_images(images)
+  if isinstance(images, np.ndarray):
+    images = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
   config = model.config
 
   def prepare(batch, _):
@@ -24,18 +27,26 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
   devices = jax.local_devices()[:1]
   p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=model.module,
                                          prepare_fn=prepare), axis_name='batch', devices=devices)
-  size = min(batch_size, len(images))
-  batches = ({'image': images[i:i + size][None]}
-             for i in range(0, len(images) - size + 1, size))
-  stats, record = bn_stats.reestimate(p_moments, model.variables, batches, lambda _: True,
+  sizes = []
+
+  def batches():
+    for i, chunk in enumerate(images):
+      # Full batches; a shorter first chunk is the only one (fewer images than a batch).
+      if len(chunk) == batch_size or i == 0:
+        sizes.append(len(chunk))
+        yield {'image': model.prepare_images(chunk)[None]}
+  stats, record = bn_stats.reestimate(p_moments, model.variables, batches(), lambda _: True,
                                       devices)
   model.variables = {**model.variables, 'batch_stats': stats}
-  return {**record, 'images': record['batches'] * size, 'augmentation': 'eval'}
+  return {**record, 'images': sum(sizes), 'augmentation': 'eval'}
 
 
 def split_features(model, dataset, layer: str, splits=('train', 'val', 'test')) -> dict:
   """{split: [images, channels] features of `layer`} for a dataset's splits (eval mode)."""
-  return {s: model.features(getattr(dataset, s).images, layer=layer) for s in splits}
+  from rotjax import input_pipeline
+  return {s: np.concatenate([model.features(chunk, layer=layer) for chunk in
+                             input_pipeline.images_of(getattr(dataset, s), model.batch_size)])
+          for s in splits}
 
 
 def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, num_classes, *,
@@ -99,8 +110,20 @@ def knn_accuracy(train_x, train_y, query_x, query_y, num_classes, k=20, chunk=10
   return float(np.mean(preds == query_y))
 
 
-def predictions(model, images):
-  """(predicted, true) labels for a split's images: classes, or rotations for a pretext run."""
+def split_predictions(model, split):
+  """predictions over a split in memory or streamed from its files, a chunk at a time."""
+  from rotjax import input_pipeline
+  parts, start = [], 0
+  for chunk in input_pipeline.images_of(split, model.batch_size):
+    parts.append(predictions(model, chunk, first_index=start))
+    start += len(chunk)
+  pred = np.concatenate([p for p, _ in parts])
+  return pred, None if parts[0][1] is None else np.concatenate([t for _, t in parts])
+
+
+def predictions(model, images, first_index: int = 0):
+  """(predicted, true) labels for a split's images (from its `first_index`-th on): classes,
+  or rotations for a pretext run."""
   if model.config.stage != 'pretext':
     return model.predict(images).argmax(-1), None
   import jax
@@ -115,7 +138,8 @@ def predictions(model, images):
     logits, _ = model.module.apply(variables, x, train=False)
     return logits.argmax(-1), labels
   outs = [jax.device_get(rotated(model.variables, images[i:i + 128],
-                                 np.arange(i, min(i + 128, len(images)), dtype=np.int32)))
+                                 np.arange(first_index + i, first_index + min(i + 128, len(images)),
+                                           dtype=np.int32)))
           for i in range(0, len(images), 128)]
   return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 

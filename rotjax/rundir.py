@@ -8,7 +8,8 @@ this module; nothing else spells out a file name of a run.
   WORKDIR/metrics.jsonl       one row per finished epoch, appended once that epoch's
                               checkpoint is committed (`commit_epoch`)
   WORKDIR/summary.json        written when the last epoch is done
-  WORKDIR/checkpoints/<step>  the latest few Orbax steps: a rerun resumes from here
+  WORKDIR/checkpoints/<step>  the latest few Orbax steps: a rerun resumes from here (epoch
+                              ends, and every checkpoint_every_steps steps inside an epoch)
   WORKDIR/best/<step>         the best on validation: what init_from and rotjax.load read
   WORKDIR/events.out.tfevents.*  TensorBoard scalars
 
@@ -108,31 +109,68 @@ def commit_epoch(checkpoints, log, step: int, state, is_best: bool, row: dict) -
   log.write(row)
 
 
-def resume(checkpoints, log, state, steps_per_epoch: int):
-  """(state, first epoch to train, metrics rows so far) of a run starting in its workdir.
+def save_partial_epoch(checkpoints, step: int, state, *, epoch: int, steps_done: int,
+                       steps_per_epoch: int, data: dict, step_metrics: list[dict]) -> None:
+  """A checkpoint inside an epoch (checkpoint_every_steps): the state after `steps_done` of
+  its steps, with the data loader's state (`data`: what fixes its batches, and the next
+  step) and the epoch's step metrics so far, so that a resumed run trains the epoch's
+  remaining batches and writes the very metrics row an uninterrupted run would. No row
+  goes to metrics.jsonl: the epoch is not finished."""
+  checkpoints.save(step, state, False, partial_epoch={
+      'epoch': epoch, 'steps_done': steps_done, 'steps_per_epoch': steps_per_epoch,
+      'data': data, 'step_metrics': [{k: float(v) for k, v in m.items()}
+                                     for m in step_metrics]})
+
+
+def resume(checkpoints, log, state, steps_per_epoch: int, data: dict | None = None):
+  """(state, first epoch to train, metrics rows so far, partial epoch or None) of a run
+  starting in its workdir.
 
   From the latest complete checkpoint, if any. metrics.jsonl is cut back to the epochs
   the checkpoints hold (a kill may have fallen after an append and before the next
   commit), and the checkpointed epoch's row is appended again where a kill fell between
   its commit and its append (the row travels inside the checkpoint). best/ gets the
-  restored step again where a kill fell between the two saves.
+  restored step again where a kill fell between the two saves. A checkpoint inside an
+  epoch (save_partial_epoch) returns what it saved of that epoch; its data loader state
+  must match `data` (what fixes the batches now).
   """
   restored = checkpoints.restore_latest(state)
+  partial = checkpoints.latest_partial_epoch() if restored is not None else None
   if restored is not None:
     state = restored
-    _check_epoch_length(checkpoints.latest_row(), steps_per_epoch, checkpoints.workdir)
+    if partial is None:
+      _check_epoch_length(checkpoints.latest_row(), steps_per_epoch, checkpoints.workdir)
+    else:
+      _check_partial_epoch(partial, steps_per_epoch, data, checkpoints.workdir)
   start_epoch = int(state.step) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
   history = log.read()
-  if start_epoch and (not history or history[-1]['epoch'] < start_epoch):
+  if start_epoch and partial is None and (not history or history[-1]['epoch'] < start_epoch):
     row = checkpoints.latest_row()
     if row is not None and row.get('epoch') == start_epoch:
       log.write(row)
       history.append(row)
-  if restored is not None and history and max(
+  if restored is not None and partial is None and history and max(
       history, key=lambda r: r['val_accuracy'])['epoch'] == start_epoch:
     checkpoints.ensure_best(int(state.step), state)
-  return state, start_epoch, history
+  return state, start_epoch, history, partial
+
+
+def _check_partial_epoch(partial: dict, steps_per_epoch: int, data: dict | None,
+                         workdir: str) -> None:
+  """A run resumed inside an epoch must draw that epoch's batches as its first start did."""
+  if partial['steps_per_epoch'] != steps_per_epoch:
+    raise ValueError(
+        f'{workdir} was trained with {partial["steps_per_epoch"]} steps per epoch, this run has '
+        f'{steps_per_epoch} (another batch_size or training set): resume with its settings or '
+        'use a new workdir')
+  saved = {k: v for k, v in partial.get('data', {}).items() if k in (data or {})}
+  changed = {k: (v, data[k]) for k, v in saved.items() if v != data[k]}
+  if changed:
+    what = ', '.join(f'{k} {old} then, {new} now' for k, (old, new) in changed.items())
+    raise ValueError(f'{workdir} stopped inside epoch {partial["epoch"]} with batches fixed by '
+                     f'{what}: the epoch would continue with other images; resume with its '
+                     'settings or use a new workdir')
 
 
 def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:

@@ -313,14 +313,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                config.stage, config.model.name, trainable, total, num_devices,
                dataset.size('train'), dataset.size('val'), dataset.size('test'))
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
-  state, start_epoch, history = rundir.resume(ckpt, log, state, steps_per_epoch)
-  if start_epoch:
-    logging.info('resuming %s from step %d', workdir, int(state.step))
+  # What fixes the training batches (input_pipeline.TrainPlan): a run resumed inside an
+  # epoch must have the same, so that it continues that epoch's very batches.
+  data_state = {'seed': config.seed, 'num_shards': dataset.num_shards,
+                'train_images': dataset.size('train'), 'batch_size': config.batch_size}
+  state, start_epoch, history, partial = rundir.resume(ckpt, log, state, steps_per_epoch,
+                                                       data_state)
+  if int(state.step):
+    logging.info('resuming %s from step %d%s', workdir, int(state.step),
+                 f' (step {partial["steps_done"]} of epoch {partial["epoch"]})' if partial else '')
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   if config.freeze_bn == 'reestimated':
     # Once, before the first step: a resumed run's checkpoint already holds the statistics
     # (the frozen layers leave them as they are), and its first start's record stays.
-    if not start_epoch:
+    if not int(state.step):
       with compile_cache.logged('BatchNorm re-estimation'):
         state, record = reestimate_frozen_bn(config, state, dataset, devices)
     else:
@@ -342,28 +348,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
       config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
       else 1)
 
+  every = config.get('checkpoint_every_steps', 0)
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     t0 = time.time()
+    # A run resumed inside this epoch: its remaining batches, its step metrics so far.
+    first_step = partial['steps_done'] if partial and partial['epoch'] == epoch else 0
+    epoch_metrics = list(partial['step_metrics']) if first_step else []
     local_batch = dataset.local_batch(config.batch_size)
     # Processes feed the devices in process order: this one's rows start at p * local_batch.
     batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, epoch,
                                            dataset.shards, steps_per_epoch,
-                                           first_index=dataset.process_index * local_batch)
+                                           first_index=dataset.process_index * local_batch,
+                                           start=first_step)
     batches = jax_utils.prefetch_to_device(
         (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
     bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
                             enabled=config.progress and jax.process_index() == 0)
-    pending, epoch_metrics = [], []
-    for step_in_epoch, batch in enumerate(batches, 1):
+    pending = []
+    for step_in_epoch, batch in enumerate(batches, first_step + 1):
       state, step_metrics = p_train_step(state, batch, rng)
       pending.append(step_metrics)
-      if step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch:
+      step = (epoch - 1) * steps_per_epoch + step_in_epoch
+      save_now = every and step % every == 0 and step_in_epoch < steps_per_epoch
+      if (step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch
+          or save_now):
         # The one host sync: fetch the metrics of the last few steps at once.
         fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
         pending = []
         epoch_metrics += fetched
-        _check_finite(fetched, epoch, (epoch - 1) * steps_per_epoch + step_in_epoch)
+        _check_finite(fetched, epoch, step)
         bar.update(step_in_epoch, fetched[-1])
+      if save_now:
+        rundir.save_partial_epoch(
+            ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
+            steps_done=step_in_epoch, steps_per_epoch=steps_per_epoch,
+            data={**data_state, 'loader': dataset.loader, 'epoch': epoch,
+                  'next_step': step_in_epoch}, step_metrics=epoch_metrics)
     train_time = time.time() - t0
     val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
                    num_local_devices, eval_rng)
@@ -462,7 +482,9 @@ def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable,
   rundir.write(workdir, rundir.RUN_INFO, {
       'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
       'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
-      'test_images': dataset.size('test'), 'data_shards': dataset.num_shards, 'trainable_parameters': trainable,
+      'test_images': dataset.size('test'), 'data_shards': dataset.num_shards,
+      'data_loader': {'loader': dataset.loader, 'why': dataset.loader_reason},
+      'trainable_parameters': trainable,
       'total_parameters': total, 'compute': compute,
       'compile_cache': compile_cache.status(),
       **({'compute_now': compute_now} if compute_now != compute else {}), **init_info})

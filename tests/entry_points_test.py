@@ -35,6 +35,8 @@ def test_report_names_its_usage():
     ('configs/pretext.py', (None, 'smoke', 'cpu')), ('configs/finetune.py', (None, 'smoke', 'cpu')),
     ('configs/supervised.py', (None, 'smoke', 'cpu')),
     ('configs/imagenette.py', ('pretext', 'finetune', 'supervised', 'pretext,cpu')),
+    ('configs/imagenet.py', ('pretext', 'finetune', 'supervised', 'supervised,resnet50,in100',
+                             'pretext,smoke', 'study', 'study,smoke', 'study,in100')),
     ('configs/study.py', (None, 'smoke', 'cpu', 'gpu', 'gpu_labels', 'gpu_rotations',
                           'gpu_smoothing', 'gpu_models'))])
 def test_every_config_and_preset_builds(path, presets):

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from rotjax import image_files
 from rotjax import input_pipeline
 
 
@@ -184,7 +185,7 @@ def test_bad_file_is_named_or_skipped(tmp_path):
 def test_empty_class_and_mismatched_classes_are_errors(tmp_path):
   os.makedirs(tmp_path / 'train' / 'empty')
   with pytest.raises(ValueError, match='is empty'):
-    input_pipeline.list_folder_split(str(tmp_path), 'train')
+    image_files.list_folder_split(str(tmp_path), 'train')
   with pytest.raises(ValueError, match='unknown'):
     input_pipeline.parse_source('http://x')
 

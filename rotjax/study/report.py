@@ -257,7 +257,7 @@ def dataset_section(runs, ref: dict, dataset: str, out_dir: str) -> tuple[list[s
       continue  # Only tables with data (a sweep table needs two values of its axis).
     note = [TABLE_NOTES[axis], ''] if axis in TABLE_NOTES else []
     lines += [f'### {title}', '', 'Test accuracy (%) at the best-validation epoch, mean ± std over '
-              f'seeds; other axes at the reference setting.', ''] + note + [stage_table(cells, axis), '']
+              'seeds; other axes at the reference setting.', ''] + note + [stage_table(cells, axis), '']
     name = f'stages_{dataset}_{axis}.png'
     plots.stage_bars({f'{axis}={v}': c for v, c in cells.items()}, SHORT_LABELS,
                      f'{dataset}: {title.lower()} (mean ± std over seeds)', os.path.join(out_dir, name))

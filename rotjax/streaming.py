@@ -1,0 +1,182 @@
+"""The streaming loader: a split kept as file names, its batches decoded in worker processes.
+
+For datasets larger than memory (ImageNet: 190 GB decoded). input_pipeline decides which
+rows make each batch (its TrainPlan / EvalPlan, the same for both loaders); here those
+rows are read from disk by Grain worker processes (`grain` on PyPI: deterministic order,
+one process per core, prefetch through shared memory) while the device trains on the
+previous batches. Each image goes through image_files.decode_image, as the memory
+loader's do: for the same plan the two loaders give identical batches.
+
+Where it runs: worker processes import this module, image_files, numpy and PIL (no JAX).
+"""
+import dataclasses
+import gc
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rotjax import image_files
+
+# Batches each worker decodes ahead of the one being trained on.
+PER_WORKER_BUFFER = 2
+
+
+class DataWorkerError(RuntimeError):
+  """A decoding worker process died (killed, out of memory, a crash in a native library)."""
+
+
+@dataclasses.dataclass
+class FileSplit:
+  """A split as files and labels; images are decoded when a batch needs them."""
+  files: list[str]
+  labels: np.ndarray      # int32 [N]
+  size: int               # side of the decoded square (input_pipeline.storage_size)
+  skip_bad_files: bool = False
+  workers: int = 0        # decoding processes (0: one per core this process may use)
+  name: str = ''          # for messages: ROOT/SPLIT
+
+  def __len__(self):
+    return len(self.labels)
+
+  def take(self, indices) -> 'FileSplit':
+    return dataclasses.replace(self, files=[self.files[i] for i in indices],
+                               labels=self.labels[indices])
+
+  def gather(self, plan: dict) -> dict:
+    """One batch of `plan` (rows: indices into this split, -1 = padding), decoded here.
+
+    An unreadable file is a BadImageError naming it; with skip_bad_files its row gets
+    mask 0 and another image of the batch (so BatchNorm's batch statistics stay those of
+    real images, as for the padding), and its name goes back in 'skipped'.
+    """
+    rows = np.asarray(plan['rows'])
+    images = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
+    mask = np.array(plan['mask'], np.float32)
+    bad = []
+    for j, row in enumerate(rows):
+      if row < 0:
+        continue
+      try:
+        images[j] = image_files.read_image(self.files[row], self.size)
+      except image_files.BadImageError:
+        if not self.skip_bad_files:
+          raise
+        bad.append(j)
+    if bad:
+      good = np.flatnonzero((rows >= 0) & ~np.isin(np.arange(len(rows)), bad))
+      for j in bad:
+        mask[j] = 0.0
+        if len(good):
+          images[j] = images[good[0]]
+    labels = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(np.int32)
+    extra = {k: v for k, v in plan.items() if k not in ('rows', 'mask')}
+    return {'image': images, 'label': labels, 'mask': mask, **extra,
+            'skipped': tuple(self.files[rows[j]] for j in bad)}
+
+
+_watching_parent = False
+
+
+def _exit_with_parent() -> None:
+  """In a worker process: end it when the process that started it is gone (killed with
+  SIGKILL, say), instead of leaving an orphan that holds its memory. A thread checks
+  every second; the process that started it stays the parent for as long as it lives."""
+  global _watching_parent
+  parent = multiprocessing.parent_process()
+  if _watching_parent or parent is None:
+    return
+  _watching_parent = True
+  parent_pid = parent.pid   # not getppid(): the parent may already be gone (reparented)
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)
+  threading.Thread(target=watch, daemon=True, name='rotjax-exit-with-parent').start()
+
+
+def available_cores() -> int:
+  """Cores this process may run on (its affinity mask: a container or taskset limit counts)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:   # macOS
+    return os.cpu_count() or 1
+
+
+def num_workers(requested: int, num_batches: int) -> int:
+  """Worker processes for `num_batches` batches: `requested`, or one per core (0), never
+  more than there are batches."""
+  return max(1, min(requested or available_cores(), num_batches))
+
+
+def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
+           workers: int | None = None) -> Iterator[dict]:
+  """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
+  default; 0 here: decoded in this process, for small jobs where starting processes costs
+  more than it saves). Skipped files are counted and logged; a dead worker is a
+  DataWorkerError; closing the generator stops the workers."""
+  import grain   # Imported here: the memory loader never needs it.
+  _allow_grain_flags()
+  count = len(plan) - start
+  if count <= 0:
+    return
+  workers = num_workers(split.workers, count) if workers is None else workers
+  dataset = grain.MapDataset.source(plan)
+  if start:
+    dataset = dataset.slice(slice(start, None))
+  dataset = dataset.map(split.gather).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+  if workers:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER))
+  iterator = iter(dataset)
+  skipped = 0
+  try:
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        break
+      except RuntimeError as e:
+        if 'Worker process' not in str(e):
+          raise
+        raise DataWorkerError(
+            f'a data loader worker process died while decoding {split.name or "a split"} '
+            f'({e}); nothing was trained on a partial batch. If the machine ran out of '
+            'memory, lower data.workers or batch_size; rerun to resume from the last '
+            'checkpoint') from None
+      # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
+      # last batch) then holds no shared-memory block, and each block is freed as soon as
+      # its batch has arrived rather than when the last reference to it goes.
+      names = batch.pop('skipped')
+      batch = {k: np.array(v) for k, v in batch.items()}
+      if len(names):
+        skipped += len(names)
+        logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
+                        'this pass of %s), e.g. %s', len(names), skipped, split.name,
+                        list(names)[:3])
+      yield batch
+  finally:
+    iterator.close()
+    # Grain's closed iterator sits in reference cycles that hold its last shared-memory
+    # blocks; collected now, they are unlinked now (else at exit, with a warning each).
+    del iterator, dataset
+    gc.collect()
+
+
+def _allow_grain_flags() -> None:
+  """Grain reads absl flags of its own; outside an absl app (the Python API, the tests)
+  nothing parsed them, and reading an unparsed flag raises. Their defaults are what we want."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+# A decoding worker imports this module when it unpickles its part of the pipeline: from
+# then on it ends with the process that started it, even before its first batch.
+_exit_with_parent()
