@@ -47,19 +47,23 @@ class FileSplit:
     return dataclasses.replace(self, files=[self.files[i] for i in indices],
                                labels=self.labels[indices])
 
-  def gather(self, plan: dict) -> dict:
-    """One batch of `plan` (rows: indices into this split, -1 = padding), decoded here.
+  def gather(self, plan: dict, out: np.ndarray | None = None) -> dict:
+    """One batch of `plan` (rows: indices into this split, -1 = padding), decoded here
+    (into `out` where given: a slot of the workers' shared ring).
 
     An unreadable file is a BadImageError naming it; with skip_bad_files its row gets
     mask 0 and another image of the batch (so BatchNorm's batch statistics stay those of
     real images, as for the padding), and its name goes back in 'skipped'.
     """
     rows = np.asarray(plan['rows'])
-    images = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
+    shape = (len(rows), self.size, self.size, 3)
+    images = np.zeros(shape, np.uint8) if out is None else out
     mask = np.array(plan['mask'], np.float32)
     bad = []
     for j, row in enumerate(rows):
       if row < 0:
+        if out is not None:
+          images[j] = 0   # a reused buffer holds an earlier batch's pixels
         continue
       try:
         images[j] = image_files.read_image(self.files[row], self.size)
@@ -114,6 +118,86 @@ def num_workers(requested: int, num_batches: int) -> int:
   return max(1, min(requested or available_cores(), num_batches))
 
 
+class _Ring:
+  """Shared-memory slots that worker processes decode batches into, reused batch after batch.
+
+  Why not Grain's own transport: it puts each batch in a new shared-memory block, and
+  filling fresh pages costs a page fault per 4 KiB: 21 ms for a batch of 128 images at
+  256 px on a 2-core VM (0.16 ms an image, a sixth of decoding one), paid in the worker
+  and again in this process. Slots mapped once cost a copy (1.2 ms). Measured on the
+  ImageNette train split at 256 px (2-core AMD EPYC Zen 5, 2026-11-30): 1 worker 765 ->
+  879 images/s, 2 workers 1470 -> 1808 images/s (worker start included). Batch j goes to slot
+  j % slots; a worker waits to write it until this process has copied batch j - slots out
+  (`consumed`, an int64 in the block's header). The batch this process waits for is never
+  held up (every earlier one is consumed), so the handshake cannot deadlock.
+  """
+
+  def __init__(self, slots: int, shape: tuple):
+    from multiprocessing import shared_memory
+    self.slots, self.shape = slots, tuple(shape)
+    self.slot_bytes = int(np.prod(shape))
+    self.shm = shared_memory.SharedMemory(create=True, size=8 + slots * self.slot_bytes)
+    self.name = self.shm.name
+    self.consumed = np.ndarray((1,), np.int64, self.shm.buf)
+
+  def slot(self, batch_number: int) -> np.ndarray:
+    offset = 8 + (batch_number % self.slots) * self.slot_bytes
+    return np.ndarray(self.shape, np.uint8, self.shm.buf, offset)
+
+  def close(self) -> None:
+    del self.consumed
+    self.shm.close()
+    self.shm.unlink()
+
+
+_attached = {}   # in a worker: ring name -> (SharedMemory, consumed counter)
+
+
+class _DecodeIntoRing:
+  """What each worker runs per batch: wait for its slot, decode into it, return the rest."""
+
+  def __init__(self, split: FileSplit, name: str, slots: int, shape: tuple):
+    self.split, self.name, self.slots, self.shape = split, name, slots, shape
+
+  def __call__(self, item) -> dict:
+    number, plan = item
+    if self.name not in _attached:
+      from multiprocessing import shared_memory
+      # Attaching registers the block with the resource tracker this worker shares with
+      # the training process; that process unlinks it (and unregisters it) when done.
+      shm = shared_memory.SharedMemory(name=self.name)
+      _attached[self.name] = (shm, np.ndarray((1,), np.int64, shm.buf))
+    shm, consumed = _attached[self.name]
+    while consumed[0] <= number - self.slots:
+      time.sleep(0.0005)
+    slot_bytes = int(np.prod(self.shape))
+    out = np.ndarray(self.shape, np.uint8, shm.buf, 8 + (number % self.slots) * slot_bytes)
+    batch = self.split.gather(plan, out=out)
+    del batch['image'], out
+    return {**batch, 'number': number}
+
+
+class _Gather:
+  def __init__(self, split):
+    self.split = split
+
+  def __call__(self, item):
+    return self.split.gather(item[1])
+
+
+class _Numbered:
+  """plan[i] as (i, plan[i]): the worker needs each batch's number for its slot."""
+
+  def __init__(self, plan):
+    self.plan = plan
+
+  def __len__(self):
+    return len(self.plan)
+
+  def __getitem__(self, i):
+    return i, self.plan[i]
+
+
 def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
            workers: int | None = None) -> Iterator[dict]:
   """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
@@ -126,10 +210,18 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   if count <= 0:
     return
   workers = num_workers(split.workers, count) if workers is None else workers
-  dataset = grain.MapDataset.source(plan)
+  dataset = grain.MapDataset.source(_Numbered(plan))
   if start:
     dataset = dataset.slice(slice(start, None))
-  dataset = dataset.map(split.gather).to_iter_dataset(
+  ring = None
+  if workers:
+    shape = (len(plan[start]['rows']), split.size, split.size, 3)
+    ring = _Ring(workers * (PER_WORKER_BUFFER + 1) + 1, shape)
+    ring.consumed[0] = start
+    decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
+  else:
+    decode = _Gather(split)
+  dataset = dataset.map(decode).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   if workers:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
@@ -155,6 +247,10 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       # its batch has arrived rather than when the last reference to it goes.
       names = batch.pop('skipped')
       batch = {k: np.array(v) for k, v in batch.items()}
+      if ring is not None:
+        number = int(batch.pop('number'))
+        batch['image'] = np.array(ring.slot(number))
+        ring.consumed[0] = number + 1   # its slot may now take batch number + slots
       if len(names):
         skipped += len(names)
         logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
@@ -163,6 +259,8 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       yield batch
   finally:
     iterator.close()
+    if ring is not None:
+      ring.close()
     # Grain's closed iterator sits in reference cycles that hold its last shared-memory
     # blocks; collected now, they are unlinked now (else at exit, with a warning each).
     del iterator, dataset

@@ -4,6 +4,7 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
   python scripts/benchmark.py --quick         # fewer configurations (still 2 rounds x 6 steps)
   python scripts/benchmark.py --cpu avx2      # every row as on an AVX2-only CPU (emulated)
   python scripts/benchmark.py --json out.json
+  python scripts/benchmark.py --data          # the input pipeline: scripts/data_benchmark.py
 
 Both convolution paths (oneDNN, XLA) run in both dtypes, plus the default
 (`model.dtype=auto`, `model.conv=auto`: what this machine chooses, hardware.py), so
@@ -469,6 +470,10 @@ def print_table(results, lines):
 
 
 def main():
+  if '--data' in sys.argv[1:]:
+    # The input pipeline's benchmark (loaders alone, loop vs bare step): its own script.
+    import data_benchmark
+    return data_benchmark.main([a for a in sys.argv[1:] if a != '--data'])
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--opts', help=argparse.SUPPRESS)

@@ -126,10 +126,10 @@ def test_an_unreadable_file_is_named_or_masked_and_counted(tmp_path, caplog):
 class DyingSplit(streaming.FileSplit):
   """A split whose worker dies (as an out-of-memory kill would end it) at its third batch."""
 
-  def gather(self, plan):
+  def gather(self, plan, out=None):
     if plan['rows'][0] >= 16:
       os.kill(os.getpid(), signal.SIGKILL)
-    return super().gather(plan)
+    return super().gather(plan, out)
 
 
 def test_a_dead_worker_is_a_named_error_not_a_hang(image_folder):
