@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'cifar10'      # cifar10 | imagenette
   config.data.source = 'tfds:cifar10'  # tfds:NAME | folder:PATH (PATH/SPLIT/CLASS/IMAGE)
+  config.data.data_dir = ''            # tfds sources: tfds's data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   config.data.train_split = 'train'
   config.data.test_split = 'test'      # folder split / tfds split reported as test
   config.data.val_fraction = 0.1       # carved from train, seeded; used for model selection

@@ -4,6 +4,7 @@ Both loaders decode through `decode_image`, so the memory loader's cached arrays
 streaming loader's batches hold the very same pixels. Nothing here imports JAX or Grain:
 the streaming loader's worker processes import this module and nothing heavier.
 """
+import io
 import os
 
 import numpy as np
@@ -22,6 +23,12 @@ def decode_image(path: str, size: int) -> np.ndarray:
   """One file -> uint8 [size, size, 3]: RGB-converted, shorter side resized, centre-cropped."""
   with Image.open(path) as image:
     return fit_square(image.convert('RGB'), size)   # grayscale, palette, RGBA -> RGB
+
+
+def decode_bytes(data: bytes, size: int) -> np.ndarray:
+  """An encoded image (JPEG, PNG: a tfds record's bytes) -> uint8 [size, size, 3], as decode_image."""
+  with Image.open(io.BytesIO(data)) as image:
+    return fit_square(image.convert('RGB'), size)
 
 
 def read_image(path: str, size: int) -> np.ndarray:

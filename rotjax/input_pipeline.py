@@ -137,11 +137,13 @@ def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
   procs = 0 if len(split) < MIN_FILES_FOR_WORKERS else None
   images = np.empty((len(split), size, size, 3), np.uint8)
   keep = np.ones(len(split), bool)
-  for i, batch in enumerate(streaming.stream(split, plan, workers=procs)):
-    rows = plan[i]['rows']
-    real = rows >= 0
-    images[rows[real]] = batch['image'][real]
-    keep[rows[real]] = batch['mask'][real] > 0
+  for i, batch in enumerate(streaming.stream(split, plan, workers=procs, own_images=False)):
+    # EvalPlan's batch i is rows i * 256 onwards, in order: one copy from the workers'
+    # buffer straight into the split's array.
+    start = i * plan.batch_size
+    count = min(plan.batch_size, len(split) - start)
+    images[start:start + count] = batch['image'][:count]
+    keep[start:start + count] = batch['mask'][:count] > 0
   if not keep.any():
     raise ValueError(f'no readable images among {len(files)} files, e.g. {list(files)[:3]}')
   labels = np.asarray(labels)
@@ -191,26 +193,59 @@ def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False, wo
   return images, labels
 
 
-def load_tfds_split(name, split, size):
-  """A tfds split as numpy (downloads on first use; needs internet)."""
-  import tensorflow as tf  # Imported here: only this source needs TensorFlow.
-  import tensorflow_datasets as tfds
-  ds, info = tfds.load(name, split=split, as_supervised=True, with_info=True)
+def load_tfds_split(name, split, size, data_dir=''):
+  """A tfds split as numpy (downloads on first use; needs internet). Images are kept
+  encoded by tfds and decoded by PIL here, as a folder's files and the streaming loader's
+  records are: one resampling (image_files.fit_square) for every source and loader."""
+  import concurrent.futures
+  import tensorflow_datasets as tfds   # Imported here: only this source needs TensorFlow.
+  try:   # prepared as ArrayRecord (tfds.load cannot read those): its random-access source
+    source = streaming.open_tfds_source(name, split, data_dir)
+    records, info = [source[i] for i in range(len(source))], source.dataset_info
+  except ValueError:   # TFRecord, or not here yet: tfds.load prepares it
+    ds, info = tfds.load(name, split=split, with_info=True, data_dir=data_dir or None,
+                         decoders={'image': tfds.decode.SkipDecoding()})
+    records = list(tfds.as_numpy(ds))
+  with concurrent.futures.ThreadPoolExecutor(streaming.available_cores()) as pool:
+    images = list(pool.map(lambda r: image_files.decode_bytes(r['image'], size), records))
+  labels = np.asarray([r['label'] for r in records], np.int32)
+  return np.stack(images), labels, tuple(info.features['label'].names)
 
-  def resize(image, label):
-    image = tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image
-    if image.shape[0] != size or image.shape[1] != size:
-      shorter = tf.reduce_min(tf.shape(image)[:2])
-      scale = size / tf.cast(shorter, tf.float32)
-      new_hw = tf.cast(tf.math.ceil(tf.cast(tf.shape(image)[:2], tf.float32) * scale), tf.int32)
-      image = tf.image.resize(image, new_hw, method='bicubic', antialias=True)
-      image = tf.image.resize_with_crop_or_pad(image, size, size)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image, label
-  ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
-  images, labels = zip(*tfds.as_numpy(ds))
-  classes = tuple(info.features['label'].names)
-  return np.concatenate(images), np.concatenate(labels).astype(np.int32), classes
+
+def tfds_labels(name, split, data_dir='', cache_dir=''):
+  """(labels, class names) of a prepared tfds split, read once from its records through
+  tfds.data_source (images left encoded) and cached under cache_dir."""
+  source = streaming.open_tfds_source(name, split, data_dir)
+  classes = tuple(source.dataset_info.features['label'].names)
+  cache = ''
+  if cache_dir:
+    cache = os.path.join(os.path.expanduser(cache_dir), 'tfds-labels',
+                         f'{name.replace("/", "_")}-{split}-{len(source)}.npy')
+    if os.path.exists(cache):
+      return np.load(cache), classes
+  logging.info('reading the labels of tfds:%s %s (%d records, once)', name, split, len(source))
+  labels = np.empty(len(source), np.int32)
+  for start in range(0, len(source), 1024):
+    chunk = range(start, min(start + 1024, len(source)))
+    records = source.__getitems__(list(chunk)) if hasattr(source, '__getitems__') else [
+        source[i] for i in chunk]
+    labels[start:start + len(chunk)] = [r['label'] for r in records]
+  if cache:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f'{cache}.{os.getpid()}.tmp.npy'
+    np.save(tmp, labels)
+    os.replace(tmp, cache)
+  return labels, classes
+
+
+def tfds_num_examples(name, splits, data_dir='') -> int | None:
+  """Examples in `splits` of a tfds dataset where its metadata is on this machine, else None."""
+  try:
+    import tensorflow_datasets as tfds
+    info = tfds.builder(name, data_dir=data_dir or None).info
+    return sum(info.splits[split].num_examples for split in splits)
+  except Exception:   # not prepared here (tfds.load would download it)
+    return None
 
 
 # ---------------------------------------------------------------- splitting
@@ -226,7 +261,7 @@ def load_split(data_config, split: str):
   kind, arg = parse_source(data_config.source)
   size = storage_size(data_config)
   if kind == 'tfds':
-    return load_tfds_split(arg, split, size)
+    return load_tfds_split(arg, split, size, data_config.get('data_dir', ''))
   return load_folder_split(arg, split, size, data_config.cache_dir, data_config.skip_bad_files,
                            data_config.get('workers', 0))
 
@@ -334,11 +369,17 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
       logging.info('data loader: %s (%s)', loader, why)
       return dataclasses.replace(dataset, loader=loader, loader_reason=why)
   else:
-    if requested == 'stream':
-      raise ValueError(f'data.loader=stream reads image folders; data.source={data_config.source} '
-                       'loads into memory (data.loader=memory or auto), or point data.source at '
-                       'a folder:PATH copy of the dataset')
-    why = 'tfds sources are loaded into memory'
+    data_dir = data_config.get('data_dir', '')
+    count = tfds_num_examples(root, (data_config.train_split, data_config.test_split), data_dir)
+    if count is None and requested != 'stream':
+      loader, why = 'memory', f'tfds:{root} is not prepared here: tfds.load fetches it'
+    else:
+      loader, why = choose_loader(requested, (count or 0) // process_count,
+                                  storage_size(data_config))
+    if loader == 'stream':
+      logging.info('data loader: stream (%s)', why)
+      dataset = _stream_tfds(data_config, root, process_index, process_count)
+      return dataclasses.replace(dataset, loader=loader, loader_reason=why)
   # One process in memory, or tfds (which has no cheap way to read labels alone): load
   # every example, then keep this process's part.
   train_images, train_labels, classes = load_split(data_config, data_config.train_split)
@@ -365,6 +406,27 @@ def _stream_folder(data_config, root, train_list, test_list, classes, process_in
                               f'{root}/{data_config.train_split}')
   test = streaming.FileSplit(test_files, test_labels, size, data_config.skip_bad_files, workers,
                              f'{root}/{data_config.test_split}')
+  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
+                 num_data_shards(data_config, process_count), process_index, process_count, sizes)
+
+
+def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
+  """This process's part of a prepared tfds dataset, its records read on demand through
+  tfds.data_source by the decoding workers (streaming.TfdsReader)."""
+  data_dir, cache_dir = data_config.get('data_dir', ''), data_config.cache_dir
+  train_labels, classes = tfds_labels(name, data_config.train_split, data_dir, cache_dir)
+  test_labels, test_classes = tfds_labels(name, data_config.test_split, data_dir, cache_dir)
+  _check_same_classes(data_config, classes, test_classes)
+  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
+                                                        process_index, process_count)
+  size, workers = storage_size(data_config), data_config.get('workers', 0)
+
+  def split(which, labels):
+    return streaming.FileSplit(list(range(len(labels))), labels, size, data_config.skip_bad_files,
+                               workers, f'tfds:{name} {which}',
+                               streaming.TfdsReader(name, which, data_dir))
+  train = split(data_config.train_split, train_labels)
+  test = split(data_config.test_split, test_labels)
   return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
                  num_data_shards(data_config, process_count), process_index, process_count, sizes)
 
@@ -486,6 +548,30 @@ class TrainPlan:
             'index': (self.first_index + index).astype(np.int32)}
 
 
+class EpochsPlan:
+  """The training batches of several epochs one after another (a TrainPlan each): one
+  stream over them keeps its decoding workers from epoch to epoch, and they decode the
+  next epoch's first batches while this one is being evaluated."""
+
+  def __init__(self, num_rows: int, batch_size: int, seed: int, epochs: range, shards,
+               steps_per_epoch: int, first_index: int = 0):
+    self.args = (num_rows, batch_size, seed)
+    self.epochs, self.shards, self.first_index = epochs, tuple(shards), first_index
+    self.steps_per_epoch = steps_per_epoch
+    self._last = None   # (epoch, TrainPlan): consecutive steps share their epoch's orders
+
+  def __len__(self):
+    return len(self.epochs) * self.steps_per_epoch
+
+  def __getitem__(self, k: int) -> dict:
+    epoch = self.epochs[k // self.steps_per_epoch]
+    if self._last is None or self._last[0] != epoch:
+      num_rows, batch_size, seed = self.args
+      self._last = (epoch, TrainPlan(num_rows, batch_size, seed, epoch, self.shards,
+                                     self.steps_per_epoch, self.first_index))
+    return self._last[1][k % self.steps_per_epoch]
+
+
 class EvalPlan:
   """Every row of a split once, in order, in batches of `batch_size`, then fully padded
   batches up to `num_batches` (so that every process runs as many steps); rows -1 and
@@ -530,6 +616,14 @@ def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray,
   mask = (positions < len(order)).astype(np.float32)
   by_index = np.argsort(idx, kind='stable')
   return idx[by_index], mask[by_index]
+
+
+def epochs_of_batches(split, batch_size: int, seed: int, epochs: range, shards,
+                      steps_per_epoch: int, first_index: int = 0, first_step: int = 0):
+  """The training batches of `epochs`, from step `first_step` of the first, as one stream
+  (EpochsPlan): the loop takes steps_per_epoch of them per epoch. Close it when done."""
+  plan = EpochsPlan(len(split), batch_size, seed, epochs, shards, steps_per_epoch, first_index)
+  return batches(split, plan, first_step)
 
 
 def eval_batches(split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:

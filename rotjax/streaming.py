@@ -30,15 +30,58 @@ class DataWorkerError(RuntimeError):
   """A decoding worker process died (killed, out of memory, a crash in a native library)."""
 
 
+class TfdsReader:
+  """Reads record i of a prepared tfds split through tfds's random-access data source
+  (ArrayRecord files), its image decoded by PIL as a folder's files are. Opened on first
+  use in each process (a worker unpickles this, not an open file)."""
+
+  def __init__(self, name: str, split: str, data_dir: str = ''):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self._source = None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_source': None}
+
+  def source(self):
+    if self._source is None:
+      self._source = open_tfds_source(self.name, self.split, self.data_dir)
+    return self._source
+
+  def __call__(self, index: int, size: int) -> np.ndarray:
+    try:
+      return image_files.decode_bytes(self.source()[int(index)]['image'], size)
+    except Exception as e:
+      raise image_files.BadImageError(
+          f'cannot read image of record {index} of tfds:{self.name} split {self.split!r}: '
+          f'{e} (set data.skip_bad_files=True to skip such records)') from e
+
+
+def open_tfds_source(name: str, split: str, data_dir: str = ''):
+  """tfds.data_source of a prepared split, images left encoded (PIL decodes them)."""
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+  except Exception as e:
+    raise ValueError(
+        f'data.loader=stream reads tfds:{name} through tfds.data_source, which needs the '
+        f'dataset prepared in ArrayRecord format ({type(e).__name__}: {e}); prepare it with '
+        f'`tfds build {name} --file_format=array_record` (or '
+        'builder.download_and_prepare(file_format="array_record")), point data.data_dir at '
+        'it, or use data.loader=memory') from e
+
+
 @dataclasses.dataclass
 class FileSplit:
-  """A split as files and labels; images are decoded when a batch needs them."""
-  files: list[str]
+  """A split as files (or tfds record numbers) and labels; images are decoded when a
+  batch needs them."""
+  files: list             # paths; record numbers where `reader` is a TfdsReader
   labels: np.ndarray      # int32 [N]
   size: int               # side of the decoded square (input_pipeline.storage_size)
   skip_bad_files: bool = False
   workers: int = 0        # decoding processes (0: one per core this process may use)
   name: str = ''          # for messages: ROOT/SPLIT
+  reader: object = None   # (file, size) -> uint8 square; None: image_files.read_image
 
   def __len__(self):
     return len(self.labels)
@@ -66,7 +109,7 @@ class FileSplit:
           images[j] = 0   # a reused buffer holds an earlier batch's pixels
         continue
       try:
-        images[j] = image_files.read_image(self.files[row], self.size)
+        images[j] = (self.reader or image_files.read_image)(self.files[row], self.size)
       except image_files.BadImageError:
         if not self.skip_bad_files:
           raise
@@ -80,7 +123,7 @@ class FileSplit:
     labels = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(np.int32)
     extra = {k: v for k, v in plan.items() if k not in ('rows', 'mask')}
     return {'image': images, 'label': labels, 'mask': mask, **extra,
-            'skipped': tuple(self.files[rows[j]] for j in bad)}
+            'skipped': tuple(str(self.files[rows[j]]) for j in bad)}
 
 
 _watching_parent = False
@@ -199,11 +242,15 @@ class _Numbered:
 
 
 def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
-           workers: int | None = None) -> Iterator[dict]:
+           workers: int | None = None, own_images: bool = True) -> Iterator[dict]:
   """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
   default; 0 here: decoded in this process, for small jobs where starting processes costs
   more than it saves). Skipped files are counted and logged; a dead worker is a
-  DataWorkerError; closing the generator stops the workers."""
+  DataWorkerError; closing the generator stops the workers.
+
+  own_images=False: a batch's images are a view of the workers' buffer, valid until the
+  next batch is asked for (for a caller that copies them at once into its own array: one
+  copy fewer of every pixel)."""
   import grain   # Imported here: the memory loader never needs it.
   _allow_grain_flags()
   count = len(plan) - start
@@ -249,8 +296,14 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       batch = {k: np.array(v) for k, v in batch.items()}
       if ring is not None:
         number = int(batch.pop('number'))
-        batch['image'] = np.array(ring.slot(number))
-        ring.consumed[0] = number + 1   # its slot may now take batch number + slots
+        if own_images:
+          batch['image'] = np.array(ring.slot(number))
+          ring.consumed[0] = number + 1   # its slot may now take batch number + slots
+        else:
+          batch['image'] = ring.slot(number)
+          yield batch
+          ring.consumed[0] = number + 1   # the caller has asked for the next batch
+          continue
       if len(names):
         skipped += len(names)
         logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '

@@ -6,6 +6,7 @@ many devices: a single device is a pmap of one.
 """
 import copy
 import functools
+import itertools
 import logging
 import os
 import time
@@ -349,61 +350,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
       else 1)
 
   every = config.get('checkpoint_every_steps', 0)
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    t0 = time.time()
-    # A run resumed inside this epoch: its remaining batches, its step metrics so far.
-    first_step = partial['steps_done'] if partial and partial['epoch'] == epoch else 0
-    epoch_metrics = list(partial['step_metrics']) if first_step else []
-    local_batch = dataset.local_batch(config.batch_size)
-    # Processes feed the devices in process order: this one's rows start at p * local_batch.
-    batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, epoch,
-                                           dataset.shards, steps_per_epoch,
-                                           first_index=dataset.process_index * local_batch,
-                                           start=first_step)
-    batches = jax_utils.prefetch_to_device(
-        (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
-    bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
-                            enabled=config.progress and jax.process_index() == 0)
-    pending = []
-    for step_in_epoch, batch in enumerate(batches, first_step + 1):
-      state, step_metrics = p_train_step(state, batch, rng)
-      pending.append(step_metrics)
-      step = (epoch - 1) * steps_per_epoch + step_in_epoch
-      save_now = every and step % every == 0 and step_in_epoch < steps_per_epoch
-      if (step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch
-          or save_now):
-        # The one host sync: fetch the metrics of the last few steps at once.
-        fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
-        pending = []
-        epoch_metrics += fetched
-        _check_finite(fetched, epoch, step)
-        bar.update(step_in_epoch, fetched[-1])
-      if save_now:
-        rundir.save_partial_epoch(
-            ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
-            steps_done=step_in_epoch, steps_per_epoch=steps_per_epoch,
-            data={**data_state, 'loader': dataset.loader, 'epoch': epoch,
-                  'next_step': step_in_epoch}, step_metrics=epoch_metrics)
-    train_time = time.time() - t0
-    val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
-                   num_local_devices, eval_rng)
-    test = evaluate(p_eval_step, state, dataset, 'test', config.eval_batch_size,
-                    num_local_devices, eval_rng)
-    row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
-           'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-           **epoch_means(epoch_metrics),
-           'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-           'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-           'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
-           'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
-           # Each epoch's own: an explicit override on resume may differ from run_info's.
-           'dtype': compute['dtype'], 'conv': compute['conv']}
-    is_best = val['accuracy'] > best_val
-    best_val = max(best_val, val['accuracy'])
-    rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
-                        jax.device_get(parallel.unreplicate(state)), is_best, row)
-    history.append(row)
-    bar.close(row)
+  local_batch = dataset.local_batch(config.batch_size)
+  # A run resumed inside an epoch: that epoch's remaining batches, its step metrics so far.
+  resumed_step = partial['steps_done'] if partial else 0
+  # Every remaining training batch as one stream (a streaming loader keeps its workers).
+  # Processes feed the devices in process order: this one's rows start at p * local_batch.
+  train_stream = input_pipeline.epochs_of_batches(
+      dataset.train, local_batch, config.seed, range(start_epoch + 1, config.num_epochs + 1),
+      dataset.shards, steps_per_epoch, first_index=dataset.process_index * local_batch,
+      first_step=resumed_step)
+  try:
+    for epoch in range(start_epoch + 1, config.num_epochs + 1):
+      t0 = time.time()
+      first_step = resumed_step if epoch == start_epoch + 1 else 0
+      epoch_metrics = list(partial['step_metrics']) if first_step else []
+      batches = itertools.islice(train_stream, steps_per_epoch - first_step)
+      batches = jax_utils.prefetch_to_device(
+          (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
+      bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
+                              enabled=config.progress and jax.process_index() == 0)
+      pending = []
+      for step_in_epoch, batch in enumerate(batches, first_step + 1):
+        state, step_metrics = p_train_step(state, batch, rng)
+        pending.append(step_metrics)
+        step = (epoch - 1) * steps_per_epoch + step_in_epoch
+        save_now = every and step % every == 0 and step_in_epoch < steps_per_epoch
+        if (step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch
+            or save_now):
+          # The one host sync: fetch the metrics of the last few steps at once.
+          fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
+          pending = []
+          epoch_metrics += fetched
+          _check_finite(fetched, epoch, step)
+          bar.update(step_in_epoch, fetched[-1])
+        if save_now:
+          rundir.save_partial_epoch(
+              ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
+              steps_done=step_in_epoch, steps_per_epoch=steps_per_epoch,
+              data={**data_state, 'loader': dataset.loader, 'epoch': epoch,
+                    'next_step': step_in_epoch}, step_metrics=epoch_metrics)
+      train_time = time.time() - t0
+      val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
+                     num_local_devices, eval_rng)
+      test = evaluate(p_eval_step, state, dataset, 'test', config.eval_batch_size,
+                      num_local_devices, eval_rng)
+      row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
+             'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
+             **epoch_means(epoch_metrics),
+             'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
+             'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+             'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
+             'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
+             # Each epoch's own: an explicit override on resume may differ from run_info's.
+             'dtype': compute['dtype'], 'conv': compute['conv']}
+      is_best = val['accuracy'] > best_val
+      best_val = max(best_val, val['accuracy'])
+      rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
+                          jax.device_get(parallel.unreplicate(state)), is_best, row)
+      history.append(row)
+      bar.close(row)
+  finally:
+    train_stream.close()   # stops a streaming loader's workers, on errors too
   ckpt.wait()
   ckpt.close()
   log.close()

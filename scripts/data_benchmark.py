@@ -132,8 +132,7 @@ def loop_child(opts) -> dict:
                                                opts['steps'])
   step = train.pmapped_train_step(config, mask, devices)
   batch = next(input_pipeline.train_batches(datasets['memory'].train, config.batch_size, 0, 1))
-  batch = jax.device_put_sharded(list(input_pipeline.shard(batch, len(devices)).values()), devices)
-  batch = dict(zip(('image', 'label', 'mask', 'index'), batch))
+  batch = jax.device_put(input_pipeline.shard(batch, len(devices)))
   state, rng = parallel.replicate(state, devices), parallel.replicate(jax.random.key(0), devices)
 
   def bare():
@@ -237,7 +236,7 @@ def main(argv=None):
                       help='images per loader row (0: the whole train split: 50,000 CIFAR-10, '
                       '9,469 ImageNette)')
   parser.add_argument('--loop_batch', type=int, default=32)
-  parser.add_argument('--loop_steps', type=int, default=8)
+  parser.add_argument('--loop_steps', type=int, default=30)
   parser.add_argument('--width', type=int, default=64)
   parser.add_argument('--folder', help='ImageNet-layout folder for the startup part')
   parser.add_argument('--startup_stage', default='supervised')

@@ -83,12 +83,58 @@ def test_auto_streams_what_would_not_fit_comfortably():
     input_pipeline.choose_loader('disk', 1, 1)
 
 
-def test_stream_needs_a_folder_source(tmp_path):
+def test_streaming_an_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny_config('supervised', tmp_path, str(tmp_path))
-  config.data.source = 'tfds:cifar10'
+  config.data.source, config.data.data_dir = 'tfds:cifar10', str(tmp_path / 'tfds')
   config.data.loader = 'stream'
-  with pytest.raises(ValueError, match='data.loader=stream reads image folders'):
+  with pytest.raises(ValueError, match='tfds build cifar10 --file_format=array_record'):
     input_pipeline.load_dataset(config.data)
+
+
+def _tfds_dataset(image_folder, data_dir):
+  """The tiny image folder as a prepared tfds dataset in ArrayRecord format (what
+  `tfds build --file_format=array_record` leaves), its images PNG-encoded by tfds."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3)),
+      'label': tfds.features.ClassLabel(names=testing.CLASSES)})
+  splits = {}
+  for split in ('train', 'test'):
+    files, labels, _ = image_files.list_folder_split(image_folder, split)
+    images = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])
+    splits[split] = tf.data.Dataset.from_tensor_slices({'image': images, 'label': labels})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      'tiny_shapes', '1.0.0', features, splits, data_dir=str(data_dir),
+      file_format='array_record')
+  return 'tiny_shapes'
+
+
+@pytest.mark.slow
+def test_a_prepared_tfds_dataset_streams_what_memory_loads(image_folder, tmp_path):
+  """tfds:NAME through tfds.data_source (ArrayRecord) gives the batches tfds.load does in
+  memory, and both hold the pixels of the folder it was built from (tfds stores the
+  records in its own order, so the folder's batches are not the same rows)."""
+  name = _tfds_dataset(image_folder, tmp_path / 'tfds')
+  datasets = {}
+  for loader in ('memory', 'stream'):
+    config = tiny_config('supervised', tmp_path, image_folder)
+    config.data.source, config.data.data_dir = f'tfds:{name}', str(tmp_path / 'tfds')
+    config.data.loader, config.data.workers = loader, 2
+    datasets[loader] = input_pipeline.load_dataset(config.data)
+    assert datasets[loader].loader == loader
+    assert datasets[loader].class_names == testing.CLASSES
+  memory, stream = datasets['memory'], datasets['stream']
+  for a, b in zip(input_pipeline.train_batches(memory.train, 8, 0, 1),
+                  input_pipeline.train_batches(stream.train, 8, 0, 1)):
+    _assert_same(a, b)
+  for a, b in zip(input_pipeline.eval_batches(memory.test, 8),
+                  input_pipeline.eval_batches(stream.test, 8)):
+    _assert_same(a, b)
+  files, labels, _ = image_files.list_folder_split(image_folder, 'test')
+  key = lambda images, labels: sorted((int(l), im.tobytes()) for im, l in zip(images, labels))
+  folder_images = [image_files.decode_image(f, 16) for f in files]
+  assert key(memory.test.images, memory.test.labels) == key(folder_images, labels)
 
 
 def _bad_folder(root):
