@@ -24,6 +24,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 from rotjax import image_files
 from rotjax import streaming
@@ -125,25 +126,28 @@ def storage_size(data_config) -> int:
 # Below this many files a split is decoded in this process: starting worker processes
 # (about a second) would cost more than they save.
 MIN_FILES_FOR_WORKERS = 2000
+# Source images of at least this many pixels are decoded by threads of this process, smaller
+# ones by worker processes. PIL lets go of Python's lock while it decodes and resizes, so
+# threads scale where that is most of the work (a 224 px JPEG: ~1 ms), and they write
+# straight into this process's memory; on tiny images (CIFAR's 32 px: 0.1 ms) the Python
+# around each file holds the lock and threads do not scale at all. Measured on 2 cores
+# (README, scripts/benchmark.py --data): CIFAR-10, threads 9008 -> 6047 images/s from 1 to
+# 2 cores, processes 7258 -> 10405; ImageNette 224 px, threads 806 -> 1471, processes
+# 486 -> 827 (the copy of every decoded pixel out of the workers' buffer into fresh memory
+# competes with the workers for the same cores).
+THREADS_FROM_PIXELS = 96 * 96
 
 
 def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
-  """(images, labels) of `files`, decoded by worker processes (one per core) as the
-  streaming loader decodes its batches. A bad file is an error naming it, or, with
+  """(images, labels) of `files`, decoded in parallel (threads or worker processes, one per
+  core: THREADS_FROM_PIXELS says which). A bad file is an error naming it, or, with
   skip_bad_files, is dropped with a warning and a count."""
   split = streaming.FileSplit(list(files), np.asarray(labels, np.int32), size, skip_bad_files,
                               workers, name)
-  plan = EvalPlan(len(split), 256)
-  procs = 0 if len(split) < MIN_FILES_FOR_WORKERS else None
-  images = np.empty((len(split), size, size, 3), np.uint8)
-  keep = np.ones(len(split), bool)
-  for i, batch in enumerate(streaming.stream(split, plan, workers=procs, own_images=False)):
-    # EvalPlan's batch i is rows i * 256 onwards, in order: one copy from the workers'
-    # buffer straight into the split's array.
-    start = i * plan.batch_size
-    count = min(plan.batch_size, len(split) - start)
-    images[start:start + count] = batch['image'][:count]
-    keep[start:start + count] = batch['mask'][:count] > 0
+  if len(split) < MIN_FILES_FOR_WORKERS or _source_pixels(files[0]) >= THREADS_FROM_PIXELS:
+    images, keep = _decode_in_threads(split)
+  else:
+    images, keep = _decode_in_workers(split)
   if not keep.any():
     raise ValueError(f'no readable images among {len(files)} files, e.g. {list(files)[:3]}')
   labels = np.asarray(labels)
@@ -152,7 +156,56 @@ def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
     # A class with no images left would still get an output unit and never be seen.
     folder = os.path.dirname(files[labels.tolist().index(emptied[0])])
     raise ValueError(f'every image of class folder {folder} is unreadable')
+  if keep.all():   # no copy of the whole split (gigabytes for ImageNette at 256 px)
+    return images, labels
   return images[keep], labels[keep]
+
+
+def _source_pixels(path: str) -> int:
+  """Pixels of an image file, from its header (0 where it is unreadable)."""
+  try:
+    with Image.open(path) as image:
+      return image.size[0] * image.size[1]
+  except Exception:
+    return 0
+
+
+def _decode_in_threads(split):
+  """(images, keep) decoded by one thread per core."""
+  import concurrent.futures
+  size = split.size
+
+  def read(path):
+    try:
+      return image_files.read_image(path, size)
+    except image_files.BadImageError:
+      if not split.skip_bad_files:
+        raise
+      return None
+  with concurrent.futures.ThreadPoolExecutor(split.workers or streaming.available_cores()) as pool:
+    decoded = list(pool.map(read, split.files))
+  keep = np.asarray([image is not None for image in decoded])
+  if not keep.all():
+    bad = [f for f, image in zip(split.files, decoded) if image is None]
+    logging.warning('skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
+                    len(bad), bad[:3])
+  blank = np.zeros((size, size, 3), np.uint8)
+  return np.stack([blank if image is None else image for image in decoded]), keep
+
+
+def _decode_in_workers(split):
+  """(images, keep) decoded by worker processes, as the streaming loader decodes batches."""
+  plan = EvalPlan(len(split), 256)
+  images = np.empty((len(split), split.size, split.size, 3), np.uint8)
+  keep = np.ones(len(split), bool)
+  for i, batch in enumerate(streaming.stream(split, plan, own_images=False)):
+    # EvalPlan's batch i is rows i * 256 onwards, in order: one copy from the workers'
+    # buffer straight into the split's array.
+    start = i * plan.batch_size
+    count = min(plan.batch_size, len(split) - start)
+    images[start:start + count] = batch['image'][:count]
+    keep[start:start + count] = batch['mask'][:count] > 0
+  return images, keep
 
 
 def _cache_key(files, size) -> str:

@@ -1,6 +1,7 @@
 r"""Kill -9 drill: interrupted-and-resumed runs must end with the reference metrics.
 
   python scripts/fault_drill.py [--runs 4] [--seed 0] [--epochs 3] [--source folder:PATH]
+                                [--loader stream --every 2]
 
 Runs a tiny CLI training uninterrupted (the reference), then --runs times: starts
 the same command in a fresh workdir, kills it with SIGKILL at a seeded random
@@ -38,7 +39,8 @@ def command(args, workdir):
   return [sys.executable, '-m', 'rotjax.main', f'--config={args.config}', *tiny,
           f'--config.workdir={workdir}', f'--config.data.source={args.source}',
           f'--config.num_epochs={args.epochs}', '--config.log_every_steps=1',
-          f'--config.data.cache_dir={os.path.join(workdir, "cache")}']
+          f'--config.data.cache_dir={os.path.join(workdir, "cache")}',
+          f'--config.data.loader={args.loader}', f'--config.checkpoint_every_steps={args.every}']
 
 
 def environment(cache_dir):
@@ -129,6 +131,10 @@ def main():
   parser.add_argument('--config', default='configs/supervised.py:smoke')
   parser.add_argument('--source', default='', help='folder:PATH (default: a generated folder)')
   parser.add_argument('--workdir', default='', help='where the runs go (default: a temp dir)')
+  parser.add_argument('--loader', default='auto', choices=('auto', 'memory', 'stream'),
+                      help='data.loader of every run')
+  parser.add_argument('--every', type=int, default=0,
+                      help='checkpoint_every_steps: also checkpoint inside epochs')
   args = parser.parse_args()
   base = args.workdir or tempfile.mkdtemp(prefix='rotjax-fault-drill-')
   os.makedirs(base, exist_ok=True)

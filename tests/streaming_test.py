@@ -59,6 +59,23 @@ def test_stream_gives_the_memory_loaders_batches(image_folder, tmp_path):
       _assert_same(a, b)
 
 
+def test_each_process_streams_the_rows_of_its_shard_as_memory_holds_them(image_folder, tmp_path):
+  """Two processes, one data shard each: process p's streamed split is its memory split,
+  file for file, and gives its part of every global batch."""
+  config = tiny_config('supervised', tmp_path, image_folder)
+  for p in (0, 1):
+    config.data.loader = 'memory'
+    memory = input_pipeline.load_dataset(config.data, p, 2)
+    config.data.loader, config.data.workers = 'stream', 1
+    stream = input_pipeline.load_dataset(config.data, p, 2)
+    assert stream.shards == memory.shards == (p,) and stream.sizes == memory.sizes
+    for split in ('train', 'val', 'test'):
+      assert len(getattr(stream, split)) == len(getattr(memory, split))
+    for a, b in zip(input_pipeline.train_batches(memory.train, 4, 0, 1, (p,), 7, first_index=4 * p),
+                    input_pipeline.train_batches(stream.train, 4, 0, 1, (p,), 7, first_index=4 * p)):
+      _assert_same(a, b)
+
+
 def test_memory_decode_in_worker_processes_equals_decode_in_this_one(image_folder, monkeypatch):
   files, labels, _ = image_files.list_folder_split(image_folder, 'train')
   here = input_pipeline.decode_files(files, labels, 16)
