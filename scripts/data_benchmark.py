@@ -73,7 +73,8 @@ def loader_child(opts) -> dict:
     from rotjax import input_pipeline, streaming
     split = streaming.FileSplit(files, labels, size, workers=cores)
     count, marks = 0, []
-    for batch in input_pipeline.train_batches(split, opts['batch'], 0, 1):
+    for batch in input_pipeline.train_batches(split, opts['batch'], 0, 1,
+                                              num_steps=opts.get('max_batches')):
       marks.append(time.perf_counter() - t0)
       count += len(batch['label'])
     first = marks[0]
@@ -101,8 +102,12 @@ def loader_child(opts) -> dict:
       first = first or time.perf_counter() - t0
       count += len(batch)
   seconds = time.perf_counter() - t0
+  import resource
   return {'images': count, 'seconds': seconds, 'rate': count / seconds, 'first_batch': first,
-          'steady': steady}
+          'steady': steady,
+          # Peak resident memory of this process and of its largest worker, GiB.
+          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          'peak_worker_rss_gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
 
 
 # ---------------------------------------------------------------- loop vs bare step (child)
@@ -303,9 +308,20 @@ def main(argv=None):
   if 'startup' in parts:
     if not args.folder:
       sys.exit('--parts startup needs --folder (scripts/make_jpeg_folder.py writes one)')
+    alone = child('loader', {'folder': args.folder, 'split': 'train', 'size': 256,
+                             'images': 10**9, 'loader': 'stream', 'cores': cores,
+                             'batch': 128, 'max_batches': 100})
+    if 'error' in alone:
+      print(f'stream alone on {args.folder}: error: {alone["error"]}')
+    else:
+      print(f'stream alone, {args.folder} (every file listed; 100 batches of 128 at 256 px, '
+            f'{cores} workers): {alone["rate"]:.0f} images/s ({alone["steady"]:.0f} steady), '
+            f'peak RSS {alone["peak_rss_gib"]:.2f} GiB + {alone["peak_worker_rss_gib"]:.2f} GiB '
+            'for the largest worker')
+    out['stream_alone'] = alone
     print(f'\nstartup: configs/imagenet.py:{args.startup_stage} on {args.folder} ...', flush=True)
     result = startup(args.folder, args.startup_stage, args.startup_batch, 20)
-    print(f'data ready {result["data"]:.1f} s after the start ({result["loader"]}); first train '
+    print(f'batch {args.startup_batch}: data ready {result["data"]:.1f} s after the start ({result["loader"]}); first train '
           f'step done {result["first_step"]:.1f} s after the start; peak memory: trainer RSS '
           f'{result["peak_rss_gib"]:.2f} GiB, trainer + workers PSS {result["peak_pss_gib"]:.2f} GiB')
     out['startup'] = result
