@@ -171,26 +171,27 @@ def _source_pixels(path: str) -> int:
 
 
 def _decode_in_threads(split):
-  """(images, keep) decoded by one thread per core."""
+  """(images, keep) decoded by one thread per core, each writing its images straight into
+  the split's array: its fresh pages (gigabytes) are then faulted in by all threads at once
+  (one thread stacking them afterwards took 2-3 s of ImageNette's 9 s on 2 cores)."""
   import concurrent.futures
-  size = split.size
+  images = np.empty((len(split), split.size, split.size, 3), np.uint8)
+  keep = np.ones(len(split), bool)
 
-  def read(path):
+  def read(i):
     try:
-      return image_files.read_image(path, size)
+      images[i] = image_files.read_image(split.files[i], split.size)
     except image_files.BadImageError:
       if not split.skip_bad_files:
         raise
-      return None
+      images[i], keep[i] = 0, False
   with concurrent.futures.ThreadPoolExecutor(split.workers or streaming.available_cores()) as pool:
-    decoded = list(pool.map(read, split.files))
-  keep = np.asarray([image is not None for image in decoded])
+    list(pool.map(read, range(len(split)), chunksize=64))
   if not keep.all():
-    bad = [f for f, image in zip(split.files, decoded) if image is None]
+    bad = [f for f, ok in zip(split.files, keep) if not ok]
     logging.warning('skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
                     len(bad), bad[:3])
-  blank = np.zeros((size, size, 3), np.uint8)
-  return np.stack([blank if image is None else image for image in decoded]), keep
+  return images, keep
 
 
 def _decode_in_workers(split):

@@ -8,7 +8,8 @@ r"""Input pipeline speed, side by side in one run (`python scripts/benchmark.py 
    (224 px JPEGs, kept at 256 px for 224 px crops), on 1, 2 and all cores (each row in a
    child process whose CPU affinity is that many cores; its decoding workers inherit it):
    - memory: input_pipeline.decode_files, what data.loader=memory does once per split;
-   - memory, threads (before): the thread pool around PIL that it replaced;
+   - memory, threads (before): the thread pool around PIL that it replaced (decoded
+     images stacked into the split's array afterwards);
    - stream: streaming.stream over a training epoch's plan (worker start included);
    - tf.data: tf.io.decode_jpeg + tf.image.resize (bicubic, antialiased) with that many
      parallel calls, the candidate library (not bit-identical to PIL's resampling).
@@ -68,7 +69,8 @@ def loader_child(opts) -> dict:
     import concurrent.futures
     from rotjax import image_files
     with concurrent.futures.ThreadPoolExecutor(cores) as pool:
-      count = len(list(pool.map(lambda f: image_files.decode_image(f, size), files)))
+      decoded = list(pool.map(lambda f: image_files.decode_image(f, size), files))
+    count = len(np.stack(decoded))   # the split's array, as the replaced decode_files built it
   elif loader == 'stream':
     from rotjax import input_pipeline, streaming
     split = streaming.FileSplit(files, labels, size, workers=cores)
