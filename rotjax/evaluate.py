@@ -42,12 +42,14 @@ def load_run(spec: str, reference=None):
   return name or os.path.basename(os.path.normpath(path)), model
 
 
-def data_config(config, source='', max_images=0, cache_dir=None):
+def data_config(config, source='', max_images=0, cache_dir=None, loader=''):
   """The run's data config with command-line overrides."""
   data = copy.deepcopy(config.data)
   with data.unlocked():
     if source:
       data.source = source
+    if loader:
+      data.loader = loader
     if max_images:
       data.max_train_images = max_images
       data.max_eval_images = max_images
@@ -141,7 +143,8 @@ COMMANDS = {'probe': cmd_probe, 'knn': cmd_knn, 'confusion': cmd_confusion, 'tsn
 
 
 def _data_overrides(args):
-  return {'source': args.data_source, 'max_images': args.max_images, 'cache_dir': args.cache_dir}
+  return {'source': args.data_source, 'max_images': args.max_images, 'cache_dir': args.cache_dir,
+          'loader': args.loader}
 
 
 def _out_dir(args):
@@ -181,6 +184,8 @@ def parse_args(argv):
                    help="run workdir(s) or checkpoint step dir(s); tsne also takes "
                         "NAME=PATH and 'random' (the first run's model, freshly initialised)")
     p.add_argument('--data_source', default='', help='override data.source (tfds:NAME | folder:PATH)')
+    p.add_argument('--loader', default='', choices=('', 'auto', 'memory', 'stream'),
+                   help="override data.loader (default: the run's own)")
     p.add_argument('--max_images', type=int, default=0, help='cap on train/val/test images (0 = the run\'s own)')
     p.add_argument('--cache_dir', default=None, help='override data.cache_dir')
     p.add_argument('--out_dir', default='', help='where the JSON/PNG go (default RUN/eval)')
