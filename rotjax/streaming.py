@@ -294,6 +294,11 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       # its batch has arrived rather than when the last reference to it goes.
       names = batch.pop('skipped')
       batch = {k: np.array(v) for k, v in batch.items()}
+      if len(names):
+        skipped += len(names)
+        logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
+                        'this pass of %s), e.g. %s', len(names), skipped, split.name,
+                        list(names)[:3])
       if ring is not None:
         number = int(batch.pop('number'))
         if own_images:
@@ -304,11 +309,6 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
           yield batch
           ring.consumed[0] = number + 1   # the caller has asked for the next batch
           continue
-      if len(names):
-        skipped += len(names)
-        logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
-                        'this pass of %s), e.g. %s', len(names), skipped, split.name,
-                        list(names)[:3])
       yield batch
   finally:
     iterator.close()

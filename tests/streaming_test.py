@@ -300,3 +300,13 @@ def test_imagenet_preset_study_streams_all_five_stages(tmp_path):
   for row in rows:
     info = rundir.read_json(os.path.join(config.workdir, row['workdir'], 'run_info.json'))
     assert info['data_loader']['loader'] == 'stream' and info['train_images'] == 27
+
+
+def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(tmp_path, monkeypatch):
+  root = _bad_folder(tmp_path / 'data')
+  files, labels, _ = image_files.list_folder_split(root, 'train')
+  monkeypatch.setattr(input_pipeline, 'MIN_FILES_FOR_WORKERS', 0)   # 8 px images: processes
+  with pytest.raises(image_files.BadImageError, match='broken.jpg'):
+    input_pipeline.decode_files(files, labels, 8, workers=2)
+  images, kept = input_pipeline.decode_files(files, labels, 8, skip_bad_files=True, workers=2)
+  assert len(images) == len(kept) == 8
