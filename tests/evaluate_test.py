@@ -48,18 +48,15 @@ def test_cli_confusion_for_classifier_and_pretext(runs, tmp_path):
 
 @pytest.mark.slow
 def test_cli_reads_a_streamed_split_as_the_one_in_memory(runs, tmp_path):
-  """Features, predictions and BatchNorm statistics a chunk at a time from a split streamed
-  from its files: the same figures as from the split in memory."""
-  pre, sup = runs
+  """Features and BatchNorm statistics a chunk at a time from a split streamed from its
+  files: the same probe as from the split in memory."""
+  pre, _ = runs
   args = ['--layer=layer2', '--steps=50', '--bn=reestimated', f'--out_dir={tmp_path}']
   memory = evaluate.main(['probe', pre, *args, '--loader=memory'])
   stream = evaluate.main(['probe', pre, *args, '--loader=stream'])
   for result in (memory, stream):
     result['bn_reestimated'].pop('seconds')
   assert stream == memory
-  memory = evaluate.main(['confusion', sup, f'--out_dir={tmp_path}', '--loader=memory'])
-  stream = evaluate.main(['confusion', sup, f'--out_dir={tmp_path}', '--loader=stream'])
-  assert stream['confusion'] == memory['confusion']
 
 
 @pytest.mark.slow
