@@ -409,15 +409,19 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
     train_files, train_labels, classes = image_files.list_folder_split(root, data_config.train_split)
     test_files, test_labels, test_classes = image_files.list_folder_split(root, data_config.test_split)
     _check_same_classes(data_config, classes, test_classes)
-    loader, why = choose_loader(requested, (len(train_files) + len(test_files)) // process_count,
-                                size)
+    own, sizes = _own_examples(train_labels, len(test_labels), data_config, process_index,
+                               process_count)
+    # What this process would hold: its part of the (capped, subset) splits, not the folder.
+    used = len(np.union1d(own[0], own[1])) + len(own[2])
+    loader, why = choose_loader(requested, used, size)
+    lists = ((train_files, train_labels), (test_files, test_labels))
     if loader == 'stream':
-      dataset = _stream_folder(data_config, root, (train_files, train_labels),
-                               (test_files, test_labels), classes, process_index, process_count)
-    elif process_count > 1:
-      dataset = _load_folder_shard(data_config, root, (train_files, train_labels),
-                                   (test_files, test_labels), classes, process_index, process_count)
-    else:
+      dataset = _stream_folder(data_config, root, *lists, classes, own, sizes, process_index,
+                               process_count)
+    elif process_count > 1 or not data_config.skip_bad_files:
+      dataset = _load_folder_part(data_config, root, *lists, classes, own, sizes, process_index,
+                                  process_count)
+    else:   # skip_bad_files drops files: the split is drawn from what the whole folder keeps
       dataset = None
     if dataset is not None:
       logging.info('data loader: %s (%s)', loader, why)
@@ -447,14 +451,13 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
                  num_shards, process_index, process_count, sizes, 'memory', why)
 
 
-def _stream_folder(data_config, root, train_list, test_list, classes, process_index,
+def _stream_folder(data_config, root, train_list, test_list, classes, own, sizes, process_index,
                    process_count) -> Dataset:
   """This process's part of an image folder as FileSplits: nothing is decoded before a
   batch needs it. Files that turn out unreadable are masked where they fall
   (data.skip_bad_files), so every process keeps the same file lists and split."""
   (train_files, train_labels), (test_files, test_labels) = train_list, test_list
-  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
-                                                        process_index, process_count)
+  own_train, own_val, own_test = own
   size, workers = storage_size(data_config), data_config.get('workers', 0)
   train = streaming.FileSplit(train_files, train_labels, size, data_config.skip_bad_files, workers,
                               f'{root}/{data_config.train_split}')
@@ -485,10 +488,12 @@ def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
                  num_data_shards(data_config, process_count), process_index, process_count, sizes)
 
 
-def _load_folder_shard(data_config, root, train_list, test_list, classes, process_index,
-                       process_count) -> Dataset:
-  """One process's shard of an image folder in memory: the file lists decide the split for
-  every process alike, and only this process's images are decoded."""
+def _load_folder_part(data_config, root, train_list, test_list, classes, own, sizes,
+                      process_index, process_count) -> Dataset:
+  """This process's part of an image folder in memory: the file lists decide the split for
+  every process alike, and only the images this process holds are decoded (a capped or
+  labels-per-class run on a large folder decodes its few images, not the folder; the whole
+  split, where it is all used, has the cache entry it always had)."""
   if data_config.skip_bad_files:
     raise ValueError('data.skip_bad_files=True with data.loader=memory needs one process: with '
                      'several, every process must see the same file list; use '
@@ -496,8 +501,7 @@ def _load_folder_shard(data_config, root, train_list, test_list, classes, proces
                      'the unreadable files')
   size = storage_size(data_config)
   (train_files, train_labels), (test_files, test_labels) = train_list, test_list
-  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
-                                                        process_index, process_count)
+  own_train, own_val, own_test = own
   parts = {}
   for split, files, labels, wanted in (
       (data_config.train_split, train_files, train_labels, (own_train, own_val)),
@@ -509,7 +513,8 @@ def _load_folder_shard(data_config, root, train_list, test_list, classes, proces
     local = Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
   (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
-  return Dataset(train, val, test, classes, process_count, process_index, process_count, sizes)
+  return Dataset(train, val, test, classes, num_data_shards(data_config, process_count),
+                 process_index, process_count, sizes)
 
 
 def _own_examples(train_labels, num_test: int, data_config, process_index: int,
