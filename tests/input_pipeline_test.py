@@ -248,3 +248,21 @@ def test_split_without_images_is_an_error(tmp_path, layout, message):
   _folder(tmp_path, layout)
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     input_pipeline.load_dataset(_data_config(tmp_path))
+
+
+def test_memory_loader_decodes_only_the_images_the_run_holds(image_folder, tmp_path, monkeypatch):
+  """A capped run on a large folder decodes its few images, not the folder (and auto
+  decides on them)."""
+  config = tiny_config('supervised', tmp_path, image_folder,
+                       **{'data.max_train_images': 5, 'data.max_eval_images': 4})
+  decoded = []
+  real = input_pipeline.decode_files
+  monkeypatch.setattr(input_pipeline, 'decode_files',
+                      lambda files, *args, **kw: decoded.append(len(files)) or real(files, *args, **kw))
+  dataset = input_pipeline.load_dataset(config.data)
+  assert decoded == [5 + 4, 4] and dataset.loader == 'memory'   # train + val rows, test rows
+  assert dataset.loader_reason.startswith('auto: 13 images at 16 px')
+  files, labels, _ = image_files.list_folder_split(image_folder, 'train')
+  train_idx, _, _ = input_pipeline.select_examples(labels, 24, config.data)
+  np.testing.assert_array_equal(
+      dataset.train.images, np.stack([image_files.decode_image(files[i], 16) for i in train_idx]))
