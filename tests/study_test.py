@@ -1,4 +1,5 @@
 """The study: its plan, skip/resume/failure handling (fake training), and one tiny real study."""
+import glob
 import os
 import shutil
 
@@ -252,6 +253,25 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path, monke
   assert rows[old]['status'] == 'stale' and 'freeze_bn' in rows[old]['error']
   assert 'delete that folder' in rows[old]['error']
   assert {r['status'] for w, r in rows.items() if w != old} == {'finished'}
+
+
+def test_a_run_from_before_the_streaming_loader_has_the_planned_settings(tmp_path, monkeypatch):
+  # data.loader, data.workers, data.data_dir and checkpoint_every_steps do not change what a
+  # run learns: runs trained before they existed (config.json without them) stay finished.
+  from rotjax.study import sweep
+  config = _config(tmp_path)
+  _run(config, FakeTrain(), monkeypatch)
+  run_configs = [sweep.run_config(config, run) for run in sweep.plan(config)]
+  for rc in run_configs:
+    saved = rundir.read(rc.workdir, rundir.CONFIG)
+    del saved['checkpoint_every_steps']
+    for key in ('loader', 'workers', 'data_dir'):
+      del saved['data'][key]
+    rundir.write(rc.workdir, rundir.CONFIG, saved)
+  assert [runner.changed_settings(rc) for rc in run_configs] == [[]] * len(run_configs)
+  saved['data']['samples_per_class'] = 7   # a result setting still counts
+  rundir.write(rc.workdir, rundir.CONFIG, saved)
+  assert runner.changed_settings(rc) == ['data.samples_per_class']
 
 
 PRETEXT = 'cifar10-resnet18-rot4-ls0.1-spcall-seed0/1_pretext'

@@ -32,8 +32,11 @@ class DatasetCache:
 # Settings that do not change what a run learns: where it lives and how it logs. init_from
 # is a path (the study folder may move): what a run loaded is checked by source_change.
 # data.source is a result setting: tfds:cifar10 and the JPEG folder copy differ in pixels.
+# The data loader, its worker count and the checkpoints inside epochs give the same batches
+# and numbers (tests/streaming_test.py), and data_dir is where tfds keeps data.source.
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
-                        'distributed', 'data.cache_dir', 'compile_cache')
+                        'distributed', 'data.cache_dir', 'compile_cache', 'data.loader',
+                        'data.workers', 'data.data_dir', 'checkpoint_every_steps')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
