@@ -179,7 +179,9 @@ class _Ring:
     from multiprocessing import shared_memory
     self.slots, self.shape = slots, tuple(shape)
     self.slot_bytes = int(np.prod(shape))
-    self.shm = shared_memory.SharedMemory(create=True, size=8 + slots * self.slot_bytes)
+    size = 8 + slots * self.slot_bytes
+    _check_shared_memory(size, slots)
+    self.shm = shared_memory.SharedMemory(create=True, size=size)
     self.name = self.shm.name
     self.consumed = np.ndarray((1,), np.int64, self.shm.buf)
 
@@ -191,6 +193,21 @@ class _Ring:
     del self.consumed
     self.shm.close()
     self.shm.unlink()
+
+
+def _check_shared_memory(size: int, slots: int, folder: str = '/dev/shm') -> None:
+  """The ring lives in /dev/shm; a block larger than its free space would not fail here but
+  kill a worker (SIGBUS) when it writes past the limit. Docker gives containers 64 MiB."""
+  try:
+    stat = os.statvfs(folder)
+  except OSError:
+    return   # not Linux: multiprocessing.shared_memory knows its own limits
+  free = stat.f_bavail * stat.f_frsize
+  if size > free:
+    raise MemoryError(
+        f'data.loader=stream needs {size / 2**20:.0f} MiB of shared memory for {slots} batches '
+        f'in flight and {folder} has {free / 2**20:.0f} MiB free: lower data.workers or '
+        'batch_size, enlarge it (docker run --shm-size=8g), or use data.loader=memory')
 
 
 _attached = {}   # in a worker: ring name -> (SharedMemory, consumed counter)
@@ -263,7 +280,8 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   ring = None
   if workers:
     shape = (len(plan[start]['rows']), split.size, split.size, 3)
-    ring = _Ring(workers * (PER_WORKER_BUFFER + 1) + 1, shape)
+    # Each worker: the batch it decodes and one decoded ahead; more would only wait.
+    ring = _Ring(workers * PER_WORKER_BUFFER + 1, shape)
     ring.consumed[0] = start
     decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
   else:

@@ -310,3 +310,11 @@ def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(tmp_path, mo
     input_pipeline.decode_files(files, labels, 8, workers=2)
   images, kept = input_pipeline.decode_files(files, labels, 8, skip_bad_files=True, workers=2)
   assert len(images) == len(kept) == 8
+
+
+def test_too_little_shared_memory_is_a_named_error_before_any_worker(tmp_path, monkeypatch):
+  # A container's /dev/shm with 64 KiB free (Docker's default is 64 MiB).
+  monkeypatch.setattr(os, 'statvfs',
+                      lambda path: os.statvfs_result((4096, 4096, 16, 16, 16, 0, 0, 0, 0, 255)))
+  with pytest.raises(MemoryError, match=r'needs \d+ MiB of shared memory .* /dev/shm has 0 MiB'):
+    streaming._check_shared_memory(2**30, 5)
