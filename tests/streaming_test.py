@@ -318,3 +318,37 @@ def test_too_little_shared_memory_is_a_named_error_before_any_worker(tmp_path, m
                       lambda path: os.statvfs_result((4096, 4096, 16, 16, 16, 0, 0, 0, 0, 255)))
   with pytest.raises(MemoryError, match=r'needs \d+ MiB of shared memory .* /dev/shm has 0 MiB'):
     streaming._check_shared_memory(2**30, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only('two processes on localhost with Gloo CPU collectives')
+def test_two_processes_each_streaming_its_shard_train_as_one(image_folder, tmp_path):
+  """Two processes (one device each, Gloo), each streaming only its data shard's files, end
+  with the metrics of one process holding both shards on two devices (the multi-host test's
+  check, for data.loader=stream; the sums' order across processes moves the last digits)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  settings = {'num_epochs': 2, 'data.loader': 'stream', 'data.workers': 1, 'data.num_shards': 2}
+
+  def start(workdir, devices, *extra):
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    return subprocess.Popen([sys.executable, '-m', 'rotjax.main', *testing.tiny_flags(
+        'supervised', workdir, image_folder, **settings), *extra], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  procs = [start(tmp_path / 'one', 2)] + [
+      start(tmp_path / 'two', 1, f'--config.distributed.coordinator_address=localhost:{port}',
+            '--config.distributed.num_processes=2', f'--config.distributed.process_id={p}')
+      for p in (0, 1)]
+  for proc in procs:
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+  one, two = _rows(tmp_path / 'one'), _rows(tmp_path / 'two')
+  assert len(one) == len(two) == 2
+  for a, b in zip(one, two):
+    for key in a:
+      if key in ('dtype', 'conv', 'epoch', 'step'):
+        assert a[key] == b[key], key
+      else:
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
