@@ -27,9 +27,13 @@ with, so this preset names SGD (configs are data: --config.optim.name=adam to co
 Epochs: pretext 30 (RotNet's ImageNet schedule is of that order), fine-tune 30,
 supervised 90.
 
-Time on one H200 (ResNet18, bf16, ~3,000 img/s if the host decodes as fast: 16 cores at
-~190 JPEGs/s each, scripts/benchmark.py --data): an ImageNet-1k epoch ~7 min, the five
-stages ~24 h; on ImageNet-100 (126k images) ~2.4 h. Presets after the stage: `resnet50`,
+Time: not measured on a GPU (none was lent while this was written). The work is about 330
+epoch-equivalents of ImageNet (the pretext's 30 epochs see 4 rotations of every image;
+fine-tuning layer4+fc costs roughly half an epoch's backward): at R images/s, 330 x 1.28M / R
+seconds (ImageNet-100: a tenth). The host must decode as fast as the device trains: the
+streaming loader decoded generated 160-500 px JPEGs at ~500 images/s per core on a 2-core
+Zen 5 (scripts/benchmark.py --data --folder; real ImageNet JPEGs are larger and decode
+slower), so a 16-core host feeds a few thousand images/s. Presets after the stage: `resnet50`,
 `in100` (the first 100 classes' folder; only the class count changes: the folder says it).
 """
 from configs import common
