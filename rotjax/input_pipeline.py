@@ -179,12 +179,11 @@ def _decode_in_threads(split):
   keep = np.ones(len(split), bool)
 
   def read(i):
-    try:
-      images[i] = image_files.read_image(split.files[i], split.size)
-    except image_files.BadImageError:
-      if not split.skip_bad_files:
-        raise
+    image = split.read(i)
+    if image is None:
       images[i], keep[i] = 0, False
+    else:
+      images[i] = image
   with concurrent.futures.ThreadPoolExecutor(split.workers or streaming.available_cores()) as pool:
     list(pool.map(read, range(len(split)), chunksize=64))
   if not keep.all():

@@ -112,8 +112,8 @@ def commit_epoch(checkpoints, log, step: int, state, is_best: bool, row: dict) -
 def save_partial_epoch(checkpoints, step: int, state, *, epoch: int, steps_done: int,
                        steps_per_epoch: int, data: dict, step_metrics: list[dict]) -> None:
   """A checkpoint inside an epoch (checkpoint_every_steps): the state after `steps_done` of
-  its steps, with the data loader's state (`data`: what fixes its batches, and the next
-  step) and the epoch's step metrics so far, so that a resumed run trains the epoch's
+  its steps, with the data loader's state (its position, epoch and steps_done, and `data`:
+  what fixes the epoch's batches) and the epoch's step metrics so far, so that a resumed run trains the epoch's
   remaining batches and writes the very metrics row an uninterrupted run would. No row
   goes to metrics.jsonl: the epoch is not finished."""
   checkpoints.save(step, state, False, partial_epoch={

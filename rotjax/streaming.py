@@ -90,6 +90,16 @@ class FileSplit:
     return dataclasses.replace(self, files=[self.files[i] for i in indices],
                                labels=self.labels[indices])
 
+  def read(self, row: int) -> np.ndarray | None:
+    """Row `row` decoded to a uint8 square; None where the file is unreadable and
+    skip_bad_files (else the BadImageError naming it). Both loaders decode through here."""
+    try:
+      return (self.reader or image_files.read_image)(self.files[row], self.size)
+    except image_files.BadImageError:
+      if not self.skip_bad_files:
+        raise
+      return None
+
   def gather(self, plan: dict, out: np.ndarray | None = None) -> dict:
     """One batch of `plan` (rows: indices into this split, -1 = padding), decoded here
     (into `out` where given: a slot of the workers' shared ring).
@@ -108,12 +118,11 @@ class FileSplit:
         if out is not None:
           images[j] = 0   # a reused buffer holds an earlier batch's pixels
         continue
-      try:
-        images[j] = (self.reader or image_files.read_image)(self.files[row], self.size)
-      except image_files.BadImageError:
-        if not self.skip_bad_files:
-          raise
+      image = self.read(row)
+      if image is None:
         bad.append(j)
+      else:
+        images[j] = image
     if bad:
       good = np.flatnonzero((rows >= 0) & ~np.isin(np.arange(len(rows)), bad))
       for j in bad:

@@ -387,8 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
           rundir.save_partial_epoch(
               ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
               steps_done=step_in_epoch, steps_per_epoch=steps_per_epoch,
-              data={**data_state, 'loader': dataset.loader, 'epoch': epoch,
-                    'next_step': step_in_epoch}, step_metrics=epoch_metrics)
+              data={**data_state, 'loader': dataset.loader}, step_metrics=epoch_metrics)
       train_time = time.time() - t0
       val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
                      num_local_devices, eval_rng)

@@ -263,7 +263,7 @@ def test_sigkill_inside_an_epoch_resumes_to_the_unbroken_runs_metrics(image_fold
 def test_a_resume_inside_an_epoch_refuses_other_batches():
   saved = {'epoch': 2, 'steps_done': 3, 'steps_per_epoch': 7,
            'data': {'seed': 0, 'num_shards': 1, 'train_images': 54, 'batch_size': 8,
-                    'loader': 'stream', 'next_step': 3}}
+                    'loader': 'stream'}}
   now = {'seed': 0, 'num_shards': 1, 'train_images': 54, 'batch_size': 8}
   rundir._check_partial_epoch(saved, 7, now, '/w')   # the loader may differ: same batches
   with pytest.raises(ValueError, match='seed 0 then, 1 now'):

@@ -1,5 +1,4 @@
 """The study: its plan, skip/resume/failure handling (fake training), and one tiny real study."""
-import glob
 import os
 import shutil
 
