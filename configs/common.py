@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 64              # channels of layer1; 16 makes a fast CPU model
   config.model.dtype = 'auto'          # compute: auto (= bfloat16, params stay fp32) | float32 | bfloat16
   config.model.conv = 'auto'           # auto (= oneDNN on CPU where it builds, else XLA) | xla | onednn
+  config.model.norm = 'auto'           # training BatchNorm(+ReLU): auto (= oneDNN where the convolutions are) | xla | onednn
   config.model.sync_bn = True          # BatchNorm statistics over the global batch
 
   config.data = ml_collections.ConfigDict()

@@ -15,20 +15,27 @@ import numpy as np
 from rotjax import models
 from rotjax import rundir
 from rotjax.cpu import hardware
-from rotjax.cpu import onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_conv
 
 
 
 def _runnable_conv(config) -> None:
-  """A run trained with model.conv=onednn still predicts where oneDNN can't run (a GPU,
-  a CPU without the dtype's kernels): its weights do not depend on the convolution code."""
-  if config.model.get('conv', 'auto') != 'onednn':
-    return
-  try:
-    onednn_conv.uses_onednn('onednn', hardware.compute_dtype(config.model.dtype))
-  except onednn_conv.OneDNNConvError as e:
-    logging.warning('%s; predicting with model.conv=auto instead', e)
-    config.model.conv = 'auto'
+  """A run trained with model.conv=onednn (or model.norm=onednn) still predicts where
+  oneDNN can't run (a GPU, a CPU without the dtype's kernels): its weights do not depend
+  on the kernels' code."""
+  dtype = hardware.compute_dtype(config.model.dtype)
+  if config.model.get('conv', 'auto') == 'onednn':
+    try:
+      onednn_conv.uses_onednn('onednn', dtype)
+    except onednn_conv.OneDNNConvError as e:
+      logging.warning('%s; predicting with model.conv=auto instead', e)
+      config.model.conv = 'auto'
+  if config.model.get('norm', 'auto') == 'onednn':
+    try:
+      onednn_batchnorm.uses_onednn('onednn', config.model.conv, dtype)
+    except onednn_batchnorm.OneDNNNormError as e:
+      logging.warning('%s; predicting with model.norm=auto instead', e)
+      config.model.norm = 'auto'
 
 
 class RotjaxModel:

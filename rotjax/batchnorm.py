@@ -14,9 +14,12 @@ shows what it does to the whole step). `_backward` computes the standard closed
 form, dx = scale/sigma * (g - mean(g) - xhat * mean(g * xhat)), from the saved
 input in two reductions and one elementwise pass, and stores only the result, in
 the input's dtype.
+
+On the CPU, `BatchNorm` hands its training-mode work to oneDNN where it can
+(rotjax/cpu/onednn_batchnorm.py: model.norm), the ReLU after it fused in.
 """
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -97,9 +100,17 @@ def pooled_moments(mean, var, axis_name):
   return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
+def _one_device(axis_name) -> bool:
+  """Whether statistics over `axis_name` are this device's own (no name, or one device)."""
+  return axis_name is None or lax.axis_size(axis_name) == 1
+
+
 class BatchNorm(nn.Module):
   """flax.linen.BatchNorm (channels last, scale and bias) with `batch_norm`'s gradient.
 
+  `relu`: the ReLU that follows it, applied here, so that a oneDNN BatchNorm
+  (`onednn`, from onednn_batchnorm.resolve) can fuse it; it runs a training
+  BatchNorm whose statistics are this device's own, and declines others.
   `stats_axis_name` (used when `axis_name` is None: per-device normalisation, as with
   model.sync_bn=False) pools the running statistics' update over that axis, so every
   device keeps the statistics of the global batch (pooled_moments).
@@ -110,6 +121,8 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   stats_axis_name: str | None = None
+  relu: bool = False
+  onednn: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -118,12 +131,22 @@ class BatchNorm(nn.Module):
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    activation = nn.relu if self.relu else (lambda y: y)
     if self.use_running_average:
-      return _normalize(x, running_mean.value, lax.rsqrt(running_var.value + self.epsilon),
-                        scale, bias, self.dtype)
+      return activation(_normalize(x, running_mean.value,
+                                   lax.rsqrt(running_var.value + self.epsilon), scale, bias,
+                                   self.dtype))
     # Like flax, no cross-device mean while initialising (init runs outside pmap).
     axis_name = None if self.is_initializing() else self.axis_name
-    y, mean, var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.dtype)
+    fused = None
+    if (self.onednn is not None and _one_device(axis_name)
+        and jnp.dtype(self.dtype or x.dtype) == x.dtype):
+      fused = self.onednn(x, scale, bias, self.epsilon, self.relu)
+    if fused is not None:
+      y, mean, var = fused
+    else:
+      y, mean, var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.dtype)
+      y = activation(y)
     if not self.is_initializing():
       if axis_name is None and self.stats_axis_name is not None:
         mean, var = pooled_moments(mean, var, self.stats_axis_name)

@@ -12,7 +12,7 @@ from rotjax import preprocess
 from rotjax import rotation
 from rotjax import rundir
 from rotjax.cpu import hardware
-from rotjax.cpu import onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
 FREEZE_BN = ('batch', 'running', 'reestimated')
@@ -40,6 +40,10 @@ def check_config(config) -> None:
   onednn_conv.check_impl(conv)
   if conv == 'onednn':   # insisting on oneDNN where it cannot run is an OneDNNConvError saying why
     onednn_conv.uses_onednn(conv, hardware.compute_dtype(config.model.dtype))
+  norm = config.model.get('norm', 'auto')
+  onednn_batchnorm.check_impl(norm)
+  if norm == 'onednn':   # likewise an OneDNNNormError
+    onednn_batchnorm.uses_onednn(norm, conv, hardware.compute_dtype(config.model.dtype))
   _require(config.data.dataset in input_pipeline.DATASETS,
            f'data.dataset={config.data.dataset!r} is unknown; allowed: {input_pipeline.DATASETS}')
   kind, path = input_pipeline.parse_source(config.data.source)
@@ -108,6 +112,7 @@ def _check_trainable(config) -> None:
   oneDNN, and a convolution model.conv=onednn cannot run fails here, before training."""
   model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
                               stem=config.model.stem, conv_impl=config.model.get('conv', 'auto'),
+                              norm_impl=config.model.get('norm', 'auto'),
                               dtype=hardware.compute_dtype(config.model.dtype))
   size = config.data.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rotjax import batchnorm
-from rotjax.cpu import onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_conv
 
 STEMS = ('cifar', 'imagenet')
 
@@ -37,14 +37,16 @@ class _Block(nn.Module):
   stats_axis_name: str | None = None
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'    # onednn_conv.IMPLS: 'auto' runs CPU convolutions on oneDNN
+  norm_impl: str = 'auto'    # onednn_batchnorm.IMPLS: 'auto' follows conv_impl
 
-  def norm(self, name, train):
+  def norm(self, name, train, relu=False):
     # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
-    # statistics synced over `axis_name` otherwise.
+    # statistics synced over `axis_name` otherwise. `relu`: the ReLU after it (fused on oneDNN).
     frozen = not train or is_frozen('/'.join((*self.path, name)), self.frozen)
     return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,
+        relu=relu, onednn=onednn_batchnorm.resolve(self.norm_impl, self.conv_impl, self.dtype),
         name=name)
 
   def conv(self, features, kernel, strides=1, name=None):
@@ -63,7 +65,7 @@ class BasicBlock(_Block):
   def __call__(self, x, train):
     residual = x
     y = self.conv(self.features, 3, self.strides, name='conv1')(x)
-    y = nn.relu(self.norm('bn1', train)(y))
+    y = self.norm('bn1', train, relu=True)(y)
     y = self.conv(self.features, 3, name='conv2')(y)
     y = self.norm('bn2', train)(y)
     if residual.shape != y.shape:
@@ -80,9 +82,9 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x, train):
     residual = x
-    y = nn.relu(self.norm('bn1', train)(self.conv(self.features, 1, name='conv1')(x)))
+    y = self.norm('bn1', train, relu=True)(self.conv(self.features, 1, name='conv1')(x))
     y = self.conv(self.features, 3, self.strides, name='conv2')(y)
-    y = nn.relu(self.norm('bn2', train)(y))
+    y = self.norm('bn2', train, relu=True)(y)
     y = self.norm('bn3', train)(self.conv(self.features * 4, 1, name='conv3')(y))
     if residual.shape != y.shape:
       residual = self.conv(self.features * 4, 1, self.strides, name='downsample_conv')(residual)
@@ -103,7 +105,7 @@ class ResLayer(_Block):
       x = self.block(features=self.features, strides=self.strides if i == 0 else 1,
                      frozen=self.frozen, axis_name=self.axis_name,
                      stats_axis_name=self.stats_axis_name, dtype=self.dtype,
-                     conv_impl=self.conv_impl, name=str(i))(x, train)
+                     conv_impl=self.conv_impl, norm_impl=self.norm_impl, name=str(i))(x, train)
     return x
 
 
@@ -123,17 +125,18 @@ class ResNet(_Block):
     x = x.astype(self.dtype)
     if self.stem == 'cifar':   # 32x32 inputs: 3x3 stride 1, no max-pool.
       x = self.conv(self.width, 3, name='conv1')(x)
-      x = nn.relu(self.norm('bn1', train)(x))
+      x = self.norm('bn1', train, relu=True)(x)
     else:                      # ImageNet: 7x7 stride 2, then 3x3/2 max-pool.
       x = self.conv(self.width, 7, 2, name='conv1')(x)
-      x = nn.relu(self.norm('bn1', train)(x))
+      x = self.norm('bn1', train, relu=True)(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     feats = {'stem': x}
     for i, num_blocks in enumerate(self.stage_sizes):
       name = f'layer{i + 1}'
       x = ResLayer(block=self.block, features=self.width * 2 ** i, num_blocks=num_blocks,
                    strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
-                   stats_axis_name=self.stats_axis_name, dtype=self.dtype, conv_impl=self.conv_impl, name=name)(x, train)
+                   stats_axis_name=self.stats_axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
+                   norm_impl=self.norm_impl, name=name)(x, train)
       feats[name] = x
     # Pooled and classified in float32: bf16 logits would round the loss and the argmax.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

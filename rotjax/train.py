@@ -183,7 +183,7 @@ def build_model(config, num_classes: int, frozen=()):
       config.model.name, num_classes=num_classes, width=config.model.width,
       stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
       axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
-      conv_impl=config.model.get('conv', 'auto'))
+      conv_impl=config.model.get('conv', 'auto'), norm_impl=config.model.get('norm', 'auto'))
 
 
 def init_variables(model, rng, image_size: int):
@@ -401,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
              'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
              'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
              # Each epoch's own: an explicit override on resume may differ from run_info's.
-             'dtype': compute['dtype'], 'conv': compute['conv']}
+             'dtype': compute['dtype'], 'conv': compute['conv'], 'norm': compute['norm']}
       is_best = val['accuracy'] > best_val
       best_val = max(best_val, val['accuracy'])
       rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
@@ -453,7 +453,8 @@ def _check_finite(fetched, epoch, step):
 
 def _pin_compute(config, workdir: str, resuming: bool):
   """(config, first start's compute record): a resumed run's config with model.dtype and
-  model.conv those its first start resolved (hardware.resumed_compute), or config and None
+  model.conv those its first start resolved (hardware.resumed_compute; model.norm=auto
+  follows model.conv), or config and None
   on a first start (or a run from before run_info.json recorded them)."""
   info = rundir.read(workdir, rundir.RUN_INFO, {}) if resuming else {}
   recorded = info.get('compute')
@@ -462,6 +463,9 @@ def _pin_compute(config, workdir: str, resuming: bool):
   dtype, conv = hardware.resumed_compute(config.model, recorded)
   pinned = copy.deepcopy(config)
   pinned.model.dtype, pinned.model.conv = dtype, conv
+  if 'norm' not in recorded and config.model.get('norm', 'auto') == 'auto':
+    # Started before training BatchNorm could run on oneDNN: it goes on with XLA's.
+    pinned.model.norm = 'xla'
   return pinned, recorded
 
 

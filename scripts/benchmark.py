@@ -7,8 +7,9 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
   python scripts/benchmark.py --data          # the input pipeline: scripts/data_benchmark.py
 
 Both convolution paths (oneDNN, XLA) run in both dtypes, plus the default
-(`model.dtype=auto`, `model.conv=auto`: what this machine chooses, hardware.py), so
-the table shows whether `auto` picked the fastest path here. The header names the
+(`model.dtype=auto`, `model.conv=auto`, `model.norm=auto`: what this machine chooses,
+hardware.py) and the default with XLA's BatchNorm, so the table shows whether `auto`
+picked the fastest path here. The header names the
 CPU, its ISA class (avx2 / avx512 / avx512_bf16 / amx) and oneDNN's version.
 
 Every configuration runs in its own child process (XLA flags are fixed when a
@@ -67,6 +68,7 @@ def rotjax_worker(opts):
   config = supervised.get_config()
   config.model.width, config.model.dtype = opts['width'], opts.get('dtype', 'auto')
   config.model.conv = opts.get('conv', 'auto')
+  config.model.norm = opts.get('norm', 'auto')
   compute = hardware.describe(config.model)
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
@@ -218,6 +220,8 @@ def configurations(quick: bool, has_torch: bool):
       ('rotjax fp32, XLA convolutions', 'rotjax', {'dtype': 'float32', 'conv': 'xla'}, {}),
       ('rotjax bf16, oneDNN convolutions', 'rotjax', {'dtype': 'bfloat16', 'conv': 'onednn'}, {}),
       ('rotjax bf16, XLA convolutions', 'rotjax', {'dtype': 'bfloat16', 'conv': 'xla'}, {}),
+      # The default with training BatchNorm(+ReLU) on XLA instead of oneDNN (model.norm).
+      ('rotjax default, XLA BatchNorm', 'rotjax', {'dtype': 'auto', 'conv': 'auto', 'norm': 'xla'}, {}),
   ]
   if not quick:
     rows += [

@@ -69,4 +69,7 @@ def test_the_wheel_holds_every_package_and_the_cpp_source(tmp_path):
               if any(f.endswith('.py') for f in files)}
   for package in packages:
     assert f'{package}/__init__.py' in names, package
-  assert 'rotjax/cpu/csrc/onednn_conv.cc' in names and 'configs/study.py' in names
+  from rotjax.cpu import onednn_build
+  for source in onednn_build.SOURCES + onednn_build.HEADERS:
+    assert os.path.relpath(source, ROOT) in names, source
+  assert 'configs/study.py' in names

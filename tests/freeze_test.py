@@ -86,13 +86,14 @@ def test_frozen_bn_normalises_with_batch_statistics_by_default(make_config, tmp_
     config.freeze_bn = freeze_bn
     state, _, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    # bn1 of the stem, before its ReLU: captured from the frozen BatchNorm module itself.
+    # layer1's first bn2 (no ReLU of its own: the stem's bn1 applies one, on oneDNN fused
+    # into it), captured from the frozen BatchNorm module itself.
     apply = jax.pmap(lambda v, x: state.apply_fn(
         v, x, train=True, mutable=['batch_stats', 'intermediates'],
-        capture_intermediates=lambda m, _: m.name == 'bn1' and len(m.path) == 1)[1],
+        capture_intermediates=lambda m, _: m.path == ('layer1', '0', 'bn2'))[1],
         axis_name='batch', devices=jax.local_devices()[:1])
     inter = apply(jax.tree.map(lambda x: x[None], variables), images[None])
-    out = np.asarray(inter['intermediates']['bn1']['__call__'][0][0])
+    out = np.asarray(inter['intermediates']['layer1']['0']['bn2']['__call__'][0][0])
     moments[freeze_bn] = (np.abs(out.mean((0, 1, 2))).max(), out.var((0, 1, 2)).mean())
   assert moments['batch'][0] < 1e-3 and abs(moments['batch'][1] - 1) < 0.05, moments
   assert moments['running'][0] > 0.05, moments   # the raw conv output: not centred

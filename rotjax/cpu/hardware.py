@@ -11,7 +11,8 @@ The rule, from scripts/benchmark.py on each CPU class (README, Performance):
   AVX512-BF16 or AMX, where oneDNN's bf16 convolutions ran 1.6x its fp32 ones;
 - float32 elsewhere (AVX2-only or AVX-512 without BF16), where bf16 is emulated;
 - convolutions on oneDNN wherever it has optimized kernels for that dtype
-  (onednn_conv.uses_onednn), XLA's own otherwise.
+  (onednn_conv.uses_onednn), XLA's own otherwise; training BatchNorms with them
+  (`model.norm=auto`, onednn_batchnorm.uses_onednn).
 
 The CPU's class comes from isa.py (`ONEDNN_MAX_CPU_ISA` caps it, for the tests of the
 lesser paths); whether oneDNN takes a dtype here from onednn_conv.uses_onednn.
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax.cpu import onednn_build
-from rotjax.cpu import onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_conv
 from rotjax.cpu.isa import NATIVE_BF16_CLASSES, cpu_flags, cpu_model, isa_class
 
 DTYPES = ('auto', 'float32', 'bfloat16')
@@ -86,16 +87,19 @@ def describe(model_config) -> dict:
   dtype = compute_dtype(model_config.dtype)
   conv = model_config.get('conv', 'auto')
   on_onednn, conv_reason = onednn_conv.uses_onednn(conv, dtype)
+  norm_on_onednn, norm_reason = onednn_batchnorm.uses_onednn(model_config.get('norm', 'auto'),
+                                                             conv, dtype)
   info = {'backend': jax.default_backend(),
           'device_kind': jax.devices()[0].device_kind,
           'dtype': dtype.name, 'dtype_reason': _dtype_reason(model_config.dtype),
-          'conv': 'onednn' if on_onednn else 'xla', 'conv_reason': conv_reason}
+          'conv': 'onednn' if on_onednn else 'xla', 'conv_reason': conv_reason,
+          'norm': 'onednn' if norm_on_onednn else 'xla', 'norm_reason': norm_reason}
   if info['backend'] == 'cpu':
     flags = cpu_flags()
     info.update(cpu=cpu_model(), cpu_isa_class=isa_class(),
                 cpu_flags=sorted(f for f in flags if f.startswith(('avx', 'amx', 'fma'))),
                 onednn_max_cpu_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''))
-    if conv != 'xla':
+    if on_onednn or norm_on_onednn or conv != 'xla':
       info.update(onednn_version=onednn_build.version(), onednn_source=onednn_build.source(),
                   onednn_found=[f'{i.source} {i.version}' for i in onednn_build.installations()],
                   onednn_dtypes=list(onednn_build.supported_dtypes()),
@@ -114,7 +118,8 @@ def summary_line(info: dict) -> str:
              f'{info["onednn_dtypes"] or "none"}')
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
   return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '
-          f'convolutions on {info["conv"]} [{info["conv_reason"]}]{extra}')
+          f'convolutions on {info["conv"]} [{info["conv_reason"]}], training BatchNorm on '
+          f'{info.get("norm", "xla")}{extra}')
 
 
 def resumed_compute(model_config, recorded: dict) -> tuple[str, str]:

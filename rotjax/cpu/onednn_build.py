@@ -1,6 +1,6 @@
-"""oneDNN for the CPU convolutions: find it, compile rotjax's C++ side against it, load it.
+"""oneDNN for the CPU convolutions and BatchNorms: find it, compile rotjax's C++ side against it, load it.
 
-The C++ side (csrc/onednn_conv.cc) is compiled on first use into
+The C++ side (csrc/onednn_conv.cc, csrc/onednn_batchnorm.cc) is compiled on first use into
 ~/.cache/rotjax/onednn/ (about 10 s), which needs a C++ compiler and oneDNN's headers
 and library: pip's oneDNN 3.2 (pyproject.toml) or the system's (Debian: `apt-get
 install libdnnl-dev`), in the order `preferred` gives for this CPU's class. Where none
@@ -9,7 +9,8 @@ builds, `load` says why and the callers (onednn_conv.uses_onednn) fall back to X
 What oneDNN can do depends on the CPU: bfloat16 kernels exist only with AVX512-BF16
 or AMX, and `ONEDNN_MAX_CPU_ISA` lowers what it uses. So nothing is assumed: each
 convolution is prepared once (`prepare`), which builds its three primitives and says
-how (`Status`), and each dtype is probed on a small one (`supported_dtypes`).
+how (`Status`), and each dtype is probed on a small one (`supported_dtypes`); each
+BatchNorm likewise (`prepare_batchnorm`).
 `ROTJAX_ONEDNN=0` turns oneDNN off.
 """
 import ctypes
@@ -31,10 +32,14 @@ import jax
 
 from rotjax.cpu import isa
 
-SOURCE = Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
+CSRC = Path(__file__).parent / 'csrc'
+SOURCES = (CSRC / 'onednn_conv.cc', CSRC / 'onednn_batchnorm.cc')
+HEADERS = (CSRC / 'onednn_common.h',)
 MIN_VERSION = (2, 0)   # the C++ side speaks the 2.x and 3.x APIs
 TARGETS = {'forward': 'RotjaxConvForward', 'backward_data': 'RotjaxConvBackwardData',
-           'backward_weights': 'RotjaxConvBackwardWeights'}
+           'backward_weights': 'RotjaxConvBackwardWeights',
+           'batchnorm_forward': 'RotjaxBatchNormForward',
+           'batchnorm_backward': 'RotjaxBatchNormBackward'}
 DTYPE_CODES = {'float32': 0, 'bfloat16': 1}
 # The probe convolution: a ResNet 3x3 layer, small enough to build in milliseconds.
 _PROBE = dict(n=4, h=8, w=8, c=16, o=16, kernel=3, stride=1, pad=1)
@@ -51,6 +56,7 @@ class Status(enum.IntEnum):
 _lock = threading.Lock()
 _state = {}   # 'ok': bool, 'error': str, 'lib', 'version', once the library was built or failed to
 _prepared = {}   # (geometry, dtype) -> (Status, info) from RotjaxConvPrepare
+_prepared_norms = {}   # (shape, dtype, relu, epsilon) -> (Status, info, workspace bytes)
 
 
 def cache_dir() -> Path:
@@ -124,7 +130,8 @@ def preferred(found: list, isa_class: str) -> list:
 def _library_path(inst: Installation) -> Path:
   # Keyed on everything the binary depends on: our source, the FFI headers' jaxlib, and
   # the oneDNN it is built against (an upgraded libdnnl-dev gets a fresh build).
-  key = hashlib.sha256(SOURCE.read_bytes() + importlib.metadata.version('jaxlib').encode()
+  key = hashlib.sha256(b''.join(f.read_bytes() for f in SOURCES + HEADERS)
+                       + importlib.metadata.version('jaxlib').encode()
                        + f'{inst.source}:{inst.include}:{inst.version}'.encode())
   return cache_dir() / f'librotjax_onednn_{key.hexdigest()[:16]}.so'
 
@@ -138,7 +145,7 @@ def _compile(target: Path, inst: Installation) -> None:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
   cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{inst.include}',
-         f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp]
+         f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', tmp]
   if inst.lib_dir:   # its own library, found again at run time through the rpath
     cmd += [f'-L{inst.lib_dir}', f'-Wl,-rpath,{inst.lib_dir}']
   cmd += ['-ldnnl']
@@ -146,7 +153,7 @@ def _compile(target: Path, inst: Installation) -> None:
   if result.returncode != 0:
     os.unlink(tmp)
     detail = result.stderr.strip().splitlines()
-    raise RuntimeError(f'compiling {SOURCE.name} against oneDNN {inst.version} ({inst.source}) '
+    raise RuntimeError(f'compiling {" ".join(f.name for f in SOURCES)} against oneDNN {inst.version} ({inst.source}) '
                        f'failed ({" ".join(cmd[:1])}): ' + ' | '.join(detail[:3]))
   os.replace(tmp, target)
 
@@ -161,6 +168,11 @@ def _open(path: Path):
   lib.RotjaxConvPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                                     ctypes.c_char_p, ctypes.c_int64]
   lib.RotjaxConvPrepare.restype = ctypes.c_int
+  lib.RotjaxBatchNormPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_float,
+                                         ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
+                                         ctypes.c_int64]
+  lib.RotjaxBatchNormPrepare.restype = ctypes.c_int
 
   def text(fn):
     fn.argtypes = [ctypes.c_char_p, ctypes.c_int64]
@@ -181,7 +193,7 @@ def build_and_open(inst: Installation):
   """Compiles (once per machine) and opens the library built against `inst`."""
   path = _library_path(inst)
   if not path.exists():
-    logging.info('Compiling the oneDNN %s (%s) convolution kernels into %s', inst.version,
+    logging.info('Compiling the oneDNN %s (%s) kernels into %s', inst.version,
                  inst.source, path)
     _compile(path, inst)
   return _open(path)
@@ -254,6 +266,21 @@ def prepare(geometry: tuple, dtype: str) -> tuple[Status, str]:
                                              DTYPE_CODES[dtype], out, len(out))
     _prepared[key] = (Status(status), out.value.decode(errors='replace'))
   return _prepared[key]
+
+
+def prepare_batchnorm(shape, dtype: str, relu: bool, epsilon: float) -> tuple[Status, str, int]:
+  """(Status, info, workspace bytes) of one training-mode BatchNorm (+ ReLU) over an NHWC
+  `shape`, its forward and backward primitives built once per process (while tracing).
+  Status is OPTIMIZED, REFERENCE_ONLY or UNAVAILABLE; the workspace holds the ReLU's mask."""
+  key = (tuple(shape), dtype, bool(relu), float(epsilon))
+  if key not in _prepared_norms:
+    out = ctypes.create_string_buffer(1024)
+    workspace = ctypes.c_int64(0)
+    status = _state['lib'].RotjaxBatchNormPrepare((ctypes.c_int64 * 4)(*shape), DTYPE_CODES[dtype],
+                                                  int(relu), epsilon, ctypes.byref(workspace),
+                                                  out, len(out))
+    _prepared_norms[key] = (Status(status), out.value.decode(errors='replace'), workspace.value)
+  return _prepared_norms[key]
 
 
 def out_hw(x_shape, w_shape, strides, padding) -> list:

@@ -37,12 +37,16 @@ class OneDNNConvError(RuntimeError):
 
 @contextlib.contextmanager
 def named_errors():
-  """Re-raises a oneDNN failure inside a compiled step as OneDNNConvError (also a decorator)."""
+  """Re-raises a oneDNN failure inside a compiled step as OneDNNConvError or OneDNNNormError
+  (also a decorator)."""
   try:
     yield
   except jax.errors.JaxRuntimeError as e:
     if 'rotjax oneDNN conv' in str(e):
       raise OneDNNConvError(str(e)) from e
+    if 'rotjax oneDNN batch norm' in str(e):
+      from rotjax.cpu.onednn_batchnorm import OneDNNNormError   # (it imports this module)
+      raise OneDNNNormError(str(e)) from e
     raise
 
 

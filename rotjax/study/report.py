@@ -207,6 +207,9 @@ def settings_table(runs) -> str:
       # resume shows), else what `auto` resolved to at its start (run_info.json).
       ('dtype', _dtypes),
       ('convolutions', lambda r: r['run_info'].get('compute', {}).get('conv')),
+      # Runs from before model.norm recorded none: their BatchNorm ran on XLA.
+      ('BatchNorm', lambda r: r['run_info'].get('compute', {}).get('norm', 'xla')
+       if r['run_info'].get('compute') else None),
       ('image size', lambda r: r['config'].get('data', {}).get('image_size')),
       ('batch', lambda r: r['config'].get('batch_size')),
       ('optimizer', lambda r: '{name} lr {learning_rate:g}'.format(**r['config']['optim'])

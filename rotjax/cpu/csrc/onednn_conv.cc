@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
+#include "onednn_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,6 +26,8 @@ using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 
 namespace {
+
+using namespace rotjax_onednn;
 
 enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
@@ -39,11 +42,6 @@ struct Geometry {
                            static_cast<int>(dt));
   }
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 const char* KindName(int64_t kind) {
   return kind == kForward ? "forward" : kind == kBackwardData ? "backward-data" : "backward-weights";
@@ -61,17 +59,6 @@ std::string Describe(const Geometry& g, int64_t kind) {
                 (long long)g.sw, (long long)g.pt, (long long)g.pb, (long long)g.pl, (long long)g.pr,
                 g.dt == memory::data_type::bf16 ? "bfloat16" : "float32");
   return buf;
-}
-
-// Every primitive gets its scratchpad from us (scratchpad_mode::user). With oneDNN's default
-// ("library") the scratchpad of gemm-based convolutions lives in the creating thread's
-// thread-local storage; XLA runs custom calls on whichever pool thread is free, so a
-// primitive created on one thread and run on another read freed memory: the segmentation
-// fault of the fp32 backward-weights convolution under ONEDNN_MAX_CPU_ISA=AVX2 (issue 13).
-dnnl::primitive_attr Attr() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
 }
 
 memory::desc Md(memory::dims dims, memory::data_type dt, tag t) { return memory::desc(dims, dt, t); }
@@ -176,7 +163,7 @@ Prims Build(const Geometry& g, int64_t kind) {
     // fresh memory, under ONEDNN_MAX_CPU_ISA=AVX2 a width-4 ResNet's first train step came
     // out different from the same step run again (0.4% on its weights; oneDNN's blocked
     // layouts pad channels to the block, 8 with AVX2, and we suspect that padding); with
-    // it the step repeats bit for bit. The calls are serialized (run_mu), so one is enough.
+    // it the step repeats bit for bit. The calls are serialized (RunMutex), so one is enough.
     p.blocked = memory(p.weights_md, Engine());
     std::memset(p.blocked.get_data_handle(), 0, p.weights_md.get_size());
   }
@@ -191,36 +178,6 @@ const Prims& Cached(const Geometry& g, int64_t kind) {
   auto& slot = cache[g.key(kind)];
   if (!slot) slot = std::make_unique<Prims>(Build(g, kind));
   return *slot;
-}
-
-// One scratchpad for every call, grown to the largest asked for: the calls are serialized
-// (run_mu below), so they can share it.
-// Page-aligned, as oneDNN's own scratchpads are (its kernels may use aligned loads).
-void* Scratch(size_t bytes) {
-  static std::unique_ptr<void, decltype(&std::free)> buffer(nullptr, &std::free);
-  static size_t capacity = 0;
-  if (bytes > capacity) {
-    size_t grown = (bytes + 4095) / 4096 * 4096;
-    void* p = std::aligned_alloc(4096, grown);
-    if (p == nullptr) throw std::bad_alloc();
-    buffer.reset(p);
-    capacity = grown;
-  }
-  return buffer.get();
-}
-
-// Which dtype code (0: float32, 1: bfloat16) is which oneDNN type.
-bool DataType(int64_t code, memory::data_type* dt) {
-  if (code == 0) *dt = memory::data_type::f32;
-  else if (code == 1) *dt = memory::data_type::bf16;
-  else return false;
-  return true;
-}
-
-void Copy(const std::string& text, char* out, int64_t size) {
-  if (out == nullptr || size <= 0) return;
-  std::strncpy(out, text.c_str(), size - 1);
-  out[size - 1] = 0;
 }
 
 ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
@@ -241,19 +198,12 @@ ffi::Error Run(int64_t kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi
   Geometry g{x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1], w_dims[3],
              y_dims[1], y_dims[2], sh, sw, pt, pb, pl, pr, dt};
   const std::string hint = " (set model.conv=xla to use XLA's convolutions instead)";
-  // One oneDNN call at a time: XLA runs independent thunks (and the devices of
-  // a multi-device CPU client) on several threads, and concurrent OpenMP teams
-  // from those threads deadlocked GNU libgomp in a 2-device pmap. Each call
-  // still uses every core through its own OpenMP team.
-  static std::mutex run_mu;
-  std::lock_guard<std::mutex> run_lock(run_mu);
+  std::lock_guard<std::mutex> run_lock(RunMutex());
   try {
     const Prims& p = Cached(g, kind);
     auto& eng = Engine();
     dnnl::stream stream(eng);
-    auto scratch = [&](const memory::desc& md) {
-      return memory(md, eng, Scratch(md.get_size()));
-    };
+    auto scratch = ScratchMemory;
     auto reorder = [&](memory& from, memory& to) {
       p.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
                                  {DNNL_ARG_SCRATCHPAD, scratch(p.reorder_scratch_md)}});
