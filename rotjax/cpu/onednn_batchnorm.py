@@ -82,7 +82,7 @@ def apply(x, scale, bias, epsilon, relu, strict=False):
   else None (the caller runs XLA's); `strict` (model.norm=onednn): an OneDNNNormError."""
   dtype = x.dtype.name
   if x.ndim != 4 or dtype not in onednn_build.DTYPE_CODES:
-    status, info, workspace = Status.UNAVAILABLE, f'only 4-D float32/bfloat16 inputs', 0
+    status, info, workspace = Status.UNAVAILABLE, 'only 4-D float32/bfloat16 inputs', 0
   else:
     status, info, workspace = onednn_build.prepare_batchnorm(x.shape, dtype, relu, epsilon)
   if status == Status.OPTIMIZED:
