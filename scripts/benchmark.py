@@ -3,6 +3,7 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
   python scripts/benchmark.py                 # ResNet18 (CIFAR stem), batch 128, Adam
   python scripts/benchmark.py --quick         # fewer configurations (still 2 rounds x 6 steps)
   python scripts/benchmark.py --cpu avx2      # every row as on an AVX2-only CPU (emulated)
+  python scripts/benchmark.py --cpu avx512    # ... as on AVX-512 without bf16 (emulated)
   python scripts/benchmark.py --json out.json
   python scripts/benchmark.py --data          # the input pipeline: scripts/data_benchmark.py
 
@@ -252,11 +253,14 @@ def configurations(quick: bool, has_torch: bool):
   return rows
 
 
-# An AVX2-only CPU, emulated on a newer one: oneDNN (rotjax's and PyTorch's) and rotjax's
+# Older CPU classes, emulated on a newer CPU: oneDNN (rotjax's and PyTorch's) and rotjax's
 # own choice through ONEDNN_MAX_CPU_ISA, PyTorch's other kernels through
-# ATEN_CPU_CAPABILITY, XLA's code generation through --xla_cpu_max_isa.
+# ATEN_CPU_CAPABILITY, XLA's code generation through --xla_cpu_max_isa. 'avx512' is
+# AVX-512 without bf16 (Skylake-X/Cascade Lake): float32 is `auto`'s choice there.
 EMULATED_CPUS = {'avx2': ({'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2'},
-                          '--xla_cpu_max_isa=AVX2')}
+                          '--xla_cpu_max_isa=AVX2'),
+                 'avx512': ({'ONEDNN_MAX_CPU_ISA': 'AVX512_CORE', 'ATEN_CPU_CAPABILITY': 'avx512'},
+                            '--xla_cpu_max_isa=AVX512')}
 
 
 # A row that takes longer is reported as an error row, not waited for (torch.compile's
@@ -328,6 +332,8 @@ def peak_flops(backend_devices, cpu=None) -> tuple[dict | None, str]:
     flags = set(field('flags').split())
     if cpu == 'avx2':   # emulated: as if the AVX-512 and AMX units were not there
       flags = {f for f in flags if not f.startswith(('avx512', 'amx'))}
+    elif cpu == 'avx512':   # emulated: AVX-512 without its bf16 dot products or AMX
+      flags = {f for f in flags if f != 'avx512_bf16' and not f.startswith('amx')}
     # Zen 4 (AMD family 25) runs AVX-512 on 256-bit pipes; Zen 5 and Intel's AVX-512
     # server cores have two 512-bit FMA pipes.
     zen4 = field('vendor_id') == 'AuthenticAMD' and field('cpu family') == '25'
