@@ -111,8 +111,9 @@ def _version_key(inst: Installation) -> tuple:
 #  - avx2 (and older): 3.x has brgemm convolution kernels for AVX2, 2.x only its older
 #    jit ones (fp32 step, Zen 5 under ONEDNN_MAX_CPU_ISA=AVX2: 64 img/s with 3.2, 55 with 2.6).
 #  - avx512_bf16: both have brgemm kernels; Debian's 2.6 ran the bf16 step 7% faster than
-#    3.2 on a Zen 5 (198 vs 183 img/s, interleaved). avx512 without bf16 follows it,
-#    unmeasured.
+#    3.2 on a Zen 5 (198 vs 183 img/s, interleaved); with training BatchNorm on oneDNN too
+#    (the same kernels in both) 1-2% (211 vs 209, 2026-11-30). avx512 without bf16 follows
+#    it, not compared.
 #  - amx: 3.2's AMX kernels beat 2.6's: bf16 step 88.9 img/s with pip's 3.2 against 73.1
 #    with Debian's 2.6.3 on a 2-core Xeon with AMX (issue 25, 2026-11-29, main at 93aba00).
 FASTEST = {'older': 'newest', 'avx2': 'newest', 'avx512': 'system', 'avx512_bf16': 'system',
