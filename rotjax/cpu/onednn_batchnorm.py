@@ -88,8 +88,7 @@ def apply(x, scale, bias, epsilon, relu, strict=False):
   if status == Status.OPTIMIZED:
     return batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(epsilon),
                       bool(relu), workspace)
-  why = ('oneDNN has only its slow reference kernels for it: ' if status == Status.REFERENCE_ONLY
-         else 'oneDNN cannot create it: ') + info
+  why = onednn_build.declined(status, info)
   if strict:
     raise OneDNNNormError(f'model.norm=onednn: a {dtype} BatchNorm of input {tuple(x.shape)}: '
                           f'{why}; {HINT}')

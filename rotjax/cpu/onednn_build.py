@@ -284,6 +284,12 @@ def prepare_batchnorm(shape, dtype: str, relu: bool, epsilon: float) -> tuple[St
   return _prepared_norms[key]
 
 
+def declined(status: Status, info: str) -> str:
+  """Why oneDNN does not take a convolution or BatchNorm of this `status` (its `info`)."""
+  return ('oneDNN has only its slow reference kernels for it: ' if status == Status.REFERENCE_ONLY
+          else 'oneDNN cannot create it: ') + info
+
+
 def out_hw(x_shape, w_shape, strides, padding) -> list:
   """Output height and width of an NHWC x HWIO convolution."""
   return [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2)]

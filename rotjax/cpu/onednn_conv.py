@@ -109,8 +109,7 @@ def _takes(lhs, rhs, strides, padding, strict: bool) -> Status | None:
                                       dtype)
   if status in (Status.OPTIMIZED, Status.NO_WEIGHT_GRADIENT):
     return status
-  why = ('oneDNN has only its slow reference kernels for it: ' if status == Status.REFERENCE_ONLY
-         else 'oneDNN cannot create it: ') + info
+  why = onednn_build.declined(status, info)
   if strict:
     raise OneDNNConvError(f'model.conv=onednn: a {dtype} convolution of input {tuple(lhs.shape)} '
                           f'and kernel {tuple(rhs.shape)}: {why}; {HINT}')
