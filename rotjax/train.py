@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     else:
       record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
     init_info = {**init_info, 'bn_reestimated': record}
-  compute = hardware.describe(config.model)
+  compute = hardware.describe(config.model, num_devices)
   logging.info('%s', hardware.summary_line(compute))
   _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,
                   first_compute or compute, compute)

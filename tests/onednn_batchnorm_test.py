@@ -133,3 +133,20 @@ def test_a_batchnorm_onednn_cannot_take_is_named_or_left_to_xla():
   assert onednn_batchnorm.apply(x, scale, bias, EPS, True) is None
   with pytest.raises(onednn_batchnorm.OneDNNNormError, match=r'float16 BatchNorm of input \(2, 4, 4, 8\)'):
     onednn_batchnorm.apply(x, scale, bias, EPS, True, strict=True)
+
+
+@needs_onednn
+def test_the_run_record_says_where_batchnorm_runs():
+  """run_info.json's `norm`: oneDNN with the convolutions; XLA for statistics synced over
+  several devices (batchnorm.BatchNorm leaves those to XLA), saying why."""
+  import ml_collections
+  from rotjax.cpu import hardware
+  model = ml_collections.ConfigDict({'dtype': 'float32', 'conv': 'auto', 'norm': 'auto',
+                                     'sync_bn': True})
+  conv = hardware.describe(model)['conv']
+  assert hardware.describe(model, num_devices=1)['norm'] == conv
+  synced = hardware.describe(model, num_devices=2)
+  assert synced['norm'] == 'xla' and 'synced over 2 devices' in synced['norm_reason']
+  assert 'synced over 2 devices' in hardware.summary_line(synced) or conv == 'xla'
+  model.sync_bn = False
+  assert hardware.describe(model, num_devices=2)['norm'] == conv

@@ -241,6 +241,21 @@ def test_a_resumed_run_keeps_the_dtype_and_convolutions_of_its_first_start(
 
 
 @pytest.mark.slow
+def test_a_run_from_before_model_norm_resumes_on_xla_batchnorm(make_config, tmp_path):
+  """A run whose first start recorded no `norm` (the release before training BatchNorm could
+  run on oneDNN) goes on with XLA's BatchNorm, as it started; each epoch's row says which."""
+  overrides = {'model.sync_bn': False}   # per-device statistics: oneDNN takes them
+  train.train_and_evaluate(make_config('supervised', tmp_path, num_epochs=1, **overrides))
+  info = json.load(open(tmp_path / 'run_info.json'))
+  first = info['compute'].pop('norm')
+  info['compute'].pop('norm_reason')
+  assert first == info['compute']['conv']   # 'onednn' where the convolutions are
+  json.dump(info, open(tmp_path / 'run_info.json', 'w'))
+  train.train_and_evaluate(make_config('supervised', tmp_path, num_epochs=2, **overrides))
+  assert [r['norm'] for r in metrics.read_metrics(str(tmp_path))] == [first, 'xla']
+
+
+@pytest.mark.slow
 def test_a_resume_the_machine_cannot_continue_is_refused_unless_overridden(
     make_config, tmp_path, monkeypatch):
   from rotjax.cpu import onednn_conv

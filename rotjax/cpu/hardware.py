@@ -81,14 +81,19 @@ def _dtype_reason(name: str, backend: str | None = None, device=None) -> str:
   return f'auto: CPU class {cls}, where bfloat16 is {native}'
 
 
-def describe(model_config) -> dict:
-  """What `model.dtype` and `model.conv` resolve to on this machine, and why (for the log
-  and run_info.json). Loads oneDNN only if the run may use it."""
+def describe(model_config, num_devices: int = 1) -> dict:
+  """What `model.dtype`, `model.conv` and `model.norm` resolve to on this machine for a run
+  over `num_devices`, and why (for the log and run_info.json). Loads oneDNN only if the run
+  may use it."""
   dtype = compute_dtype(model_config.dtype)
   conv = model_config.get('conv', 'auto')
   on_onednn, conv_reason = onednn_conv.uses_onednn(conv, dtype)
   norm_on_onednn, norm_reason = onednn_batchnorm.uses_onednn(model_config.get('norm', 'auto'),
                                                              conv, dtype)
+  if norm_on_onednn and model_config.get('sync_bn', False) and num_devices > 1:
+    # batchnorm.BatchNorm leaves statistics over several devices' rows to XLA.
+    norm_on_onednn, norm_reason = False, (f'statistics synced over {num_devices} devices '
+                                          '(model.sync_bn): XLA\'s cross-device sums')
   info = {'backend': jax.default_backend(),
           'device_kind': jax.devices()[0].device_kind,
           'dtype': dtype.name, 'dtype_reason': _dtype_reason(model_config.dtype),
@@ -117,9 +122,11 @@ def summary_line(info: dict) -> str:
     extra = (f'; oneDNN {loaded}, optimized dtypes '
              f'{info["onednn_dtypes"] or "none"}')
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
+  # BatchNorm's reason only where it parts from the convolutions' path.
+  norm_why = f' [{info["norm_reason"]}]' if info.get('norm', info['conv']) != info['conv'] else ''
   return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '
           f'convolutions on {info["conv"]} [{info["conv_reason"]}], training BatchNorm on '
-          f'{info.get("norm", "xla")}{extra}')
+          f'{info.get("norm", "xla")}{norm_why}{extra}')
 
 
 def resumed_compute(model_config, recorded: dict) -> tuple[str, str]:
