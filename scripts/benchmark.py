@@ -70,7 +70,7 @@ def rotjax_worker(opts):
   config.model.width, config.model.dtype = opts['width'], opts.get('dtype', 'auto')
   config.model.conv = opts.get('conv', 'auto')
   config.model.norm = opts.get('norm', 'auto')
-  compute = hardware.describe(config.model)
+  compute = hardware.describe(config.model, jax.local_device_count())
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
   state, mask, _, _ = train.create_train_state(config, 10, steps_per_epoch=100)
