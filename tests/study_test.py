@@ -254,7 +254,7 @@ def test_a_run_trained_with_other_settings_is_stale_not_finished(tmp_path, monke
   assert {r['status'] for w, r in rows.items() if w != old} == {'finished'}
 
 
-def test_a_run_from_before_the_streaming_loader_has_the_planned_settings(tmp_path, monkeypatch):
+def test_a_run_from_before_the_streaming_loader_or_model_norm_has_the_planned_settings(tmp_path, monkeypatch):
   # data.loader, data.workers, data.data_dir and checkpoint_every_steps do not change what a
   # run learns: runs trained before they existed (config.json without them) stay finished.
   from rotjax.study import sweep
@@ -266,8 +266,13 @@ def test_a_run_from_before_the_streaming_loader_has_the_planned_settings(tmp_pat
     del saved['checkpoint_every_steps']
     for key in ('loader', 'workers', 'data_dir'):
       del saved['data'][key]
+    del saved['model']['norm']   # before model.norm: its 'auto', run on XLA (report says so)
     rundir.write(rc.workdir, rundir.CONFIG, saved)
   assert [runner.changed_settings(rc) for rc in run_configs] == [[]] * len(run_configs)
+  saved['model']['norm'] = 'xla'   # an explicit other choice counts
+  rundir.write(rc.workdir, rundir.CONFIG, saved)
+  assert runner.changed_settings(rc) == ['model.norm']
+  saved['model']['norm'] = 'auto'
   saved['data']['samples_per_class'] = 7   # a result setting still counts
   rundir.write(rc.workdir, rundir.CONFIG, saved)
   assert runner.changed_settings(rc) == ['data.samples_per_class']

@@ -37,6 +37,11 @@ class DatasetCache:
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
                         'distributed', 'data.cache_dir', 'compile_cache', 'data.loader',
                         'data.workers', 'data.data_dir', 'checkpoint_every_steps')
+# Settings added since a study's runs may have been trained, and the value that release ran
+# with. model.norm=auto (training BatchNorm on oneDNN where the convolutions are) is, like
+# model.conv=auto, a kernel choice that moves results by rounding only; a run's own path is
+# in its run_info.json (compute.norm; absent: XLA's) and in the report's settings table.
+_BEFORE_THEY_EXISTED = {'model.norm': 'auto'}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -62,7 +67,8 @@ def changed_settings(run_config) -> list[str]:
     return []
   old, new = _flatten(old), _flatten(run_config.to_dict())
   ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
-  return sorted(k for k, v in new.items() if not ignored(k) and old.get(k, '<missing>') != v)
+  before = lambda key: old.get(key, _BEFORE_THEY_EXISTED.get(key, '<missing>'))
+  return sorted(k for k, v in new.items() if not ignored(k) and before(k) != v)
 
 
 class SourceRecords:
