@@ -32,7 +32,7 @@ def _runnable_conv(config) -> None:
       config.model.conv = 'auto'
   if config.model.get('norm', 'auto') == 'onednn':
     try:
-      onednn_batchnorm.uses_onednn('onednn', config.model.conv, dtype)
+      onednn_batchnorm.uses_onednn('onednn', config.model.get('conv', 'auto'), dtype)
     except onednn_batchnorm.OneDNNNormError as e:
       logging.warning('%s; predicting with model.norm=auto instead', e)
       config.model.norm = 'auto'
