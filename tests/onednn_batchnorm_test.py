@@ -66,12 +66,34 @@ def test_values_statistics_and_gradients_match_xla(shape, relu, dtype, tol):
 
 
 @needs_onednn
-def test_resnet_trains_on_onednn_batchnorm_as_on_xla():
+def test_statistics_as_accurate_as_float64_allows():
+  """oneDNN subtracts the mean before squaring: where the mean dwarfs the spread (a deep
+  1x1 map over a few rows), its variance and output stay at float32 rounding of the float64
+  answer, where E[x^2] - mean^2 (flax's, the XLA path's) loses digits."""
+  x = jnp.asarray(3.0 + 0.01 * np.random.default_rng(0).standard_normal((4, 1, 1, 64)),
+                  jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  var64 = x64.var((0, 1, 2))
+  y64 = (x64 - x64.mean((0, 1, 2))) / np.sqrt(var64 + EPS)
+  y, _, var = _ours(x, jnp.ones(64), jnp.zeros(64), False)
+  np.testing.assert_allclose(var, var64, rtol=1e-4)
+  assert np.abs(np.asarray(y, np.float64) - y64).max() < 1e-3
+  y_xla = _xla(x, jnp.ones(64), jnp.zeros(64), False)[0]
+  assert np.abs(np.asarray(y_xla, np.float64) - y64).max() > 1e-2   # what it improves on
+
+
+@needs_onednn
+@pytest.mark.parametrize('name,stem', [('resnet18', 'cifar'), ('resnet50', 'imagenet')])
+def test_resnet_trains_on_onednn_batchnorm_as_on_xla(name, stem):
   """A ResNet's train-mode loss, gradients and new running statistics: oneDNN's BatchNorms
-  (model.norm=onednn) against XLA's, convolutions on XLA in both (so only BatchNorm differs)."""
-  kw = dict(num_classes=5, width=8, stem='cifar', conv_impl='xla')
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 16, 3)), jnp.float32)
-  a, b = (models.create_model('resnet18', norm_impl=impl, **kw) for impl in ('xla', 'onednn'))
+  (model.norm=onednn) against XLA's, convolutions on XLA in both (so only BatchNorm differs);
+  the basic and the bottleneck block, both stems."""
+  kw = dict(num_classes=5, width=8, stem=stem, conv_impl='xla')
+  # Enough rows per channel in the last layers (ImageNet stem: 1x1 maps there): over a few
+  # rows XLA's E[x^2] - mean^2 cancels (test_statistics_as_accurate_as_float64_allows).
+  size = 16 if stem == 'cifar' else 64
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((8, size, size, 3)), jnp.float32)
+  a, b = (models.create_model(name, norm_impl=impl, **kw) for impl in ('xla', 'onednn'))
   variables = a.init(jax.random.key(0), x)
 
   def loss(model, params):
@@ -85,8 +107,15 @@ def test_resnet_trains_on_onednn_batchnorm_as_on_xla():
   (la, sa), ga = step(a)(variables['params'])
   (lb, sb), gb = step(b)(variables['params'])
   np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
-  for u, v in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
+  for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
     np.testing.assert_allclose(u, v, rtol=2e-3, atol=2e-4)
+  # Each gradient within `tol` of its largest entry. ResNet50's gradients at this toy size
+  # move by ~3% with any change in rounding (XLA's own BatchNorm with a two-pass variance
+  # moved them as far), so its bound only catches a wrong gradient (a lost ReLU mask, a
+  # missing term: order 1), not rounding.
+  tol = 2e-3 if name == 'resnet18' else 0.1
+  for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    assert np.abs(u - v).max() <= tol * np.abs(u).max(), (u.shape, np.abs(u - v).max())
   # Eval mode (running statistics) never calls oneDNN's training BatchNorm.
   assert 'RotjaxBatchNorm' not in jax.jit(b.apply).lower(variables, x).as_text()
 
