@@ -3,6 +3,7 @@ r"""The study (issue 3): stage 1 rotation pretext, then stages 2-5 from it, over
   python -m rotjax.study --config configs/study.py --config.workdir=runs/study
   python -m rotjax.report runs/study
 Presets: default (the reports' full study), `:smoke` (tests, seconds), `:cpu` (2 CPU cores),
+`:cpu_full` (the five stages at the reports' scale on 2 CPU cores, ~90 minutes),
 `:gpu` (the five stages at full scale on one GPU) and its sweeps, one preset each, run in
 this order into the same workdir (each reuses the runs the earlier ones finished):
 `:gpu_labels`, `:gpu_rotations`, `:gpu_smoothing`, `:gpu_models` (time models in `_make_gpu`).
@@ -77,10 +78,12 @@ def get_config(arg=None):
     _make_smoke(config)
   elif arg == 'cpu':
     _make_cpu(config)
+  elif arg == 'cpu_full':
+    _make_cpu_full(config)
   elif arg in GPU_PRESETS:
     _make_gpu(config, GPU_PRESETS[arg])
   elif arg:
-    raise ValueError(f'unknown study preset {arg!r}; allowed: smoke, cpu, {", ".join(GPU_PRESETS)}')
+    raise ValueError(f'unknown study preset {arg!r}; allowed: smoke, cpu, cpu_full, {", ".join(GPU_PRESETS)}')
   return config
 
 
@@ -137,6 +140,43 @@ def _make_cpu(config) -> None:
   # downstream stages of N = 6 and 8 are left to the full study.
   config.presets.rotations.stages = (1,)
   config.sweeps = ('seeds', 'labels', 'bn', 'rotations')
+
+
+def _make_cpu_full(config) -> None:
+  """The reports' table at the reports' scale on 2 CPU cores, in about 90 minutes.
+
+  All of CIFAR-10 (the JPEG folder copy: 45,000 train after the seeded 5,000 val images are
+  carved out, 10,000 test), ResNet18 width 64, the reports' protocol otherwise: Adam 1e-3
+  x0.1 every 10 epochs (so constant 1e-3 at these lengths), label smoothing 0.1, batch 128,
+  layer4 + fc for stages 2-3, one seed. What it changes is the number of epochs only:
+  3 / 2 / 4 (pretext / fine-tune / supervised) against the reports' 45 / 20 / 45.
+
+  Time model, from the train step measured by scripts/benchmark.py (default bf16 step,
+  batch 128; eval batch 256) on 2-core machines: AMX Xeon 2026-12-04: 207 img/s train,
+  979 eval; Zen 5 (AVX512-BF16) 2026-11-30: 210 train, ~700 eval. With T the train rate and
+  E the eval rate:
+    1 pretext     3 x (180,000 rotated images / T + val+test 60,000 / E)   ~ 3 x 930 s = 47 min
+    2, 3 finetune 2 x 2 x (45,000 / ~2.5 T (backward stops at layer4) + 15,000 / E) ~  7 min
+    4, 5 superv.  2 x 4 x (45,000 / T + 15,000 / E)                         ~ 8 x 235 s = 31 min
+    start-up      decoding 60,000 JPEGs once (~2 min; then the .npy cache), ~5 s compile
+                  per program from a cold cache, checkpoints                            ~  4 min
+    total                                                                               ~ 89 min
+  Other CPU classes scale by T: AVX2-only CPUs run the fp32 step at ~65 img/s (3.2x
+  longer, ~4.7 h); AVX-512 without bf16 at ~114 (1.8x, ~2.7 h). The run resumes where it
+  stopped (python -m rotjax.study with the same flags), so a longer one can be split.
+  Measured stage times: results/cifar10-resnet18-cpu-full/report.md.
+  """
+  config.base.batch_size = 128
+  config.base.eval_batch_size = 256
+  config.base.model.width = 64
+  config.base.model.dtype = 'auto'
+  config.base.keep_checkpoints = 2
+  config.base.log_every_steps = 50
+  config.datasets.cifar10.source = CIFAR10_FOLDER
+  config.epochs = ml_collections.ConfigDict({'pretext': 3, 'finetune': 2, 'supervised': 4})
+  config.axes.seed = (0,)
+  config.stages = (1, 2, 3, 4, 5)
+  config.sweeps = ()
 
 
 def _make_gpu(config, preset) -> None:
