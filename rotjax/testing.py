@@ -5,6 +5,15 @@ import os
 import numpy as np
 
 CLASSES = ('circle', 'square', 'stripes')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**overrides) -> dict:
+  """The environment for a child Python process: this checkout first on PYTHONPATH, the
+  caller's PYTHONPATH kept after it (where packages may live that pip did not install,
+  e.g. wheels unpacked into a folder on a GPU machine), then `overrides`."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH', '')) if p)
+  return {**os.environ, 'PYTHONPATH': path, **overrides}
 
 
 def draw(kind: str, rng, size: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import pytest
 
 import rotjax
 from rotjax import input_pipeline
+from rotjax import testing
 from rotjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ feats = model.features(images, layer='layer3')
 print(json.dumps({{'probs': probs.tolist(), 'one': one.tolist(), 'feats': list(feats.shape),
                    'big': list(big.shape), 'classes': model.class_names}}))
 '''
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='')
+  env = testing.child_env(XLA_FLAGS='')
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

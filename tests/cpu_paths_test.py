@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from rotjax import testing
 from rotjax.cpu import hardware
 from rotjax.cpu import onednn_build
 
@@ -28,7 +29,7 @@ REQUIRED = os.environ.get('ROTJAX_REQUIRE_ONEDNN') == '1'
 def _env(**overrides):
   # 'as-is' keeps the suite's own environment (CI also runs the suite under
   # ONEDNN_MAX_CPU_ISA=AVX2 and ROTJAX_ONEDNN=0), so its expectations hold there too.
-  return dict(os.environ, PYTHONPATH=REPO, **overrides)
+  return testing.child_env(**overrides)
 
 
 def _run(args, env, timeout=600):

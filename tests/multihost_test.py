@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rotjax import metrics
+from rotjax import testing
 
 pytestmark = pytest.mark.cpu_only('two processes on localhost with Gloo CPU collectives')
 
@@ -26,7 +27,7 @@ def _free_port():
 
 def _run(folder, workdir, nproc, late=0.0):
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+  env = testing.child_env()
   env.pop('XLA_FLAGS', None)
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'programs', 'multihost_worker.py'), folder,
                              str(workdir), str(nproc), str(i), str(port), str(late)],

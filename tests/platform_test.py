@@ -1,11 +1,11 @@
 """Process settings: the malloc tuning keeps large buffers in the heap, and stays off when asked."""
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from rotjax import testing
+
 # Prints whether the tuning applied and how many bytes glibc holds in separate mmap'ed
 # blocks while a 64 MB buffer is live (mallinfo2().hblkhd); then, after a second
 # thread has allocated, glibc's malloc_stats() lists its arenas on stderr (by default
@@ -50,7 +50,7 @@ print(libc.sbrk(0) < end)
 
 def _probe(**env):
   out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PYTHONPATH=ROOT, **env))
+                       env=testing.child_env(**env))
   tuned, mmapped = out.stdout.split()
   arenas = sum(line.startswith('Arena ') for line in out.stderr.splitlines())
   return tuned == 'True', int(mmapped), arenas
@@ -70,7 +70,7 @@ def test_large_buffers_stay_in_the_one_heap():
 def test_freed_memory_is_never_given_back():
   trimmed = lambda **env: subprocess.run(
       [sys.executable, '-c', TRIM_PROBE], capture_output=True, text=True, check=True,
-      env=dict(os.environ, PYTHONPATH=ROOT, **env)).stdout.strip()
+      env=testing.child_env(**env)).stdout.strip()
   assert trimmed() == 'False'                          # tuned: the heap keeps its pages
   # glibc's default threshold gives them back (mmap off, so that the block is in the heap).
   assert trimmed(ROTJAX_MALLOC_TUNING='0', MALLOC_MMAP_MAX_='0') == 'True'

@@ -205,7 +205,7 @@ def test_a_dead_worker_is_a_named_error_not_a_hang(image_folder):
 
 
 def _run(flags, **popen):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  env = testing.child_env(JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, '-m', 'rotjax.main', *flags], cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           start_new_session=True, **popen)
@@ -333,8 +333,8 @@ def test_two_processes_each_streaming_its_shard_train_as_one(image_folder, tmp_p
   settings = {'num_epochs': 2, 'data.loader': 'stream', 'data.workers': 1, 'data.num_shards': 2}
 
   def start(workdir, devices, *extra):
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT,
-           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    env = testing.child_env(
+        JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     return subprocess.Popen([sys.executable, '-m', 'rotjax.main', *testing.tiny_flags(
         'supervised', workdir, image_folder, **settings), *extra], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
