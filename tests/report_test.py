@@ -120,6 +120,23 @@ def test_report_tables_cells_are_mean_std_n_and_only_tables_with_data(study_dir,
     assert os.path.getsize(os.path.join(study_dir, name)) > 10_000
 
 
+def test_each_stage_stands_beside_the_reports_cell_with_its_distance_from_flat(report_text):
+  section = report_text.split('## Against the reports')[1].split('\n## ')[0]
+  rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
+          for line in section.splitlines() if line.startswith('| ') and 'stage' not in line}
+  # Stage 1: seeds at 39% and 59% test; validation rose 5 points in the last epoch.
+  test, reported, difference, epochs, _, _, gain, more = rows['1 rotation pretext']
+  assert (test, reported, difference, epochs, gain) == (
+      '49.00 ± 14.14 (n=2)', '79.07', '-30.07', '2', '+5.00')
+  assert more.startswith('>= 7 ')             # 30.07 points at 5 points an epoch
+  assert rows['5 supervised from random init'][2] == '-14.42'
+  assert rows['5 supervised from random init'][7].startswith('>= 3 ')
+  # Only the reports' setting: all labels, batch-statistics BatchNorm in frozen layers.
+  assert rows['2 fine-tune pretrained (layer4+fc)'][0] == '59.00 ± 0.00 (n=2)'
+  assert '- Gap fine-tune pretrained - random init: +10.00 points (reports: +15.10).' in section
+  assert '- Gap supervised from pretrained - random init: -20.00 points (reports: +1.32).' in section
+
+
 def test_frozen_bn_table_has_stages_2_and_3_both_ways(study_dir, report_text):
   section = report_text.split('### Stage × frozen-layer BatchNorm')[1].split('###')[0]
   assert '| stage | freeze_bn=batch | freeze_bn=running |' in section

@@ -2,6 +2,7 @@
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -212,6 +213,21 @@ def test_a_failing_report_is_logged_and_the_study_goes_on(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
+def test_cpu_full_preset_is_the_reports_protocol_at_full_scale_with_fewer_epochs():
+  config = _config('/tmp/unused', 'cpu_full')
+  runs = sweep.plan(config)
+  assert [r.stage for r in runs] == [1, 2, 3, 4, 5]
+  for run in runs:
+    rc = sweep.run_config(config, run)
+    assert (rc.optim.name, rc.optim.learning_rate, rc.optim.decay_every_epochs,
+            rc.label_smoothing) == ('adam', 1e-3, 10, 0.1)
+    assert (rc.model.name, rc.model.width, rc.batch_size) == ('resnet18', 64, 128)
+    assert (rc.data.max_train_images, rc.data.max_eval_images, rc.data.val_fraction) == (0, 0, 0.1)
+    assert rc.num_epochs == {'pretext': 3, 'finetune': 2, 'supervised': 4}[rc.stage]
+    if run.stage in (2, 3):
+      assert tuple(rc.trainable) == ('layer4', 'fc')
+
+
 def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   config = _config(tmp_path / 'study')
   config.base = make_config('pretext', tmp_path / 'unused')
@@ -222,6 +238,9 @@ def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   line = runner.run_study_and_report(config)
   rows = results.collect(config.workdir)
   assert [(r['stage'], r['status'], r['epochs']) for r in rows] == [(1, 'done', 1), (2, 'done', 1)]
+  # Each trained run records where and with what it trained.
+  env = results.read_record(os.path.join(config.workdir, rows[0]['workdir']))['environment']
+  assert env['versions']['jax'] == jax.__version__ and env['machine']['backend'] == jax.default_backend()
   finetune = os.path.join(config.workdir, rows[1]['workdir'])
   info = rundir.read_json(os.path.join(finetune, 'run_info.json'))
   assert info['init_from'].startswith(os.path.join(config.workdir, rows[0]['workdir']) + os.sep)

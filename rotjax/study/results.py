@@ -20,6 +20,11 @@ def write_record(workdir: str, record: dict) -> None:
   rundir.write(workdir, RECORD, record)
 
 
+def read_record(workdir: str) -> dict:
+  """study_run.json of a run ({} where there is none)."""
+  return rundir.read(workdir, RECORD, {})
+
+
 def run_dirs(study_dir: str) -> list[str]:
   """Every run folder of a study (one with a record, or at least a config.json)."""
   found = set()

@@ -9,6 +9,7 @@ from rotjax import checkpoint
 from rotjax import input_pipeline
 from rotjax import rundir
 from rotjax import train
+from rotjax.study import environment
 from rotjax.study import report
 from rotjax.study import results
 from rotjax.study import sweep
@@ -200,8 +201,15 @@ def run_study(config, datasets=None) -> list[dict]:
       state = 'finished'
     else:
       print(f'[{k}/{len(runs)}] {run.name}: training', flush=True)
+      before = results.read_record(run_config.workdir)
+      # Where it trains, beside what it learns; a run resumed elsewhere keeps both.
+      record['environment'] = environment.describe()
+      if before.get('environment') not in (None, record['environment']):
+        record['environment_before'] = before['environment']
       results.write_record(run_config.workdir, {**record, 'status': 'running', 'error': ''})
       state, error, summary = _train(run_config, datasets)
+    if 'environment' not in record and (old := results.read_record(run_config.workdir)):
+      record.update({k: old[k] for k in ('environment', 'environment_before') if k in old})
     status[run.name] = (state, error)
     results.write_record(run_config.workdir, {**record, 'status': state, 'error': error,
                                               'seconds': time.time() - t0})
