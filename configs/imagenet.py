@@ -11,7 +11,7 @@ as torchvision's ImageFolder and the flax example expect):
       --config.init_from=runs/in-pre --config.workdir=runs/in-ft
   python -m rotjax.study --config configs/imagenet.py:study --config.workdir=runs/in-study
   ... --config.data.source=folder:/path/to/imagenet     (another folder)
-  ... --config.data.source=tfds:imagenet2012            (tfds, where prepared: see README)
+  ... --config.data.source=tfds:imagenet2012            (tfds, where prepared: docs/data.md)
 
 Every stage streams its images (data.loader=auto picks `stream` for a dataset this size:
 input_pipeline.choose_loader) and checkpoints every 1000 steps inside an epoch, so a

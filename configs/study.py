@@ -123,7 +123,7 @@ def _make_cpu(config) -> None:
     bn        2 more runs of stages 2, 3               ~ 350 s
     rotations 2 more pretext runs (N = 6, 8)            ~ 1200 s
   This estimate predates the disc pretext (one rotation per image per step); measured
-  runs are in README's study section.
+  runs are in docs/study.md.
   """
   config.base.model.width = 16
   config.base.model.dtype = 'auto'

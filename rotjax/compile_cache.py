@@ -4,7 +4,7 @@ Without it every process compiles the same few programs again: stages 2 and 3 ru
 one program, stages 4 and 5 another, and so do every seed of a study cell and every
 resume. On the H200 the train step took 72-74 s to compile and 2.6 s an epoch to
 run (../shared/reference/gpu-first-run.md); on a 2-core CPU the model's init and
-train step take about 11 s to compile (README, Performance).
+train step take about 11 s to compile (docs/performance.md).
 
 `config.compile_cache` (or the environment variable ROTJAX_COMPILE_CACHE, which wins)
 is 'auto' (<rotjax cache>/jit, where <rotjax cache> is $ROTJAX_CACHE or

@@ -11,7 +11,7 @@ sharpness of the 0/90/180/270 degree copies would otherwise give the angle away
 (big_vision's ops_image.py records such a shortcut). All N then see the same
 pixels, so their accuracies compare. Geometry 'square' (N = 4 only) is RotNet's
 and the reports' exact rot90 of the whole square. What no resampling hides at 45
-or 60 degrees is the pixel grid itself, in the finest texture (README, design notes).
+or 60 degrees is the pixel grid itself, in the finest texture (docs/design.md).
 
 Random numbers come one key per example (`rng` of shape [B]), so that an example's
 shift does not depend on where in which device's batch it sits (train.make_prepare_fn).

@@ -25,7 +25,7 @@ def run_dir(image_folder, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.gpu
 def test_load_in_fresh_process_predicts_probabilities(run_dir, image_folder):
-  # The README example, run as a new user would: a fresh interpreter, no CLI.
+  # The docs/python-api.md example, run as a new user would: a fresh interpreter, no CLI.
   script = f'''
 import glob, json, numpy as np, rotjax
 from PIL import Image

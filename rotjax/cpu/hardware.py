@@ -6,7 +6,7 @@ the CPU's instruction sets come from /proc/cpuinfo, oneDNN's abilities from a
 probe (onednn_build.probe), and the choice and its reasons are logged once and
 written to run_info.json (`describe`).
 
-The rule, from scripts/benchmark.py on each CPU class (README, Performance):
+The rule, from scripts/benchmark.py on each CPU class (docs/performance.md):
 - bfloat16 compute where the hardware has native bf16: GPUs, TPUs, and CPUs with
   AVX512-BF16 or AMX, where oneDNN's bf16 convolutions ran 1.6x its fp32 ones;
 - float32 elsewhere (AVX2-only or AVX-512 without BF16), where bf16 is emulated;

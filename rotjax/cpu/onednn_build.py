@@ -106,7 +106,7 @@ def _version_key(inst: Installation) -> tuple:
 
 
 # Which oneDNN runs a CPU class's training step fastest, from scripts/benchmark.py
-# (README, Performance: the class x oneDNN table). 'newest': the newest found first;
+# (docs/cpu-kernels.md: the class x oneDNN table). 'newest': the newest found first;
 # 'system': the system's (Debian's 2.6) first, then the oldest.
 #  - avx2 (and older): 3.x has brgemm convolution kernels for AVX2, 2.x only its older
 #    jit ones (fp32 step, Zen 5 under ONEDNN_MAX_CPU_ISA=AVX2: 64 img/s with 3.2, 55 with 2.6).

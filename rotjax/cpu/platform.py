@@ -8,7 +8,7 @@ import sys
 # jaxlib 0.10 lowers every convolution to a YNNPACK fusion whose gradients are
 # 2.5-3x slower than PyTorch's at CIFAR sizes; keeping individual convolutions
 # out of it made the ResNet18 train step 1.6-1.7x faster on the 2-core CPU
-# (README, Performance; the measurements behind it are in the study's shared
+# (docs/performance.md; the measurements behind it are in the study's shared
 # reference, ../shared/reference/cpu-performance-notes.md, outside this repository).
 # By default the convolutions go to oneDNN (onednn_conv.py); this still matters for
 # model.conv=xla and for the convolutions oneDNN does not take. The flag is
@@ -42,13 +42,13 @@ def keep_large_buffers_in_heap() -> bool:
 
   By default glibc mmaps every buffer over 32 MB afresh and unmaps it on free,
   so each train step page-faults its large activations again (a 33 MB
-  elementwise op: 11 ms instead of 2.3 ms; README, Performance). With mmap
+  elementwise op: 11 ms instead of 2.3 ms; docs/performance.md). With mmap
   off for allocations and no trimming, the step reuses the same pages. glibc
   also gives each thread that allocates its own arena, a separate mmap'd heap
   that it shrinks and grows again on its own terms; XLA's and oneDNN's worker
   threads each got one, so one arena keeps every buffer in the one untrimmed
   heap (the epoch's first step after evaluation and checkpointing had been
-  0.5-1 s slower, and every step ~25% slower; README, Performance). "No
+  0.5-1 s slower, and every step ~25% slower; docs/performance.md). "No
   trimming" has to mean -1: a ResNet18 step at batch 128 takes an 815 MB temp
   buffer, three of them were free at the top of the heap at times, and with the
   largest positive threshold (2 GB) glibc gave those back, so every 10-20 steps

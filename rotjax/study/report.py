@@ -41,7 +41,7 @@ TABLE_NOTES = {'freeze_bn': (
         '(the settings table says which geometry each pretext used) every N sees the same '
         'pixels: the same resampling, sub-pixel shifts and disc, no padding bars. What is left at '
         'N = 6 and 8 is the pixel grid turning with the content, which a network can read from '
-        'the finest texture (README, design notes); their pretext accuracies may include some '
+        'the finest texture (docs/design.md); their pretext accuracies may include some '
         'of it, N = 4 none.')}
 # The reports' cells rotjax reproduces: CIFAR-10 test accuracy (%), ResNet18, 4 rotations,
 # label smoothing 0.1, all labels (../shared/reference: reports 000 and 002, the issue tracker's
