@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from rotjax import batch_plans
 from rotjax import input_pipeline
 from rotjax import probes
 from rotjax import rundir
@@ -71,7 +72,7 @@ def _run_and_features(args, bn: dict | None = None):
   dataset = load_data(model.config, **_data_overrides(args))
   if getattr(args, 'bn', 'running') == 'reestimated':
     bn['bn_reestimated'] = probes.reestimate_bn(
-        model, input_pipeline.images_of(dataset.train, model.config.batch_size),
+        model, batch_plans.images_of(dataset.train, model.config.batch_size),
         model.config.batch_size)
   return name, model, dataset, probes.split_features(model, dataset, args.layer)
 
@@ -128,7 +129,7 @@ def cmd_tsne(args):
   embeddings, titles = [], []
   for name, model in runs:
     features = np.concatenate([model.features(chunk, layer=args.layer)
-                               for chunk in input_pipeline.images_of(split)])
+                               for chunk in batch_plans.images_of(split)])
     embeddings.append(probes.tsne_embed(features,
                                  perplexity=args.perplexity))
     titles.append(f'{name} ({model.config.stage if name != "random" else "random init"})')
