@@ -7,24 +7,57 @@ r"""Command line of the evaluation tools (probes.py): linear probe, k-NN, per-cl
   python -m rotjax.evaluate tsne pretext=runs/pretext finetune=runs/finetune random \
       --layer=pooled --max_images=1000 --out=figures/tsne.png
 
+The command, then the run(s): a run's workdir or checkpoint step dir; tsne also takes
+NAME=PATH and 'random' (the first run's model, freshly initialised).
 Each command reads the run's own config.json for the data (`input_pipeline.load_dataset`),
-with overrides: --data_source, --max_images (caps train, val and test), --cache_dir.
+with overrides: --data_source, --loader, --max_images (caps train, val and test), --cache_dir.
 Results are printed as JSON and written to --out_dir (default RUN/eval/).
 Features are frozen: extracted once in eval mode, then the probe is trained on them.
 """
-import argparse
 import copy
+import itertools
 import json
 import os
-import sys
+import types
 
 import numpy as np
+from absl import app
+from absl import flags
 
+from rotjax import batch_plans
 from rotjax import input_pipeline
 from rotjax import probes
 from rotjax import rundir
+from rotjax.cpu import platform
 from rotjax.study import plots
 
+FLAGS = flags.FLAGS
+# Every command: where the data and the results come from and go.
+flags.DEFINE_string('data_source', '', 'override data.source (tfds:NAME | folder:PATH)')
+flags.DEFINE_enum('loader', None, ('auto', 'memory', 'stream'),
+                  "override data.loader (default: the run's own)")
+flags.DEFINE_integer('max_images', 0, "cap on train/val/test images (0 = the run's own)")
+flags.DEFINE_string('cache_dir', None, 'override data.cache_dir')
+flags.DEFINE_string('out_dir', '', 'where the JSON/PNG go (default RUN/eval)')
+# One command's or a few commands' own (OPTIONS).
+flags.DEFINE_string('layer', None, 'probe, knn, tsne: the features of this layer: stem, '
+                    'layer1..layer4 or pooled (default: layer3; tsne: pooled)')
+flags.DEFINE_integer('steps', 500, 'probe: training steps')
+flags.DEFINE_float('learning_rate', 1e-2, 'probe: learning rate')
+flags.DEFINE_enum('bn', 'running', ('running', 'reestimated'),
+                  "probe: BatchNorm statistics: the checkpoint's running ones, or re-estimated "
+                  'on the training images first (one no-gradient pass)')
+flags.DEFINE_integer('k', 20, 'knn: neighbours')
+flags.DEFINE_enum('split', 'test', ('train', 'val', 'test'), 'confusion, tsne: the split')
+flags.DEFINE_string('out', '', 'confusion, tsne: PNG path')
+flags.DEFINE_float('perplexity', 30.0, 'tsne: perplexity')
+
+DATA_FLAGS = ('data_source', 'loader', 'max_images', 'cache_dir', 'out_dir')
+# Each command's own flags; another command's flag is an error, not silently ignored.
+OPTIONS = {'probe': ('layer', 'steps', 'learning_rate', 'bn'), 'knn': ('layer', 'k'),
+           'confusion': ('split', 'out'), 'tsne': ('layer', 'split', 'out', 'perplexity')}
+# tsne shows the pooled features.
+DEFAULT_LAYER = {'probe': 'layer3', 'knn': 'layer3', 'tsne': 'pooled'}
 
 
 # ---------------------------------------------------------------- runs and data
@@ -71,7 +104,7 @@ def _run_and_features(args, bn: dict | None = None):
   dataset = load_data(model.config, **_data_overrides(args))
   if getattr(args, 'bn', 'running') == 'reestimated':
     bn['bn_reestimated'] = probes.reestimate_bn(
-        model, input_pipeline.images_of(dataset.train, model.config.batch_size),
+        model, batch_plans.images_of(dataset.train, model.config.batch_size),
         model.config.batch_size)
   return name, model, dataset, probes.split_features(model, dataset, args.layer)
 
@@ -128,7 +161,7 @@ def cmd_tsne(args):
   embeddings, titles = [], []
   for name, model in runs:
     features = np.concatenate([model.features(chunk, layer=args.layer)
-                               for chunk in input_pipeline.images_of(split)])
+                               for chunk in batch_plans.images_of(split)])
     embeddings.append(probes.tsne_embed(features,
                                  perplexity=args.perplexity))
     titles.append(f'{name} ({model.config.stage if name != "random" else "random init"})')
@@ -154,50 +187,33 @@ def _out_dir(args):
   return os.path.join(rundir.find_checkpoint(first)[0], 'eval')
 
 
-# Each command's own options: (flags, argparse keywords); every command also takes the
-# run(s) and the data overrides. The layer default: tsne shows the pooled features.
-OPTIONS = {
-    'probe': ((('--layer',), dict(default='layer3')), (('--steps',), dict(type=int, default=500)),
-              (('--learning_rate',), dict(type=float, default=1e-2)),
-              (('--bn',), dict(default='running', choices=('running', 'reestimated'),
-                               help="BatchNorm statistics: the checkpoint's running ones, or "
-                                    're-estimated on the training images first (one '
-                                    'no-gradient pass)'))),
-    'knn': ((('--layer',), dict(default='layer3')), (('--k',), dict(type=int, default=20))),
-    'confusion': ((('--split',), dict(default='test', choices=('train', 'val', 'test'))),
-                  (('--out',), dict(default='', help='PNG path'))),
-    'tsne': ((('--layer',), dict(default='pooled')),
-             (('--split',), dict(default='test', choices=('train', 'val', 'test'))),
-             (('--out',), dict(default='', help='PNG path')),
-             (('--perplexity',), dict(type=float, default=30.0))),
-}
-
-
-def parse_args(argv):
+def parse_command(argv) -> types.SimpleNamespace:
+  """The command, its run(s) and its flags' values, from what absl leaves of the command
+  line (argv[0] the program, then the positional arguments) and FLAGS."""
   from rotjax import models
-  parser = argparse.ArgumentParser(prog='python -m rotjax.evaluate', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='command', required=True)
-  for command in COMMANDS:
-    p = sub.add_parser(command)
-    p.add_argument('runs', nargs='+' if command == 'tsne' else 1,
-                   help="run workdir(s) or checkpoint step dir(s); tsne also takes "
-                        "NAME=PATH and 'random' (the first run's model, freshly initialised)")
-    p.add_argument('--data_source', default='', help='override data.source (tfds:NAME | folder:PATH)')
-    p.add_argument('--loader', default='', choices=('', 'auto', 'memory', 'stream'),
-                   help="override data.loader (default: the run's own)")
-    p.add_argument('--max_images', type=int, default=0, help='cap on train/val/test images (0 = the run\'s own)')
-    p.add_argument('--cache_dir', default=None, help='override data.cache_dir')
-    p.add_argument('--out_dir', default='', help='where the JSON/PNG go (default RUN/eval)')
-    for flags, kwargs in OPTIONS[command]:
-      if flags == ('--layer',):
-        kwargs = {**kwargs, 'choices': models.LAYER_NAMES}
-      p.add_argument(*flags, **kwargs)
-  return parser.parse_args(argv)
+  usage = f'usage: python -m rotjax.evaluate {{{",".join(COMMANDS)}}} RUN... [--flags]'
+  if len(argv) < 3 or argv[1] not in COMMANDS:
+    raise app.UsageError(usage)
+  command, runs = argv[1], argv[2:]
+  if len(runs) > 1 and command != 'tsne':
+    raise app.UsageError(f'{command} takes one run, not {len(runs)}: {runs}')
+  others = set(itertools.chain(*OPTIONS.values())) - set(OPTIONS[command])
+  foreign = [name for name in sorted(others) if FLAGS[name].present]
+  if foreign:
+    raise app.UsageError(f'{command} takes no --{", --".join(foreign)}; its flags: '
+                         f'--{", --".join(OPTIONS[command] + DATA_FLAGS)}')
+  args = types.SimpleNamespace(command=command, runs=runs, **{
+      name: FLAGS[name].value for name in DATA_FLAGS + OPTIONS[command]})
+  if 'layer' in OPTIONS[command]:
+    args.layer = args.layer or DEFAULT_LAYER[command]
+    if args.layer not in models.LAYER_NAMES:
+      raise app.UsageError(f'--layer={args.layer} is unknown; allowed: {models.LAYER_NAMES}')
+  return args
 
 
-def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv) -> dict:
+  """Runs the command of a parsed command line (parse_command); writes and prints its result."""
+  args = parse_command(argv)
   result = COMMANDS[args.command](args)
   out_dir = _out_dir(args)
   os.makedirs(out_dir, exist_ok=True)
@@ -210,7 +226,10 @@ def main(argv=None):
   return result
 
 
+def main(argv):
+  run(argv)   # app.run exits with main's return value: the result stays here
+
+
 if __name__ == '__main__':
-  from rotjax.cpu import platform
   platform.configure()
-  main()
+  app.run(main)

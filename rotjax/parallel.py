@@ -1,8 +1,9 @@
-"""Data-parallel plumbing for pmap: multi-host start-up, device selection, replicate / unreplicate.
+"""Data-parallel plumbing for pmap: multi-host start-up, device selection, replicate /
+unreplicate, and a batch split over the devices (shard).
 
 Multi-host: every process runs the same program; pmap spans the devices of all
 processes, and each process feeds its local devices with its own data shard's part
-of every global batch (input_pipeline.load_dataset / train_batches).
+of every global batch (input_pipeline.load_dataset / batch_plans.train_batches).
 """
 import logging
 
@@ -109,3 +110,12 @@ def unreplicate(tree):
     data = x.addressable_shards[0].data
     return data[0] if data.ndim == x.ndim else data
   return jax.tree.map(one, tree)
+
+
+def shard(batch: dict, num_devices: int) -> dict:
+  """[global, ...] -> [devices, per_device, ...], for pmap."""
+  def reshape(x):
+    if x.shape[0] % num_devices:
+      raise ValueError(f'batch of {x.shape[0]} does not split over {num_devices} devices')
+    return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+  return {k: reshape(v) for k, v in batch.items()}

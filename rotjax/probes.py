@@ -10,7 +10,7 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
   """Every BatchNorm of `model` given the running statistics of `images` (its .variables
   replaced; bn_stats), prepared as the features are (eval preprocessing, no augmentation):
   the probe then normalises the task's images with their own statistics, not the pretext's.
-  `images`: an array, or chunks of `batch_size` in order (input_pipeline.images_of, for a
+  `images`: an array, or chunks of `batch_size` in order (batch_plans.images_of, for a
   split streamed from its files). Full batches of `batch_size` only (one batch of all when
   there are fewer); returns the record."""
   import functools
@@ -43,9 +43,9 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
 
 def split_features(model, dataset, layer: str, splits=('train', 'val', 'test')) -> dict:
   """{split: [images, channels] features of `layer`} for a dataset's splits (eval mode)."""
-  from rotjax import input_pipeline
+  from rotjax import batch_plans
   return {s: np.concatenate([model.features(chunk, layer=layer) for chunk in
-                             input_pipeline.images_of(getattr(dataset, s), model.batch_size)])
+                             batch_plans.images_of(getattr(dataset, s), model.batch_size)])
           for s in splits}
 
 
@@ -112,9 +112,9 @@ def knn_accuracy(train_x, train_y, query_x, query_y, num_classes, k=20, chunk=10
 
 def split_predictions(model, split):
   """predictions over a split in memory or streamed from its files, a chunk at a time."""
-  from rotjax import input_pipeline
+  from rotjax import batch_plans
   parts, start = [], 0
-  for chunk in input_pipeline.images_of(split, model.batch_size):
+  for chunk in batch_plans.images_of(split, model.batch_size):
     parts.append(predictions(model, chunk, first_index=start))
     start += len(chunk)
   pred = np.concatenate([p for p, _ in parts])

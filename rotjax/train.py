@@ -20,6 +20,7 @@ import optax
 from flax import jax_utils
 from flax.training import train_state
 
+from rotjax import batch_plans
 from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
@@ -251,10 +252,10 @@ def reestimate_frozen_bn(config, state, dataset, devices):
                        axis_name='batch', devices=devices)
   local_batch = dataset.local_batch(config.batch_size)
   steps = max(1, dataset.size('train') // config.batch_size)
-  batches = input_pipeline.train_batches(dataset.train, local_batch, config.seed, 0,
-                                         dataset.shards, steps,
-                                         first_index=dataset.process_index * local_batch)
-  batches = (input_pipeline.shard(b, len(parallel.local(devices))) for b in batches)
+  batches = batch_plans.train_batches(dataset.train, local_batch, config.seed, 0,
+                                      dataset.shards, steps,
+                                      first_index=dataset.process_index * local_batch)
+  batches = (parallel.shard(b, len(parallel.local(devices))) for b in batches)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   stats, record = bn_stats.reestimate(p_moments, variables, batches,
                                       lambda path: models.is_frozen(path, prefixes), devices)
@@ -271,12 +272,12 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
   """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
   local_batch = dataset.local_batch(batch_size)
-  for i, batch in enumerate(input_pipeline.eval_batches(getattr(dataset, split), local_batch,
-                                                        dataset.eval_steps(split, batch_size))):
+  for i, batch in enumerate(batch_plans.eval_batches(getattr(dataset, split), local_batch,
+                                                     dataset.eval_steps(split, batch_size))):
     # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
     # split: the same metrics on any number of devices and processes.
     batch['index'] = split_index(i, local_batch, dataset.process_index, dataset.process_count)
-    sums = p_eval_step(state, input_pipeline.shard(batch, num_local_devices), rng)
+    sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
   count = max(float(totals['count']), 1.0)
@@ -314,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                config.stage, config.model.name, trainable, total, num_devices,
                dataset.size('train'), dataset.size('val'), dataset.size('test'))
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
-  # What fixes the training batches (input_pipeline.TrainPlan): a run resumed inside an
+  # What fixes the training batches (batch_plans.TrainPlan): a run resumed inside an
   # epoch must have the same, so that it continues that epoch's very batches.
   data_state = {'seed': config.seed, 'num_shards': dataset.num_shards,
                 'train_images': dataset.size('train'), 'batch_size': config.batch_size}
@@ -355,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   resumed_step = partial['steps_done'] if partial else 0
   # Every remaining training batch as one stream (a streaming loader keeps its workers).
   # Processes feed the devices in process order: this one's rows start at p * local_batch.
-  train_stream = input_pipeline.epochs_of_batches(
+  train_stream = batch_plans.epochs_of_batches(
       dataset.train, local_batch, config.seed, range(start_epoch + 1, config.num_epochs + 1),
       dataset.shards, steps_per_epoch, first_index=dataset.process_index * local_batch,
       first_step=resumed_step)
@@ -366,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
       epoch_metrics = list(partial['step_metrics']) if first_step else []
       batches = itertools.islice(train_stream, steps_per_epoch - first_step)
       batches = jax_utils.prefetch_to_device(
-          (input_pipeline.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
+          (parallel.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
       bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
                               enabled=config.progress and jax.process_index() == 0)
       pending = []

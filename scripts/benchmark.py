@@ -63,7 +63,7 @@ def rotjax_worker(opts):
   rj_platform.configure()   # what a CLI run gets (XLA flags come in through the environment)
   import jax
   from configs import supervised
-  from rotjax import input_pipeline, parallel, train
+  from rotjax import parallel, train
 
   from rotjax.cpu import hardware
   config = supervised.get_config()
@@ -77,7 +77,7 @@ def rotjax_worker(opts):
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (opts['batch'], 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, opts['batch']).astype(np.int32)}
-  sharded = jax.device_put(input_pipeline.shard(batch, len(devices)))
+  sharded = jax.device_put(parallel.shard(batch, len(devices)))
   p_step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
   holder = {'state': parallel.replicate(state, devices)}
   keys = parallel.replicate(jax.random.key(0), devices)
@@ -98,7 +98,7 @@ def rotjax_worker(opts):
   eval_batch = {'image': rng.integers(0, 256, (opts['eval_batch'], 32, 32, 3), dtype=np.uint8),
                 'label': np.zeros(opts['eval_batch'], np.int32),
                 'mask': np.ones(opts['eval_batch'], np.float32)}
-  eval_sharded = jax.device_put(input_pipeline.shard(eval_batch, len(devices)))
+  eval_sharded = jax.device_put(parallel.shard(eval_batch, len(devices)))
   p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
   evaluate = lambda: jax.block_until_ready(p_eval(holder['state'], eval_sharded, keys))
   evaluate()
@@ -130,11 +130,11 @@ def _xla_flops(p_step, args, num_devices) -> dict:
 def _real_loop(opts, config):
   """images/s of train_and_evaluate over a whole epoch (input pipeline included), epoch 2."""
   import tempfile
-  from rotjax import input_pipeline, train
+  from rotjax import input_pipeline, memory_loader, train
   rng = np.random.default_rng(1)
   n = opts['batch'] * opts['loop_steps']
-  split = lambda k: input_pipeline.Split(rng.integers(0, 256, (k, 32, 32, 3), dtype=np.uint8),
-                                         rng.integers(0, 10, k).astype(np.int32))
+  split = lambda k: memory_loader.Split(rng.integers(0, 256, (k, 32, 32, 3), dtype=np.uint8),
+                                        rng.integers(0, 10, k).astype(np.int32))
   dataset = input_pipeline.Dataset(split(n), split(opts['eval_batch']), split(opts['eval_batch']),
                                    tuple(str(i) for i in range(10)))
   with tempfile.TemporaryDirectory() as workdir:

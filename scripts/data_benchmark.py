@@ -7,7 +7,7 @@ r"""Input pipeline speed, side by side in one run (`python scripts/benchmark.py 
 1. loaders: images/s of each loader alone, decoding CIFAR-10 (JPEG, 32 px) and ImageNette
    (224 px JPEGs, kept at 256 px for 224 px crops), on 1, 2 and all cores (each row in a
    child process whose CPU affinity is that many cores; its decoding workers inherit it):
-   - memory: input_pipeline.decode_files, what data.loader=memory does once per split;
+   - memory: memory_loader.decode_files, what data.loader=memory does once per split;
    - memory, threads (before): the thread pool around PIL that it replaced (decoded
      images stacked into the split's array afterwards);
    - stream: streaming.stream over a training epoch's plan (worker start included);
@@ -61,9 +61,9 @@ def loader_child(opts) -> dict:
   t0 = time.perf_counter()
   first = steady = None
   if loader == 'memory':
-    from rotjax import input_pipeline
-    input_pipeline.MIN_FILES_FOR_WORKERS = 0   # workers whatever the count, as for a big split
-    images, _ = input_pipeline.decode_files(files, labels, size, workers=cores)
+    from rotjax import memory_loader
+    memory_loader.MIN_FILES_FOR_WORKERS = 0   # workers whatever the count, as for a big split
+    images, _ = memory_loader.decode_files(files, labels, size, workers=cores)
     count = len(images)
   elif loader == 'memory, threads (before)':
     import concurrent.futures
@@ -72,11 +72,11 @@ def loader_child(opts) -> dict:
       decoded = list(pool.map(lambda f: image_files.decode_image(f, size), files))
     count = len(np.stack(decoded))   # the split's array, as the replaced decode_files built it
   elif loader == 'stream':
-    from rotjax import input_pipeline, streaming
+    from rotjax import batch_plans, streaming
     split = streaming.FileSplit(files, labels, size, workers=cores)
     count, marks = 0, []
-    for batch in input_pipeline.train_batches(split, opts['batch'], 0, 1,
-                                              num_steps=opts.get('max_batches')):
+    for batch in batch_plans.train_batches(split, opts['batch'], 0, 1,
+                                           num_steps=opts.get('max_batches')):
       marks.append(time.perf_counter() - t0)
       count += len(batch['label'])
     first = marks[0]
@@ -118,7 +118,7 @@ def loop_child(opts) -> dict:
   """images/s of the bare train step and of train_and_evaluate's epoch 2 per loader."""
   import jax
   from configs import imagenette
-  from rotjax import input_pipeline, metrics, parallel, train
+  from rotjax import batch_plans, input_pipeline, metrics, parallel, train
   from rotjax.cpu import platform as rj_platform
   rj_platform.configure()
   config = imagenette.get_config('supervised')
@@ -138,8 +138,8 @@ def loop_child(opts) -> dict:
   state, mask, _, _ = train.create_train_state(config, datasets['memory'].num_classes,
                                                opts['steps'])
   step = train.pmapped_train_step(config, mask, devices)
-  batch = next(input_pipeline.train_batches(datasets['memory'].train, config.batch_size, 0, 1))
-  batch = jax.device_put(input_pipeline.shard(batch, len(devices)))
+  batch = next(batch_plans.train_batches(datasets['memory'].train, config.batch_size, 0, 1))
+  batch = jax.device_put(parallel.shard(batch, len(devices)))
   state, rng = parallel.replicate(state, devices), parallel.replicate(jax.random.key(0), devices)
 
   def bare():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from rotjax import batch_plans
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import parallel
@@ -54,8 +55,8 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   for epoch in range(2):
-    for batch in input_pipeline.train_batches(dataset.train, 8, 0, epoch):
-      state, _ = step(state, input_pipeline.shard(batch, 1), rng)
+    for batch in batch_plans.train_batches(dataset.train, 8, 0, epoch):
+      state, _ = step(state, parallel.shard(batch, 1), rng)
   after = jax.device_get(parallel.unreplicate(state))
   flat_mask = traverse_util.flatten_dict(mask, sep='/')
   for tree in ('params', 'batch_stats'):

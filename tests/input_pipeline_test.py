@@ -5,8 +5,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from rotjax import batch_plans
 from rotjax import image_files
 from rotjax import input_pipeline
+from rotjax import memory_loader
 
 
 def test_folder_dataset_splits_and_shapes(image_folder, tmp_path):
@@ -32,26 +34,6 @@ def test_samples_per_class_is_balanced_and_seeded(image_folder, tmp_path):
     input_pipeline.load_dataset(config.data)
 
 
-def test_batches_are_keyed_on_seed_and_epoch(image_folder, tmp_path):
-  ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
-  first = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 1)]
-  again = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 1)]
-  other = [b['label'] for b in input_pipeline.train_batches(ds.train, 8, 0, 2)]
-  assert len(first) == -(-len(ds.train) // 8)   # the last batch padded, not dropped
-  np.testing.assert_array_equal(np.stack(first), np.stack(again))
-  assert not np.array_equal(np.stack(first), np.stack(other))
-  sharded = input_pipeline.shard(next(input_pipeline.train_batches(ds.train, 8, 0, 1)), 2)
-  assert sharded['image'].shape == (2, 4, 16, 16, 3)
-
-
-def test_one_shard_keeps_the_seeded_order(image_folder, tmp_path):
-  ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
-  order = np.random.default_rng([3, 2]).permutation(len(ds.train))
-  batch = next(input_pipeline.train_batches(ds.train, 8, 3, 2))
-  # Row r holds the batch's index[r]-th image in index order (the rows are then mixed).
-  np.testing.assert_array_equal(batch['label'], ds.train.labels[np.sort(order[:8])][batch['index']])
-
-
 def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
   """Two processes' shards: disjoint, together the whole dataset, and their parts of each
   batch join into the batches of one process holding both shards (data.num_shards=2)."""
@@ -75,9 +57,9 @@ def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
   steps = whole.steps_per_epoch(8)
   assert steps == parts[0].steps_per_epoch(8) == -(-54 // 8)
   for epoch in (1, 2):
-    one = list(input_pipeline.train_batches(whole.train, 8, 0, epoch, whole.shards, steps))
-    two = [list(input_pipeline.train_batches(p.train, 4, 0, epoch, p.shards, steps,
-                                             first_index=4 * p.process_index)) for p in parts]
+    one = list(batch_plans.train_batches(whole.train, 8, 0, epoch, whole.shards, steps))
+    two = [list(batch_plans.train_batches(p.train, 4, 0, epoch, p.shards, steps,
+                                          first_index=4 * p.process_index)) for p in parts]
     assert len(one) == steps
     # Row for row the batches two processes feed their devices (images, labels, padding,
     # indices): one host with num_shards=2 replays a two-host run exactly.
@@ -87,66 +69,8 @@ def test_each_process_decodes_only_its_shard(image_folder, tmp_path):
   # Evaluation: every process runs as many batches, the padding masked out.
   counts = [p.eval_steps('val', 4) for p in parts]
   assert counts[0] == counts[1] == 5   # 18 val images: 9 per process, 2 per batch
-  masks = [sum(b['mask'].sum() for b in input_pipeline.eval_batches(p.val, 2, 5)) for p in parts]
+  masks = [sum(b['mask'].sum() for b in batch_plans.eval_batches(p.val, 2, 5)) for p in parts]
   assert masks == [9, 9]
-
-
-def _seen(batches) -> list[int]:
-  """Labels (here: example ids) of the real rows of an epoch's batches."""
-  return sorted(int(x) for b in batches for x in b['label'][b['mask'] == 1])
-
-
-def test_every_labelled_image_is_seen_once_per_epoch_the_padding_masked():
-  """200 labels at batch 128 dropped 72 of them every epoch; scaled down: 25 at batch 16."""
-  n, batch = 25, 16
-  ids = np.arange(n, dtype=np.int32)
-  split = input_pipeline.Split(np.broadcast_to(ids[:, None, None, None], (n, 2, 2, 3)).astype(np.uint8), ids)
-  for num_shards in (1, 2):
-    dataset = input_pipeline.Dataset(split, split, split, ('a',), num_shards=num_shards)
-    assert dataset.steps_per_epoch(batch) == 2
-  for shards in ((0,), (0, 1)):
-    for epoch in (1, 2):
-      batches = list(input_pipeline.train_batches(split, batch, 0, epoch, shards))
-      assert len(batches) == 2 and all(b['image'].shape[0] == batch for b in batches)
-      assert _seen(batches) == list(range(n))
-      last = batches[-1]
-      assert last['mask'].sum() == n - batch and (last['mask'] == 0).sum() == 2 * batch - n
-      # The padding repeats real images of the epoch (their own labels), never zeros.
-      padded = last['mask'] == 0
-      np.testing.assert_array_equal(last['image'][padded][:, 0, 0, 0], last['label'][padded])
-      assert len(set(last['label'][padded].tolist()) & set(_seen(batches[:1]))) == 2 * batch - n
-  # Two processes, one shard each (13 and 12 images): as many steps, each image once.
-  parts = [split.take(np.arange(p, n, 2)) for p in (0, 1)]
-  two = [list(input_pipeline.train_batches(part, batch // 2, 0, 1, (p,), 2,
-                                           first_index=p * batch // 2))
-         for p, part in enumerate(parts)]
-  assert [len(b) for b in two] == [2, 2]
-  assert sorted(_seen(two[0]) + _seen(two[1])) == list(range(n))
-  one = list(input_pipeline.train_batches(split, batch, 0, 1, (0, 1)))
-  # The same images at the same global indices (so the same augmentation); each process
-  # mixes only the rows it holds, so the rows' order differs.
-  by_index = lambda b: {k: v[np.argsort(b['index'])] for k, v in b.items()}
-  for a, b0, b1 in zip(one, *two):
-    joined = by_index({k: np.concatenate([b0[k], b1[k]]) for k in a})
-    for key in ('label', 'mask', 'index'):
-      np.testing.assert_array_equal(by_index(a)[key], joined[key])
-
-
-def test_each_device_holds_a_uniform_random_part_of_every_batch():
-  # 500 images listed class by class, as a folder split is: in index order device 0 of 2
-  # would hold mostly classes 0-4, and per-device BatchNorm would see the labels.
-  labels = np.repeat(np.arange(10), 50).astype(np.int32)
-  split = input_pipeline.Split(np.zeros((500, 2, 2, 3), np.uint8), labels)
-  for epoch in (1, 2, 3):
-    batches = list(input_pipeline.train_batches(split, 64, 0, epoch))
-    assert _seen(batches) == sorted(labels.tolist())
-    for batch in batches:
-      devices = input_pipeline.shard(batch, 2)
-      for device in range(2):
-        real = devices['label'][device][devices['mask'][device] == 1]
-        assert len(set(real.tolist())) >= 8, (epoch, device)
-      # Every row keeps its own place in the batch as its index, whichever device holds it.
-      assert sorted(batch['index'].tolist()) == list(range(64))
 
 
 def test_shards_must_match_the_processes(image_folder, tmp_path):
@@ -154,32 +78,6 @@ def test_shards_must_match_the_processes(image_folder, tmp_path):
   config.data.num_shards = 3
   with pytest.raises(ValueError, match='data.num_shards=3 with 2 processes'):
     input_pipeline.load_dataset(config.data, 0, 2)
-
-
-def test_eval_batches_pad_and_mask():
-  split = input_pipeline.Split(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10, dtype=np.int32))
-  batches = list(input_pipeline.eval_batches(split, 4))
-  assert len(batches) == 3
-  assert batches[-1]['mask'].tolist() == [1, 1, 0, 0]
-  assert sum(b['mask'].sum() for b in batches) == 10
-
-
-def test_grayscale_rgba_and_odd_sizes_are_converted(tmp_path):
-  os.makedirs(tmp_path / 'train' / 'a')
-  Image.fromarray(np.full((20, 30), 128, np.uint8), 'L').save(tmp_path / 'train' / 'a' / 'g.png')
-  Image.fromarray(np.full((40, 17, 4), 200, np.uint8), 'RGBA').save(tmp_path / 'train' / 'a' / 'r.png')
-  images, labels, classes = input_pipeline.load_folder_split(str(tmp_path), 'train', 16)
-  assert images.shape == (2, 16, 16, 3) and classes == ('a',)
-
-
-def test_bad_file_is_named_or_skipped(tmp_path):
-  os.makedirs(tmp_path / 'train' / 'a')
-  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'train' / 'a' / 'ok.png')
-  (tmp_path / 'train' / 'a' / 'broken.jpg').write_bytes(b'not an image')
-  with pytest.raises(ValueError, match='broken.jpg'):
-    input_pipeline.load_folder_split(str(tmp_path), 'train', 8)
-  images, _, _ = input_pipeline.load_folder_split(str(tmp_path), 'train', 8, skip_bad_files=True)
-  assert len(images) == 1
 
 
 def test_empty_class_and_mismatched_classes_are_errors(tmp_path):
@@ -224,12 +122,6 @@ def test_skipped_files_are_counted_in_a_warning(tmp_path, caplog):
   assert 'skipped 2 unreadable files' in caplog.text and 'x.jpg' in caplog.text
 
 
-def test_class_with_only_bad_files_is_an_error_even_when_skipping(tmp_path):
-  _folder(tmp_path, {'train/a': ['0.png'], 'train/b': ['x.jpg']})
-  with pytest.raises(ValueError, match=r'every image of class folder .*train/b is unreadable'):
-    input_pipeline.load_folder_split(str(tmp_path), 'train', 8, skip_bad_files=True)
-
-
 def test_class_names_differing_between_splits_are_an_error(tmp_path):
   _folder(tmp_path, {'train/cat': ['0.png'], 'train/dog': ['0.png'],
                      'test/cat': ['0.png'], 'test/dgo': ['0.png']})
@@ -256,8 +148,8 @@ def test_memory_loader_decodes_only_the_images_the_run_holds(image_folder, tmp_p
   config = tiny_config('supervised', tmp_path, image_folder,
                        **{'data.max_train_images': 5, 'data.max_eval_images': 4})
   decoded = []
-  real = input_pipeline.decode_files
-  monkeypatch.setattr(input_pipeline, 'decode_files',
+  real = memory_loader.decode_files
+  monkeypatch.setattr(memory_loader, 'decode_files',
                       lambda files, *args, **kw: decoded.append(len(files)) or real(files, *args, **kw))
   dataset = input_pipeline.load_dataset(config.data)
   assert decoded == [5 + 4, 4] and dataset.loader == 'memory'   # train + val rows, test rows

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from rotjax import batch_plans
 from rotjax import input_pipeline
+from rotjax import memory_loader
 from rotjax import models
 from rotjax import parallel
 from rotjax import testing
@@ -72,7 +74,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   for _ in range(40):
     batch = {'image': _orientation_free(data, 16), 'label': np.zeros(16, np.int32),
              'mask': np.ones(16, np.float32)}
-    state, _ = step(state, input_pipeline.shard(batch, 1), rng)
+    state, _ = step(state, parallel.shard(batch, 1), rng)
   state = parallel.unreplicate(state)
   prepare = train.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
 
@@ -119,8 +121,8 @@ def test_split_index_is_each_example_place_in_the_whole_split():
     local_batch = 6 // processes
     for p in range(processes):
       own = ids[p::processes]
-      split = input_pipeline.Split(own.astype(np.uint8)[:, None, None, None], own.astype(np.int32))
-      for i, batch in enumerate(input_pipeline.eval_batches(split, local_batch)):
+      split = memory_loader.Split(own.astype(np.uint8)[:, None, None, None], own.astype(np.int32))
+      for i, batch in enumerate(batch_plans.eval_batches(split, local_batch)):
         real = batch['mask'] > 0
         index = train.split_index(i, local_batch, p, processes)
         np.testing.assert_array_equal(index[real], batch['label'][real])

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from rotjax import batch_plans
 from rotjax import image_files
 from rotjax import input_pipeline
+from rotjax import memory_loader
 from rotjax import rundir
 from rotjax import streaming
 from rotjax import testing
@@ -43,19 +45,19 @@ def test_stream_gives_the_memory_loaders_batches(image_folder, tmp_path):
   assert (memory.loader, stream.loader) == ('memory', 'stream')
   assert isinstance(stream.train, streaming.FileSplit) and len(stream.train) == len(memory.train)
   for epoch in (2, 1):
-    one = list(input_pipeline.train_batches(memory.train, 8, 0, epoch))
-    two = list(input_pipeline.train_batches(stream.train, 8, 0, epoch))
+    one = list(batch_plans.train_batches(memory.train, 8, 0, epoch))
+    two = list(batch_plans.train_batches(stream.train, 8, 0, epoch))
     assert len(one) == len(two) == memory.steps_per_epoch(8)
     for a, b in zip(one, two):
       _assert_same(a, b)
   # From a step inside the epoch: that epoch's remaining batches (a resumed run's).
-  tail = list(input_pipeline.train_batches(stream.train, 8, 0, 1, start=2))
+  tail = list(batch_plans.train_batches(stream.train, 8, 0, 1, start=2))
   assert len(tail) == len(one) - 2
   for a, b in zip(one[2:], tail):   # `one`: epoch 1's
     _assert_same(a, b)
   for split in ('val', 'test'):
-    for a, b in zip(input_pipeline.eval_batches(getattr(memory, split), 8, 3),
-                    input_pipeline.eval_batches(getattr(stream, split), 8, 3)):
+    for a, b in zip(batch_plans.eval_batches(getattr(memory, split), 8, 3),
+                    batch_plans.eval_batches(getattr(stream, split), 8, 3)):
       _assert_same(a, b)
 
 
@@ -71,16 +73,16 @@ def test_each_process_streams_the_rows_of_its_shard_as_memory_holds_them(image_f
     assert stream.shards == memory.shards == (p,) and stream.sizes == memory.sizes
     for split in ('train', 'val', 'test'):
       assert len(getattr(stream, split)) == len(getattr(memory, split))
-    for a, b in zip(input_pipeline.train_batches(memory.train, 4, 0, 1, (p,), 7, first_index=4 * p),
-                    input_pipeline.train_batches(stream.train, 4, 0, 1, (p,), 7, first_index=4 * p)):
+    for a, b in zip(batch_plans.train_batches(memory.train, 4, 0, 1, (p,), 7, first_index=4 * p),
+                    batch_plans.train_batches(stream.train, 4, 0, 1, (p,), 7, first_index=4 * p)):
       _assert_same(a, b)
 
 
 def test_memory_decode_in_worker_processes_equals_decode_in_this_one(image_folder, monkeypatch):
   files, labels, _ = image_files.list_folder_split(image_folder, 'train')
-  here = input_pipeline.decode_files(files, labels, 16)
-  monkeypatch.setattr(input_pipeline, 'MIN_FILES_FOR_WORKERS', 0)
-  workers = input_pipeline.decode_files(files, labels, 16, workers=2)
+  here = memory_loader.decode_files(files, labels, 16)
+  monkeypatch.setattr(memory_loader, 'MIN_FILES_FOR_WORKERS', 0)
+  workers = memory_loader.decode_files(files, labels, 16, workers=2)
   np.testing.assert_array_equal(here[0], workers[0])
   np.testing.assert_array_equal(here[1], workers[1])
 
@@ -142,11 +144,11 @@ def test_a_prepared_tfds_dataset_streams_what_memory_loads(image_folder, tmp_pat
     assert datasets[loader].loader == loader
     assert datasets[loader].class_names == testing.CLASSES
   memory, stream = datasets['memory'], datasets['stream']
-  for a, b in zip(input_pipeline.train_batches(memory.train, 8, 0, 1),
-                  input_pipeline.train_batches(stream.train, 8, 0, 1)):
+  for a, b in zip(batch_plans.train_batches(memory.train, 8, 0, 1),
+                  batch_plans.train_batches(stream.train, 8, 0, 1)):
     _assert_same(a, b)
-  for a, b in zip(input_pipeline.eval_batches(memory.test, 8),
-                  input_pipeline.eval_batches(stream.test, 8)):
+  for a, b in zip(batch_plans.eval_batches(memory.test, 8),
+                  batch_plans.eval_batches(stream.test, 8)):
     _assert_same(a, b)
   files, labels, _ = image_files.list_folder_split(image_folder, 'test')
   key = lambda images, labels: sorted((int(l), im.tobytes()) for im, l in zip(images, labels))
@@ -170,13 +172,13 @@ def test_an_unreadable_file_is_named_or_masked_and_counted(tmp_path, caplog):
   config.data.loader, config.data.workers = 'stream', 1
   dataset = input_pipeline.load_dataset(config.data)
   with pytest.raises(image_files.BadImageError, match='broken.jpg'):
-    list(input_pipeline.train_batches(dataset.train, 4, 0, 1))
+    list(batch_plans.train_batches(dataset.train, 4, 0, 1))
   config.data.skip_bad_files = True
   dataset = input_pipeline.load_dataset(config.data)
   assert len(dataset.train) == 9   # the file keeps its place: every process sees one list
-  batches = list(input_pipeline.train_batches(dataset.train, 4, 0, 1))
+  batches = list(batch_plans.train_batches(dataset.train, 4, 0, 1))
   bad = dataset.train.files.index(os.path.join(root, 'train', 'a', 'broken.jpg'))
-  plans = input_pipeline.TrainPlan(9, 4, 0, 1)
+  plans = batch_plans.TrainPlan(9, 4, 0, 1)
   for i, batch in enumerate(batches):
     for j, row in enumerate(plans[i]['rows']):
       if row == bad:
@@ -200,7 +202,7 @@ def test_a_dead_worker_is_a_named_error_not_a_hang(image_folder):
   split = DyingSplit(files, labels, 16, workers=2, name='tiny/train')
   t0 = time.time()
   with pytest.raises(streaming.DataWorkerError, match='worker process died while decoding tiny/train'):
-    list(input_pipeline.eval_batches(split, 8))
+    list(batch_plans.eval_batches(split, 8))
   assert time.time() - t0 < 60
 
 
@@ -305,10 +307,10 @@ def test_imagenet_preset_study_streams_all_five_stages(tmp_path):
 def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(tmp_path, monkeypatch):
   root = _bad_folder(tmp_path / 'data')
   files, labels, _ = image_files.list_folder_split(root, 'train')
-  monkeypatch.setattr(input_pipeline, 'MIN_FILES_FOR_WORKERS', 0)   # 8 px images: processes
+  monkeypatch.setattr(memory_loader, 'MIN_FILES_FOR_WORKERS', 0)   # 8 px images: processes
   with pytest.raises(image_files.BadImageError, match='broken.jpg'):
-    input_pipeline.decode_files(files, labels, 8, workers=2)
-  images, kept = input_pipeline.decode_files(files, labels, 8, skip_bad_files=True, workers=2)
+    memory_loader.decode_files(files, labels, 8, workers=2)
+  images, kept = memory_loader.decode_files(files, labels, 8, skip_bad_files=True, workers=2)
   assert len(images) == len(kept) == 8
 
 

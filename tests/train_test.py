@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from rotjax import batch_plans
 from rotjax import input_pipeline
 from rotjax import metrics
 from rotjax import parallel
@@ -35,7 +36,7 @@ def _step_on(devices, state, mask, batch):
                                                      preprocess.CIFAR_STD), batch['label'], batch['mask'])
   step = train.pmapped_train_step(None, mask, devices, smoothing=0.1, prepare_fn=prepare,
                                   donate=False)
-  new_state, m = step(parallel.replicate(state, devices), input_pipeline.shard(batch, len(devices)),
+  new_state, m = step(parallel.replicate(state, devices), parallel.shard(batch, len(devices)),
                       parallel.replicate(jax.random.key(0), devices))
   return jax.device_get(parallel.unreplicate(m)), jax.device_get(parallel.unreplicate(new_state))
 
@@ -48,7 +49,7 @@ def test_one_and_two_devices_agree_on_the_same_global_batch(make_config, tmp_pat
   config = make_config('supervised', tmp_path, **{'optim.name': 'sgd', 'optim.warmup_epochs': 0})
   dataset = input_pipeline.load_dataset(config.data)
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
-  batch = next(input_pipeline.train_batches(dataset.train, 8, 0, 1))
+  batch = next(batch_plans.train_batches(dataset.train, 8, 0, 1))
   one = _step_on(jax.local_devices()[:1], state, mask, batch)
   two = _step_on(jax.local_devices()[:2], state, mask, batch)
   # Synced BatchNorm + pmean'd gradients: the same maths, summed in a different order.
@@ -104,7 +105,7 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
   devices = jax.local_devices()
   step = train.pmapped_train_step(config, mask, devices, smoothing=0.1, donate=False)
-  batch = jax.device_put(input_pipeline.shard(next(input_pipeline.train_batches(
+  batch = jax.device_put(parallel.shard(next(batch_plans.train_batches(
       dataset.train, 8, 0, 1)), len(devices)))
   replicated = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
