@@ -51,7 +51,7 @@ MIN_FILES_FOR_WORKERS = 2000
 # threads scale where that is most of the work (a 224 px JPEG: ~1 ms), and they write
 # straight into this process's memory; on tiny images (CIFAR's 32 px: 0.1 ms) the Python
 # around each file holds the lock and threads do not scale at all. Measured on 2 cores
-# (README, scripts/benchmark.py --data): CIFAR-10, threads 9008 -> 6047 images/s from 1 to
+# (docs/performance.md, scripts/benchmark.py --data): CIFAR-10, threads 9008 -> 6047 images/s from 1 to
 # 2 cores, processes 7258 -> 10405; ImageNette 224 px, threads 806 -> 1471, processes
 # 486 -> 827 (the copy of every decoded pixel out of the workers' buffer into fresh memory
 # competes with the workers for the same cores).
