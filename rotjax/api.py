@@ -15,7 +15,7 @@ import numpy as np
 from rotjax import models
 from rotjax import rundir
 from rotjax.cpu import hardware
-from rotjax.cpu import onednn_batchnorm, onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_conv, onednn_errors
 
 
 
@@ -27,13 +27,13 @@ def _runnable_conv(config) -> None:
   if config.model.get('conv', 'auto') == 'onednn':
     try:
       onednn_conv.uses_onednn('onednn', dtype)
-    except onednn_conv.OneDNNConvError as e:
+    except onednn_errors.OneDNNConvError as e:
       logging.warning('%s; predicting with model.conv=auto instead', e)
       config.model.conv = 'auto'
   if config.model.get('norm', 'auto') == 'onednn':
     try:
       onednn_batchnorm.uses_onednn('onednn', config.model.get('conv', 'auto'), dtype)
-    except onednn_batchnorm.OneDNNNormError as e:
+    except onednn_errors.OneDNNNormError as e:
       logging.warning('%s; predicting with model.norm=auto instead', e)
       config.model.norm = 'auto'
 
@@ -61,7 +61,7 @@ class RotjaxModel:
   def image_size(self) -> int:
     return self.config.data.image_size
 
-  @onednn_conv.named_errors()
+  @onednn_errors.named_errors()
   def predict(self, images) -> np.ndarray:
     """uint8 [H, W, 3] or [B, H, W, 3] -> class probabilities [B, num_classes]."""
     return self._run('probs', images)
@@ -70,7 +70,7 @@ class RotjaxModel:
     """uint8 image(s) -> logits [B, num_classes]."""
     return self._run('logits', images)
 
-  @onednn_conv.named_errors()
+  @onednn_errors.named_errors()
   def features(self, images, layer: str = 'layer3') -> np.ndarray:
     """uint8 image(s) -> global-average-pooled features of `layer` [B, channels]."""
     if layer not in models.LAYER_NAMES:

@@ -35,7 +35,7 @@ from rotjax import progress
 from rotjax import rotation
 from rotjax import rundir
 from rotjax.cpu import hardware
-from rotjax.cpu import onednn_conv
+from rotjax.cpu import onednn_errors
 
 STAGES = ('pretext', 'finetune', 'supervised')
 # freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
@@ -283,7 +283,7 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
 
 
-@onednn_conv.named_errors()
+@onednn_errors.named_errors()
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
   config_checks.check_config(config)

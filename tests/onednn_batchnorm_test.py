@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rotjax import batchnorm, models
-from rotjax.cpu import onednn_batchnorm, onednn_build, onednn_conv
+from rotjax.cpu import onednn_batchnorm, onednn_build, onednn_conv, onednn_errors
 from rotjax.cpu.onednn_build import Status
 
 pytestmark = pytest.mark.cpu_only('oneDNN BatchNorm, a CPU-only path')
@@ -149,8 +149,8 @@ def test_unknown_impl_is_named():
 
 
 def test_a_failure_inside_a_step_is_named():
-  with pytest.raises(onednn_batchnorm.OneDNNNormError, match='input NHWC'):
-    with onednn_conv.named_errors():
+  with pytest.raises(onednn_errors.OneDNNNormError, match='input NHWC'):
+    with onednn_errors.named_errors():
       raise jax.errors.JaxRuntimeError('INTERNAL: rotjax oneDNN batch norm: batch norm, input '
                                        'NHWC [8, 2, 2, 32], dtype float32: could not execute')
 
@@ -160,7 +160,7 @@ def test_a_batchnorm_onednn_cannot_take_is_named_or_left_to_xla():
   x = jnp.ones((2, 4, 4, 8), jnp.float16)   # oneDNN's BatchNorm here: float32 and bfloat16
   scale = bias = jnp.ones(8)
   assert onednn_batchnorm.apply(x, scale, bias, EPS, True) is None
-  with pytest.raises(onednn_batchnorm.OneDNNNormError, match=r'float16 BatchNorm of input \(2, 4, 4, 8\)'):
+  with pytest.raises(onednn_errors.OneDNNNormError, match=r'float16 BatchNorm of input \(2, 4, 4, 8\)'):
     onednn_batchnorm.apply(x, scale, bias, EPS, True, strict=True)
 
 

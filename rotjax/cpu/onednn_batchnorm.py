@@ -27,15 +27,12 @@ import numpy as np
 
 from rotjax.cpu import onednn_build, onednn_conv
 from rotjax.cpu.onednn_build import Status
+from rotjax.cpu.onednn_errors import OneDNNNormError
 
 IMPLS = ('auto', 'xla', 'onednn')
 HINT = 'set model.norm=xla to use XLA\'s BatchNorm instead'
 _PROBE_SHAPE = (4, 8, 8, 16)
 _fallbacks_logged = set()
-
-
-class OneDNNNormError(RuntimeError):
-  """A BatchNorm oneDNN could not create or run; the message names its shape and dtype."""
 
 
 def _call(target, out_types, *args, relu, epsilon):

@@ -14,7 +14,6 @@ oneDNN cannot take, or takes only with its slow reference kernels, goes to XLA u
 'auto' and is an `OneDNNConvError` under 'onednn'. Finding, compiling and loading
 oneDNN is onednn_build.py's job.
 """
-import contextlib
 import functools
 import logging
 
@@ -24,30 +23,12 @@ from jax import lax
 
 from rotjax.cpu import onednn_build
 from rotjax.cpu.onednn_build import Status
+from rotjax.cpu.onednn_errors import OneDNNConvError
 
 IMPLS = ('auto', 'xla', 'onednn')
 HINT = 'set model.conv=xla to use XLA\'s convolutions instead'
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 _fallbacks_logged = set()
-
-
-class OneDNNConvError(RuntimeError):
-  """A convolution oneDNN could not create or run; the message names its shape and dtype."""
-
-
-@contextlib.contextmanager
-def named_errors():
-  """Re-raises a oneDNN failure inside a compiled step as OneDNNConvError or OneDNNNormError
-  (also a decorator)."""
-  try:
-    yield
-  except jax.errors.JaxRuntimeError as e:
-    if 'rotjax oneDNN conv' in str(e):
-      raise OneDNNConvError(str(e)) from e
-    if 'rotjax oneDNN batch norm' in str(e):
-      from rotjax.cpu.onednn_batchnorm import OneDNNNormError   # (it imports this module)
-      raise OneDNNNormError(str(e)) from e
-    raise
 
 
 def _attrs(strides, padding):

@@ -5,7 +5,7 @@ import sys
 import _path  # noqa: F401
 import conftest
 from rotjax import config_checks
-from rotjax.cpu import hardware, onednn_conv
+from rotjax.cpu import hardware, onednn_errors
 
 folder, workdir = sys.argv[1:3]
 config = conftest.tiny_config('supervised', workdir, folder)
@@ -17,5 +17,5 @@ config.model.conv = 'onednn'
 try:
   config_checks.check_config(config)
   print('ACCEPTED')
-except onednn_conv.OneDNNConvError as e:
+except onednn_errors.OneDNNConvError as e:
   print('REFUSED', e)
