@@ -122,7 +122,7 @@ def _check_trainable(config) -> None:
 
 def _check_writable(workdir: str) -> None:
   """Creates workdir and a file in it: os.access says yes to root even on read-only mounts."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = rundir.absolute(workdir)
   probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
   try:
     os.makedirs(workdir, exist_ok=True)

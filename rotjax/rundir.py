@@ -28,6 +28,7 @@ BEST = 'best'
 
 
 def absolute(workdir: str) -> str:
+  """The workdir as an absolute path (`~` expanded): the one spelling every module uses."""
   return os.path.abspath(os.path.expanduser(workdir))
 
 

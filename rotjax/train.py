@@ -37,7 +37,6 @@ from rotjax import rundir
 from rotjax.cpu import hardware
 from rotjax.cpu import onednn_errors
 
-STAGES = ('pretext', 'finetune', 'supervised')
 # freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
 RUNNING_STATS = ('running', 'reestimated')
 
@@ -287,7 +286,7 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
   config_checks.check_config(config)
-  workdir = os.path.abspath(os.path.expanduser(config.workdir))
+  workdir = rundir.absolute(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
   num_devices, num_local_devices = len(devices), len(parallel.local(devices))

@@ -89,8 +89,8 @@ class SourceRecords:
     record = self.loaded[source_dir]
     if record is None:
       return None
-    return {**record, 'run': os.path.relpath(os.path.abspath(os.path.expanduser(source_dir)),
-                                             os.path.abspath(os.path.expanduser(workdir)))}
+    return {**record, 'run': os.path.relpath(rundir.absolute(source_dir),
+                                             rundir.absolute(workdir))}
 
 
 def source_change(run_config, sources: SourceRecords) -> str:
@@ -171,7 +171,7 @@ def run_study(config, datasets=None) -> list[dict]:
   trained, so an interrupted study has both up to date. Call write_report at the end for a report
   that also lists the runs this call only skipped or found finished (run_study_and_report does).
   """
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   if not config.workdir:
     raise ValueError('workdir is required: pass --config.workdir=PATH')
   runs = sweep.plan(config)
@@ -230,5 +230,5 @@ def run_study_and_report(config, datasets=None) -> str:
   """run_study, then the report once more; returns the line naming report.md and its figures."""
   rows = run_study(config, datasets)
   # Runs this call only skipped or found finished had no report build of their own.
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   return final_line(study_dir, rows, write_report(study_dir))

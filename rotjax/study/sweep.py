@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from rotjax import rundir
+
 AXES = ('dataset', 'model', 'num_rotations', 'label_smoothing', 'samples_per_class', 'seed',
         'freeze_bn')
 # BatchNorm in frozen layers (configs/common.py); only runs with frozen layers depend on it,
@@ -121,7 +123,7 @@ def _check(config) -> None:
 def run_config(config, run: Run) -> ml_collections.ConfigDict:
   """The train.py config of one run: the study's base with the run's axes filled in."""
   _, stage, pretrained = STAGES[run.stage]
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   rc = ml_collections.ConfigDict(config.base.to_dict())
   rc.stage = stage
   rc.workdir = os.path.join(study_dir, run.name)
