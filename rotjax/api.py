@@ -24,15 +24,15 @@ def _runnable_conv(config) -> None:
   oneDNN can't run (a GPU, a CPU without the dtype's kernels): its weights do not depend
   on the kernels' code."""
   dtype = hardware.compute_dtype(config.model.dtype)
-  if config.model.get('conv', 'auto') == 'onednn':
+  if config.model.conv == 'onednn':
     try:
       onednn_conv.uses_onednn('onednn', dtype)
     except onednn_errors.OneDNNConvError as e:
       logging.warning('%s; predicting with model.conv=auto instead', e)
       config.model.conv = 'auto'
-  if config.model.get('norm', 'auto') == 'onednn':
+  if config.model.norm == 'onednn':
     try:
-      onednn_batchnorm.uses_onednn('onednn', config.model.get('conv', 'auto'), dtype)
+      onednn_batchnorm.uses_onednn('onednn', config.model.conv, dtype)
     except onednn_errors.OneDNNNormError as e:
       logging.warning('%s; predicting with model.norm=auto instead', e)
       config.model.norm = 'auto'
@@ -135,12 +135,14 @@ class RotjaxModel:
 
 def load(path: str, batch_size: int = 256) -> RotjaxModel:
   """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
-  import ml_collections
   from rotjax import compile_cache
   from rotjax import checkpoint
   workdir, step_dir = rundir.find_checkpoint(path)
   compile_cache.enable('auto')   # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
-  config = ml_collections.ConfigDict(rundir.read(workdir, rundir.CONFIG))
+  config = rundir.read_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{workdir} has no {rundir.CONFIG}: cannot tell how to build its '
+                            'model')
   class_names = _class_names(workdir, config)
   variables = checkpoint.restore_variables(step_dir)
   return RotjaxModel(config, variables, class_names=class_names, checkpoint_path=step_dir,

@@ -36,11 +36,11 @@ def check_config(config) -> None:
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
   _require(config.model.dtype in hardware.DTYPES,
            f'model.dtype={config.model.dtype!r} is unknown; allowed: {hardware.DTYPES}')
-  conv = config.model.get('conv', 'auto')
+  conv = config.model.conv
   onednn_conv.check_impl(conv)
   if conv == 'onednn':   # insisting on oneDNN where it cannot run is an OneDNNConvError saying why
     onednn_conv.uses_onednn(conv, hardware.compute_dtype(config.model.dtype))
-  norm = config.model.get('norm', 'auto')
+  norm = config.model.norm
   onednn_batchnorm.check_impl(norm)
   if norm == 'onednn':   # likewise an OneDNNNormError
     onednn_batchnorm.uses_onednn(norm, conv, hardware.compute_dtype(config.model.dtype))
@@ -53,14 +53,14 @@ def check_config(config) -> None:
            f'data.preprocess={config.data.preprocess!r} is unknown; allowed: {preprocess.STYLES}')
   _require(0 <= config.data.val_fraction < 1,
            f'data.val_fraction={config.data.val_fraction} must be in [0, 1)')
-  _require(config.data.get('num_shards', 0) >= 0,
-           f'data.num_shards={config.data.get("num_shards")} must be >= 0 (0 = one per process)')
+  _require(config.data.num_shards >= 0,
+           f'data.num_shards={config.data.num_shards} must be >= 0 (0 = one per process)')
   _require(config.data.samples_per_class >= 0,
            f'data.samples_per_class={config.data.samples_per_class} must be >= 0 (0 = all)')
   rotation.check_num_rotations(config.rotation.num_rotations)
   _require(config.rotation.mode in ROTATION_MODES,
            f'rotation.mode={config.rotation.mode!r} is unknown; allowed: {ROTATION_MODES}')
-  rotation.check_geometry(rotation.geometry_of(config.rotation), config.rotation.num_rotations)
+  rotation.check_geometry(config.rotation.geometry, config.rotation.num_rotations)
   _require(0 <= config.label_smoothing < 1,
            f'label_smoothing={config.label_smoothing} must be in [0, 1)')
   _require(config.optim.name in optim.OPTIMIZERS,
@@ -71,14 +71,13 @@ def check_config(config) -> None:
   _require(config.batch_size >= 1 and config.eval_batch_size >= 1,
            'batch_size and eval_batch_size must be >= 1')
   _require(config.log_every_steps >= 1, 'log_every_steps must be >= 1')
-  _require(config.get('checkpoint_every_steps', 0) >= 0,
-           f'checkpoint_every_steps={config.get("checkpoint_every_steps")} must be >= 0 '
+  _require(config.checkpoint_every_steps >= 0,
+           f'checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 '
            '(0 = at epoch ends only)')
-  _require(config.data.get('loader', 'auto') in input_pipeline.LOADERS,
-           f'data.loader={config.data.get("loader")!r} is unknown; allowed: '
-           f'{input_pipeline.LOADERS}')
-  _require(config.data.get('workers', 0) >= 0,
-           f'data.workers={config.data.get("workers")} must be >= 0 (0 = one per core)')
+  _require(config.data.loader in input_pipeline.LOADERS,
+           f'data.loader={config.data.loader!r} is unknown; allowed: {input_pipeline.LOADERS}')
+  _require(config.data.workers >= 0,
+           f'data.workers={config.data.workers} must be >= 0 (0 = one per core)')
   _require(config.freeze_bn in FREEZE_BN,
            f'freeze_bn={config.freeze_bn!r} is unknown; allowed: {FREEZE_BN}')
   if config.init_from:
@@ -94,13 +93,13 @@ def _check_init_from(config) -> None:
     workdir, _ = rundir.find_checkpoint(init_from, 'init_from')
   except FileNotFoundError as e:
     raise ValueError(str(e)) from None
-  source = rundir.read(workdir, rundir.CONFIG, {}).get('model', {})
-  _require(bool(source), f'init_from={init_from} has no config.json naming its model: '
+  source = rundir.read_config(workdir)
+  _require(source is not None, f'init_from={init_from} has no config.json naming its model: '
            'cannot check that it has this run\'s architecture')
   for field in ARCHITECTURE:
     # Loading drops nothing silently: another depth, stem or width is another network.
-    _require(source.get(field) == config.model[field],
-             f'init_from={init_from} was trained with model.{field}={source.get(field)!r}, '
+    _require(source.model[field] == config.model[field],
+             f'init_from={init_from} was trained with model.{field}={source.model[field]!r}, '
              f'this run has model.{field}={config.model[field]!r}: load a run of the same '
              'architecture')
 
@@ -111,8 +110,8 @@ def _check_trainable(config) -> None:
   Built with the run's own dtype and `model.conv`, so a model.conv=xla run never loads
   oneDNN, and a convolution model.conv=onednn cannot run fails here, before training."""
   model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
-                              stem=config.model.stem, conv_impl=config.model.get('conv', 'auto'),
-                              norm_impl=config.model.get('norm', 'auto'),
+                              stem=config.model.stem, conv_impl=config.model.conv,
+                              norm_impl=config.model.norm,
                               dtype=hardware.compute_dtype(config.model.dtype))
   size = config.data.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),

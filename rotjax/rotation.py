@@ -43,14 +43,6 @@ def check_geometry(geometry: str, num_rotations: int) -> None:
         "turned by other angles has corners that give the angle away; use geometry='disc'")
 
 
-def geometry_of(rotation_config) -> str:
-  """config.rotation.geometry (a ConfigDict, or a dict read from config.json); a run from
-  before that setting turned N = 4 by exact rot90, and N = 6 or 8 only ever on the disc."""
-  if 'geometry' in rotation_config:
-    return rotation_config['geometry']
-  return 'square' if rotation_config['num_rotations'] == 4 else 'disc'
-
-
 def disc_radius(height: int, width: int) -> float:
   """Radius (pixels, from the image centre) of the disc that every direction keeps.
 

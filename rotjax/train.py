@@ -56,7 +56,7 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
   images do not depend on how many devices or processes share the batch.
   """
   pretext = config.stage == 'pretext'
-  geometry = rotation.geometry_of(config.rotation) if pretext else None
+  geometry = config.rotation.geometry if pretext else None
 
   def prepare(batch, rng):
     count = batch['image'].shape[0]
@@ -182,7 +182,7 @@ def build_model(config, num_classes: int, frozen=()):
       config.model.name, num_classes=num_classes, width=config.model.width,
       stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
       axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
-      conv_impl=config.model.get('conv', 'auto'), norm_impl=config.model.get('norm', 'auto'))
+      conv_impl=config.model.conv, norm_impl=config.model.norm)
 
 
 def init_variables(model, rng, image_size: int):
@@ -348,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
       config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
       else 1)
 
-  every = config.get('checkpoint_every_steps', 0)
+  every = config.checkpoint_every_steps
   local_batch = dataset.local_batch(config.batch_size)
   # A run resumed inside an epoch: that epoch's remaining batches, its step metrics so far.
   resumed_step = partial['steps_done'] if partial else 0
@@ -462,7 +462,7 @@ def _pin_compute(config, workdir: str, resuming: bool):
   dtype, conv = hardware.resumed_compute(config.model, recorded)
   pinned = copy.deepcopy(config)
   pinned.model.dtype, pinned.model.conv = dtype, conv
-  if 'norm' not in recorded and config.model.get('norm', 'auto') == 'auto':
+  if 'norm' not in recorded and config.model.norm == 'auto':
     # Started before training BatchNorm could run on oneDNN: it goes on with XLA's.
     pinned.model.norm = 'xla'
   return pinned, recorded

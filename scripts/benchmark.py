@@ -153,9 +153,9 @@ def machine_worker(opts):
   sys.path.insert(0, ROOT)
   from rotjax.cpu import platform as rj_platform
   rj_platform.configure()
-  import ml_collections
+  from configs import common
   from rotjax.cpu import hardware
-  return hardware.describe(ml_collections.ConfigDict({'dtype': 'auto', 'conv': 'auto'}))
+  return hardware.describe(common.get_config().model)
 
 
 def torch_worker(opts):

@@ -86,11 +86,11 @@ def describe(model_config, num_devices: int = 1) -> dict:
   over `num_devices`, and why (for the log and run_info.json). Loads oneDNN only if the run
   may use it."""
   dtype = compute_dtype(model_config.dtype)
-  conv = model_config.get('conv', 'auto')
+  conv = model_config.conv
   on_onednn, conv_reason = onednn_conv.uses_onednn(conv, dtype)
-  norm_on_onednn, norm_reason = onednn_batchnorm.uses_onednn(model_config.get('norm', 'auto'),
+  norm_on_onednn, norm_reason = onednn_batchnorm.uses_onednn(model_config.norm,
                                                              conv, dtype)
-  if norm_on_onednn and model_config.get('sync_bn', False) and num_devices > 1:
+  if norm_on_onednn and model_config.sync_bn and num_devices > 1:
     # batchnorm.BatchNorm leaves statistics over several devices' rows to XLA.
     norm_on_onednn, norm_reason = False, (f'statistics synced over {num_devices} devices '
                                           '(model.sync_bn): XLA\'s cross-device sums')
@@ -136,7 +136,7 @@ def resumed_compute(model_config, recorded: dict) -> tuple[str, str]:
   many machines it meets. An explicit value in the config wins (the caller records it per
   epoch). A oneDNN path this machine cannot take is refused, naming both machines."""
   dtype = recorded['dtype'] if model_config.dtype == 'auto' else model_config.dtype
-  conv = model_config.get('conv', 'auto')
+  conv = model_config.conv
   if conv != 'auto' or model_config.dtype != 'auto':
     return dtype, conv
   if recorded['conv'] == 'xla':

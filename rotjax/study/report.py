@@ -11,7 +11,6 @@ import numpy as np
 from absl import app
 
 from rotjax import metrics
-from rotjax import rotation
 from rotjax import rundir
 from rotjax.study import plots
 from rotjax.study import results
@@ -42,8 +41,6 @@ TABLE_NOTES = {'freeze_bn': (
         'N = 6 and 8 is the pixel grid turning with the content, which a network can read from '
         'the finest texture (README, design notes); their pretext accuracies may include some '
         'of it, N = 4 none.')}
-# What rotjax did before freeze_bn existed, for runs whose config.json does not name it.
-LEGACY_FREEZE_BN = 'running'
 
 
 def load_runs(study_dir: str) -> list[dict]:
@@ -51,12 +48,13 @@ def load_runs(study_dir: str) -> list[dict]:
   runs = []
   for row in results.collect(study_dir):
     workdir = os.path.join(study_dir, row['workdir'])
-    config = rundir.read(workdir, rundir.CONFIG, {})
+    # Completed (rundir.complete): a setting its config.json lacks has the value it ran with.
+    config = rundir.read_config(workdir)
     # How the run trained, not how the plan names it: a run finished before freeze_bn
     # existed sits in the folder that now means the default.
-    freeze_bn = config.get('freeze_bn', LEGACY_FREEZE_BN) if config else row['freeze_bn']
+    freeze_bn = config.freeze_bn if config else row['freeze_bn']
     runs.append({**row, 'freeze_bn': freeze_bn, 'history': metrics.read_metrics(workdir),
-                 'config': config,
+                 'config': config.to_dict() if config else {},
                  'run_info': rundir.read(workdir, rundir.RUN_INFO, {})})
   return runs
 
@@ -216,11 +214,8 @@ def settings_table(runs) -> str:
        if r['config'].get('optim') else None),
       ('trainable', lambda r: '+'.join(r['config'].get('trainable', ()))),
       # How the pretext rotates (rotation.geometry: 'disc', or the reports' 'square' rot90).
-      # A run from before rotation.geometry names none: rotation.geometry_of says what it used.
-      ('rotation', lambda r: '{num_rotations} x {geometry}'.format(
-          num_rotations=r['config']['rotation']['num_rotations'],
-          geometry=rotation.geometry_of(r['config']['rotation']))
-       if r['stage'] == 1 and r['config'].get('rotation') else None),
+      ('rotation', lambda r: '{num_rotations} x {geometry}'.format(**r['config']['rotation'])
+       if r['stage'] == 1 and r['config'] else None),
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),
       ('test images', lambda r: r['run_info'].get('test_images')),

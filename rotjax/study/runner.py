@@ -37,11 +37,6 @@ class DatasetCache:
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
                         'distributed', 'data.cache_dir', 'compile_cache', 'data.loader',
                         'data.workers', 'data.data_dir', 'checkpoint_every_steps')
-# Settings added since a study's runs may have been trained, and the value that release ran
-# with. model.norm=auto (training BatchNorm on oneDNN where the convolutions are) is, like
-# model.conv=auto, a kernel choice that moves results by rounding only; a run's own path is
-# in its run_info.json (compute.norm; absent: XLA's) and in the report's settings table.
-_BEFORE_THEY_EXISTED = {'model.norm': 'auto'}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -60,14 +55,17 @@ def changed_settings(run_config) -> list[str]:
   A run trained by an older rotjax or with other settings must not be reported under the
   plan's labels (e.g. a stage 3 from before freeze_bn, whose frozen BatchNorm used running
   statistics) nor be resumed as if it were the planned one. A setting missing from the old
-  config.json counts as changed.
+  config.json has the value that release ran with (rundir.before_they_existed: model.norm's
+  'auto', a kernel choice that moves results by rounding only, freeze_bn's 'running', ...),
+  and counts as changed where there is none.
   """
-  old = rundir.read(run_config.workdir, rundir.CONFIG, {})
-  if not old:
+  saved = rundir.read(run_config.workdir, rundir.CONFIG, {})
+  if not saved:
     return []
-  old, new = _flatten(old), _flatten(run_config.to_dict())
+  old, new = _flatten(saved), _flatten(run_config.to_dict())
   ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
-  before = lambda key: old.get(key, _BEFORE_THEY_EXISTED.get(key, '<missing>'))
+  known = rundir.before_they_existed(saved)
+  before = lambda key: old.get(key, known.get(key, '<missing>'))
   return sorted(k for k, v in new.items() if not ignored(k) and before(k) != v)
 
 

@@ -91,7 +91,7 @@ def plan(config) -> list[Run]:
   """Every run of the study, each once, pretext runs before the runs that load them."""
   _check(config)
   axes = {a: config.axes[a] for a in AXES}
-  pretext_seed = config.get('pretext_seed', -1)
+  pretext_seed = config.pretext_seed
   runs = _grid(axes, config.stages, pretext_seed)
   for name in config.sweeps:
     preset = config.presets[name].to_dict()
@@ -103,7 +103,7 @@ def plan(config) -> list[Run]:
 
 
 def _check(config) -> None:
-  if config.get('pretext_seed', -1) < -1:
+  if config.pretext_seed < -1:
     raise ValueError(f'pretext_seed={config.pretext_seed} must be -1 (each seed its own pretext) '
                      'or a seed >= 0 (one pretext for all seeds)')
   for stage in config.stages:
