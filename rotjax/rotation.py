@@ -14,7 +14,7 @@ and the reports' exact rot90 of the whole square. What no resampling hides at 45
 or 60 degrees is the pixel grid itself, in the finest texture (README, design notes).
 
 Random numbers come one key per example (`rng` of shape [B]), so that an example's
-shift does not depend on where in which device's batch it sits (train.make_prepare_fn).
+shift does not depend on where in which device's batch it sits (steps.make_prepare_fn).
 """
 import math
 

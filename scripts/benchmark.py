@@ -63,7 +63,7 @@ def rotjax_worker(opts):
   rj_platform.configure()   # what a CLI run gets (XLA flags come in through the environment)
   import jax
   from configs import supervised
-  from rotjax import input_pipeline, parallel, train
+  from rotjax import input_pipeline, parallel, steps, train
 
   from rotjax.cpu import hardware
   config = supervised.get_config()
@@ -78,7 +78,7 @@ def rotjax_worker(opts):
   batch = {'image': rng.integers(0, 256, (opts['batch'], 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, opts['batch']).astype(np.int32)}
   sharded = jax.device_put(input_pipeline.shard(batch, len(devices)))
-  p_step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
+  p_step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1)
   holder = {'state': parallel.replicate(state, devices)}
   keys = parallel.replicate(jax.random.key(0), devices)
 
@@ -99,7 +99,7 @@ def rotjax_worker(opts):
                 'label': np.zeros(opts['eval_batch'], np.int32),
                 'mask': np.ones(opts['eval_batch'], np.float32)}
   eval_sharded = jax.device_put(input_pipeline.shard(eval_batch, len(devices)))
-  p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
+  p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
   evaluate = lambda: jax.block_until_ready(p_eval(holder['state'], eval_sharded, keys))
   evaluate()
   result['eval'] = _timed(evaluate, max(1, opts['steps'] // 2), opts['repeats'], opts['eval_batch'])

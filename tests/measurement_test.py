@@ -10,6 +10,7 @@ import scipy.ndimage
 from rotjax import input_pipeline
 from rotjax import models
 from rotjax import parallel
+from rotjax import steps
 from rotjax import testing
 from rotjax import train
 
@@ -42,7 +43,7 @@ def test_a_uniform_image_looks_the_same_in_every_direction(num, training):
   with the fill outside the image, turns with the image and tells directions apart."""
   greys = np.array([200, 30, 120], np.uint8)
   images = np.broadcast_to(greys[:, None, None, None], (3, 16, 16, 3))
-  prepare = jax.jit(train.make_prepare_fn(_pretext_config(num), train=training))
+  prepare = jax.jit(steps.make_prepare_fn(_pretext_config(num), train=training))
   out, labels, _ = prepare({'image': jnp.asarray(images), 'label': jnp.zeros(3, jnp.int32)},
                            jax.random.key(0))
   np.testing.assert_array_equal(labels, np.repeat(np.arange(num), 3))
@@ -65,7 +66,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   config = _pretext_config(num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry})
   state, mask, _, _ = train.create_train_state(config, num, 100)
   devices = jax.local_devices()[:1]
-  step = train.pmapped_train_step(config, mask, devices, smoothing=0.0)
+  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.0)
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   data = np.random.default_rng(0)
@@ -74,7 +75,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
              'mask': np.ones(16, np.float32)}
     state, _ = step(state, input_pipeline.shard(batch, 1), rng)
   state = parallel.unreplicate(state)
-  prepare = train.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
+  prepare = steps.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
 
   @jax.jit
   def correct(images, key):
@@ -104,7 +105,7 @@ def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   metrics = []
   for count in (1, 2):
     devices = jax.local_devices()[:count]
-    p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
+    p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
     metrics.append(train.evaluate(p_eval, parallel.replicate(state, devices), dataset, 'val', 8,
                                   count, parallel.replicate(jax.random.key(1), devices)))
   assert metrics[0]['loss'] == pytest.approx(metrics[1]['loss'], rel=1e-5)
@@ -122,7 +123,7 @@ def test_split_index_is_each_example_place_in_the_whole_split():
       split = input_pipeline.Split(own.astype(np.uint8)[:, None, None, None], own.astype(np.int32))
       for i, batch in enumerate(input_pipeline.eval_batches(split, local_batch)):
         real = batch['mask'] > 0
-        index = train.split_index(i, local_batch, p, processes)
+        index = steps.split_index(i, local_batch, p, processes)
         np.testing.assert_array_equal(index[real], batch['label'][real])
 
 
