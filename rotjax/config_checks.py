@@ -1,18 +1,22 @@
-"""Config checks that run before any compute, each naming the field and what is allowed."""
+"""Config checks that run before any compute, each naming the field and what is allowed.
+
+`check_config` needs neither data nor devices nor the machine's abilities; `check_model`
+runs once the run's compute is resolved (compute.resolve refuses an insisted oneDNN that
+cannot run here, naming why)."""
 import os
 
 import jax
 import jax.numpy as jnp
 
+from rotjax import compute as compute_lib
 from rotjax import freeze
 from rotjax import input_pipeline
+from rotjax import model_factory
 from rotjax import models
 from rotjax import optim
 from rotjax import preprocess
 from rotjax import rotation
 from rotjax import rundir
-from rotjax.cpu import hardware
-from rotjax.cpu import onednn_batchnorm, onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
 FREEZE_BN = ('batch', 'running', 'reestimated')
@@ -34,16 +38,7 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
-  _require(config.model.dtype in hardware.DTYPES,
-           f'model.dtype={config.model.dtype!r} is unknown; allowed: {hardware.DTYPES}')
-  conv = config.model.conv
-  onednn_conv.check_impl(conv)
-  if conv == 'onednn':   # insisting on oneDNN where it cannot run is an OneDNNConvError saying why
-    onednn_conv.uses_onednn(conv, hardware.compute_dtype(config.model.dtype))
-  norm = config.model.norm
-  onednn_batchnorm.check_impl(norm)
-  if norm == 'onednn':   # likewise an OneDNNNormError
-    onednn_batchnorm.uses_onednn(norm, conv, hardware.compute_dtype(config.model.dtype))
+  compute_lib.check_names(config.model)
   _require(config.data.dataset in input_pipeline.DATASETS,
            f'data.dataset={config.data.dataset!r} is unknown; allowed: {input_pipeline.DATASETS}')
   kind, path = input_pipeline.parse_source(config.data.source)
@@ -82,7 +77,6 @@ def check_config(config) -> None:
            f'freeze_bn={config.freeze_bn!r} is unknown; allowed: {FREEZE_BN}')
   if config.init_from:
     _check_init_from(config)
-  _check_trainable(config)
   _check_writable(config.workdir)
 
 
@@ -104,15 +98,12 @@ def _check_init_from(config) -> None:
              'architecture')
 
 
-def _check_trainable(config) -> None:
+def check_model(config, compute) -> None:
   """`trainable` names against the model's parameter tree: shapes only, no compute.
 
-  Built with the run's own dtype and `model.conv`, so a model.conv=xla run never loads
-  oneDNN, and a convolution model.conv=onednn cannot run fails here, before training."""
-  model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
-                              stem=config.model.stem, conv_impl=config.model.conv,
-                              norm_impl=config.model.norm,
-                              dtype=hardware.compute_dtype(config.model.dtype))
+  Built with the run's `compute`, so a model.conv=xla run never loads oneDNN, and a
+  convolution model.conv=onednn cannot run fails here, before training."""
+  model = model_factory.build_model(config, 2, compute)
   size = config.data.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))

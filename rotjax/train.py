@@ -22,17 +22,18 @@ from flax.training import train_state
 from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
+from rotjax import compute as compute_lib
 from rotjax import config_checks
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
+from rotjax import model_factory
 from rotjax import models
 from rotjax import optim
 from rotjax import parallel
 from rotjax import progress
 from rotjax import rundir
 from rotjax import steps
-from rotjax.cpu import hardware
 from rotjax.cpu import onednn_errors
 
 # freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
@@ -45,27 +46,16 @@ class TrainState(train_state.TrainState):
 
 # ---------------------------------------------------------------- state
 
-def num_outputs(config, dataset) -> int:
-  return config.rotation.num_rotations if config.stage == 'pretext' else dataset.num_classes
+def create_train_state(config, num_classes: int, steps_per_epoch: int, compute=None):
+  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule.
 
-
-def build_model(config, num_classes: int, frozen=()):
-  return models.create_model(
-      config.model.name, num_classes=num_classes, width=config.model.width,
-      stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
-      axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
-      conv_impl=config.model.conv, norm_impl=config.model.norm)
-
-
-def init_variables(model, rng, image_size: int):
-  return jax.jit(functools.partial(model.init, train=False))(
-      rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-
-
-def create_train_state(config, num_classes: int, steps_per_epoch: int):
-  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule."""
-  probe = build_model(config, num_classes)
-  variables = init_variables(probe, jax.random.key(config.seed), config.data.image_size)
+  compute: the run's (compute.resolve, once per start); None resolves config.model for
+  one device, for callers outside a run (tests, benchmarks)."""
+  if compute is None:
+    compute = compute_lib.resolve(config.model)
+  probe = model_factory.build_model(config, num_classes, compute)
+  variables = model_factory.init_variables(probe, jax.random.key(config.seed),
+                                           config.data.image_size)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   mask = freeze.trainable_mask(params, config.trainable)
   # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
@@ -73,7 +63,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   # which subtrees normalise with their running statistics instead.
   running = (freeze.frozen_prefixes(params, config.trainable)
              if config.freeze_bn in RUNNING_STATS else ())
-  model = build_model(config, num_classes, frozen=running)
+  model = model_factory.build_model(config, num_classes, compute, frozen=running)
   init_info = {}
   if config.init_from:
     loaded = checkpoint_lib.load_variables(config.init_from)
@@ -97,7 +87,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   return state, mask, schedule, init_info
 
 
-def reestimate_frozen_bn(config, state, dataset, devices):
+def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
   """(state, record): the frozen layers' BatchNorm running statistics replaced by those of
   the task's training images (bn_stats), for freeze_bn='reestimated'.
 
@@ -106,12 +96,15 @@ def reestimate_frozen_bn(config, state, dataset, devices):
   average would have come from them. The epoch's full global batches only (at least one), so
   padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode, and
   synced whatever model.sync_bn: each layer's input is then normalised over the global batch,
-  so the statistics do not depend on how many devices share it.
+  so the statistics do not depend on how many devices share it. `compute` as for
+  create_train_state (its BatchNorm still leaves statistics over several devices to XLA).
   """
   prefixes = freeze.frozen_prefixes(state.params, config.trainable)
   synced = copy.deepcopy(config)
   synced.model.sync_bn = True
-  module = build_model(synced, num_outputs(config, dataset))
+  if compute is None:
+    compute = compute_lib.resolve(config.model)
+  module = model_factory.build_model(synced, model_factory.num_outputs(config, dataset), compute)
   prepare = steps.make_prepare_fn(config, train=True)
   key = jax.random.key(config.seed + 2)   # eval_key is seed + 1
 
@@ -163,6 +156,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
   num_devices, num_local_devices = len(devices), len(parallel.local(devices))
+  # The run's dtype and kernels, decided once (a resumed run keeps its first start's);
+  # config.json keeps what was asked for (model.dtype=auto stays auto).
+  first_compute = _first_compute(workdir)
+  compute = compute_lib.resolve(config.model, num_devices, first_compute)
+  config_checks.check_model(config, compute)
   # Before the first compile: stages 2 and 3 (4 and 5, every seed, every resume) then
   # load the programs an earlier process compiled.
   compile_cache.enable(config.compile_cache)
@@ -173,12 +171,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   config_checks.check_dataset(config, dataset)
   data_loaded = time.time()
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
-  num_classes = num_outputs(config, dataset)
+  num_classes = model_factory.num_outputs(config, dataset)
   ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
-  planned = config   # config.json keeps what was asked for (model.dtype=auto stays auto)
-  config, first_compute = _pin_compute(config, workdir, ckpt.has_steps())
   with compile_cache.logged('model init'):
-    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch,
+                                                          compute)
   if ckpt.has_steps():
     _check_same_source(workdir, init_info)
   trainable, total = freeze.count(state.params, mask)
@@ -201,14 +198,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     # (the frozen layers leave them as they are), and its first start's record stays.
     if not int(state.step):
       with compile_cache.logged('BatchNorm re-estimation'):
-        state, record = reestimate_frozen_bn(config, state, dataset, devices)
+        state, record = reestimate_frozen_bn(config, state, dataset, devices, compute)
     else:
       record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
     init_info = {**init_info, 'bn_reestimated': record}
-  compute = hardware.describe(config.model, num_devices)
-  logging.info('%s', hardware.summary_line(compute))
-  _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,
-                  first_compute or compute, compute)
+  compute_record = compute.record()
+  logging.info('%s', compute_lib.summary_line(compute_record))
+  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total,
+                  first_compute or compute_record, compute_record)
 
   state = parallel.replicate(state, devices)
   p_train_step = compile_cache.log_first_call(steps.pmapped_train_step(config, mask, devices),
@@ -264,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
              'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
              'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
              # Each epoch's own: an explicit override on resume may differ from run_info's.
-             'dtype': compute['dtype'], 'conv': compute['conv'], 'norm': compute['norm']}
+             'dtype': compute.dtype, 'conv': compute.conv, 'norm': compute.norm}
       is_best = val['accuracy'] > best_val
       best_val = max(best_val, val['accuracy'])
       rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
@@ -343,22 +340,12 @@ def _check_finite(fetched, epoch, step):
           'checkpoint is intact: lower optim.learning_rate and rerun to resume from it')
 
 
-def _pin_compute(config, workdir: str, resuming: bool):
-  """(config, first start's compute record): a resumed run's config with model.dtype and
-  model.conv those its first start resolved (hardware.resumed_compute; model.norm=auto
-  follows model.conv), or config and None
-  on a first start (or a run from before run_info.json recorded them)."""
-  info = rundir.read(workdir, rundir.RUN_INFO, {}) if resuming else {}
-  recorded = info.get('compute')
-  if not recorded:
-    return config, None
-  dtype, conv = hardware.resumed_compute(config.model, recorded)
-  pinned = copy.deepcopy(config)
-  pinned.model.dtype, pinned.model.conv = dtype, conv
-  if 'norm' not in recorded and config.model.norm == 'auto':
-    # Started before training BatchNorm could run on oneDNN: it goes on with XLA's.
-    pinned.model.norm = 'xla'
-  return pinned, recorded
+def _first_compute(workdir: str) -> dict | None:
+  """run_info.json's `compute` where the run resumes (it has a complete checkpoint): what its
+  first start resolved. None on a first start, or for a run from before it was recorded."""
+  if not rundir.step_dirs(workdir, rundir.LATEST):
+    return None
+  return rundir.read(workdir, rundir.RUN_INFO, {}).get('compute')
 
 
 def _check_same_source(workdir: str, init_info: dict) -> None:

@@ -13,6 +13,7 @@ from rotjax import parallel
 from rotjax import steps
 from rotjax import testing
 from rotjax import train
+from rotjax.compute import Compute
 
 
 def _pretext_config(num_rotations: int, **overrides):
@@ -130,8 +131,8 @@ def test_split_index_is_each_example_place_in_the_whole_split():
 def test_logits_are_a_float32_matmul_of_the_pooled_features():
   """With bfloat16 compute the head still runs in float32: logits rounded to bf16 would
   round the loss and decide near-ties of the argmax."""
-  model = models.create_model('resnet18', num_classes=10, width=4, dtype=jnp.bfloat16,
-                              conv_impl='xla')
+  model = models.create_model('resnet18', num_classes=10, width=4,
+                              compute=Compute(dtype='bfloat16'))
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = model.init(jax.random.key(1), images, train=False)
   logits, feats = model.apply(variables, images, train=False)

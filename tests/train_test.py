@@ -219,12 +219,12 @@ def test_per_device_batchnorm_trains_alike_on_one_and_two_devices(make_config, t
 
 def _bf16_then_not(monkeypatch, make_config, workdir, **overrides):
   """Epoch 1 where `auto` picks bfloat16, then a resume where it would pick float32."""
-  from rotjax.cpu import hardware
-  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: True)
+  from rotjax import compute
+  monkeypatch.setattr(compute, 'native_bf16', lambda backend=None: True)
   train.train_and_evaluate(make_config('supervised', workdir, num_epochs=1, **{'model.dtype': 'auto'}))
   first = json.load(open(workdir / 'run_info.json'))['compute']
   assert first['dtype'] == 'bfloat16'
-  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: False)
+  monkeypatch.setattr(compute, 'native_bf16', lambda backend=None: False)
   config = make_config('supervised', workdir, num_epochs=2, **{'model.dtype': 'auto', **overrides})
   return first, config
 
