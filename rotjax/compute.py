@@ -227,6 +227,7 @@ def summary_line(info: dict) -> str:
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
   # BatchNorm's reason only where it parts from the convolutions' path.
   norm_why = f' [{info["norm_reason"]}]' if info.get('norm', info['conv']) != info['conv'] else ''
-  return (f'compute on {info["backend"]} {where}{isa}: dtype {info["dtype"]} [{info["dtype_reason"]}], '
+  return (f'compute on {info["backend"]} {where}{isa}: '
+          f'dtype {info["dtype"]} [{info["dtype_reason"]}], '
           f'convolutions on {info["conv"]} [{info["conv_reason"]}], training BatchNorm on '
           f'{info.get("norm", "xla")}{norm_why}{extra}')

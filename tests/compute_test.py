@@ -61,7 +61,8 @@ def test_xla_throughout_and_the_record_says_why():
   assert (resolved.dtype, resolved.conv, resolved.norm) == ('float32', 'xla', 'xla')
   assert resolved.conv_general_dilated() is None and resolved.batchnorm() is None
   record = resolved.record()
-  assert record['conv_reason'] == 'model.conv=xla' and record['dtype_reason'] == 'model.dtype=float32'
+  assert record['conv_reason'] == 'model.conv=xla'
+  assert record['dtype_reason'] == 'model.dtype=float32'
   assert record['norm_reason'].startswith('as the convolutions')
   assert record['backend'] == jax.default_backend() and 'onednn_version' not in record
   # The reasons explain the choice; they are no part of it.

@@ -104,7 +104,7 @@ def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, refere
   assert int(restored.step) == steps_per_epoch
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
   # Fixed (here: unpatched), the same command resumes from epoch 1 and ends as if unbroken.
-  monkeypatch.setattr(train, 'train_step', original)
+  monkeypatch.setattr(steps, 'train_step', original)
   train.train_and_evaluate(config)
   assert _rows(workdir) == ref_rows
 

@@ -124,7 +124,8 @@ def uses_onednn(impl: str, dtype) -> tuple:
 
   'auto': oneDNN when JAX's default backend is the CPU, the kernels load, and oneDNN has
   optimized kernels for the dtype on this CPU; 'onednn' insists (OneDNNConvError says why
-  it can't); 'xla' never loads them. compute.resolve is its one caller (once per run).
+  it can't); 'xla' never loads them. compute.resolve is its one caller (once per start or
+  load).
   """
   dtype = np.dtype(dtype).name
   backend = jax.default_backend()
