@@ -6,50 +6,34 @@
   feats = model.features(images_uint8_BHWC, layer='layer3')   # [B, channels]
 
 No CLI and no dataset needed: the run's config.json and run_info.json say how
-to build the model and preprocess images (eval style, as in training's eval).
+to build the model and preprocess images (eval style, as in training's eval). The
+compute is this machine's (compute.resolve, once per load): a run trained with
+model.conv or model.norm = onednn still predicts where oneDNN cannot run (a GPU, a CPU
+without the dtype's kernels), since its weights do not depend on the kernels' code.
 """
-import logging
-
 import numpy as np
 
+from rotjax import compute as compute_lib
+from rotjax import model_factory
 from rotjax import models
 from rotjax import rundir
-from rotjax.cpu import hardware
-from rotjax.cpu import onednn_batchnorm, onednn_conv
-
-
-
-def _runnable_conv(config) -> None:
-  """A run trained with model.conv=onednn (or model.norm=onednn) still predicts where
-  oneDNN can't run (a GPU, a CPU without the dtype's kernels): its weights do not depend
-  on the kernels' code."""
-  dtype = hardware.compute_dtype(config.model.dtype)
-  if config.model.get('conv', 'auto') == 'onednn':
-    try:
-      onednn_conv.uses_onednn('onednn', dtype)
-    except onednn_conv.OneDNNConvError as e:
-      logging.warning('%s; predicting with model.conv=auto instead', e)
-      config.model.conv = 'auto'
-  if config.model.get('norm', 'auto') == 'onednn':
-    try:
-      onednn_batchnorm.uses_onednn('onednn', config.model.get('conv', 'auto'), dtype)
-    except onednn_batchnorm.OneDNNNormError as e:
-      logging.warning('%s; predicting with model.norm=auto instead', e)
-      config.model.norm = 'auto'
+from rotjax.cpu import onednn_errors
 
 
 class RotjaxModel:
   """A trained run's model and variables, with jitted eval-mode apply functions."""
 
-  def __init__(self, config, variables, *, class_names, checkpoint_path, batch_size=256):
-    from rotjax import train
+  def __init__(self, config, variables, *, class_names, checkpoint_path, compute=None,
+               batch_size=256):
     self.config = config
     self.variables = variables
     self.checkpoint_path = checkpoint_path
     self.num_classes = int(variables['params']['fc']['kernel'].shape[-1])
     self.class_names = tuple(class_names)
-    _runnable_conv(config)
-    self.module = train.build_model(config, self.num_classes)
+    if compute is None:   # random_init resolved it already
+      compute = compute_lib.resolve(config.model, fallback=True)
+    self.compute = compute
+    self.module = model_factory.build_model(config, self.num_classes, self.compute)
     self.batch_size = batch_size
     self._jitted = {}
 
@@ -61,7 +45,7 @@ class RotjaxModel:
   def image_size(self) -> int:
     return self.config.data.image_size
 
-  @onednn_conv.named_errors()
+  @onednn_errors.named_errors()
   def predict(self, images) -> np.ndarray:
     """uint8 [H, W, 3] or [B, H, W, 3] -> class probabilities [B, num_classes]."""
     return self._run('probs', images)
@@ -70,7 +54,7 @@ class RotjaxModel:
     """uint8 image(s) -> logits [B, num_classes]."""
     return self._run('logits', images)
 
-  @onednn_conv.named_errors()
+  @onednn_errors.named_errors()
   def features(self, images, layer: str = 'layer3') -> np.ndarray:
     """uint8 image(s) -> global-average-pooled features of `layer` [B, channels]."""
     if layer not in models.LAYER_NAMES:
@@ -135,12 +119,14 @@ class RotjaxModel:
 
 def load(path: str, batch_size: int = 256) -> RotjaxModel:
   """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
-  import ml_collections
   from rotjax import compile_cache
   from rotjax import checkpoint
   workdir, step_dir = rundir.find_checkpoint(path)
   compile_cache.enable('auto')   # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
-  config = ml_collections.ConfigDict(rundir.read(workdir, rundir.CONFIG))
+  config = rundir.read_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{workdir} has no {rundir.CONFIG}: cannot tell how to build its '
+                            'model')
   class_names = _class_names(workdir, config)
   variables = checkpoint.restore_variables(step_dir)
   return RotjaxModel(config, variables, class_names=class_names, checkpoint_path=step_dir,
@@ -157,11 +143,12 @@ def _class_names(workdir, config):
 def random_init(config, num_classes: int, seed: int = 0) -> RotjaxModel:
   """A freshly initialised model of `config`'s architecture (the 'random' baseline)."""
   import jax
-  from rotjax import compile_cache, train
+  from rotjax import compile_cache
   compile_cache.enable('auto')
-  module = train.build_model(config, num_classes)
-  variables = jax.device_get(train.init_variables(module, jax.random.key(seed),
-                                                  config.data.image_size))
+  compute = compute_lib.resolve(config.model, fallback=True)
+  module = model_factory.build_model(config, num_classes, compute)
+  variables = jax.device_get(model_factory.init_variables(module, jax.random.key(seed),
+                                                          config.data.image_size))
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   return RotjaxModel(config, variables, class_names=[str(i) for i in range(num_classes)],
-                     checkpoint_path='random-init')
+                     checkpoint_path='random-init', compute=compute)

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rotjax.cpu import onednn_batchnorm
+
 
 # The collection where each BatchNorm in batch mode leaves its batch's (mean, variance).
 MOMENTS = 'bn_moments'
@@ -100,16 +102,17 @@ def pooled_moments(mean, var, axis_name):
   return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-def _one_device(axis_name) -> bool:
-  """Whether statistics over `axis_name` are this device's own (no name, or one device)."""
-  return axis_name is None or lax.axis_size(axis_name) == 1
+def _onednn_covers(axis_name) -> bool:
+  """Whether oneDNN can compute statistics over `axis_name` (its own rows, or one device)."""
+  return onednn_batchnorm.covers(1 if axis_name is None else lax.axis_size(axis_name),
+                                 synced=axis_name is not None)
 
 
 class BatchNorm(nn.Module):
   """flax.linen.BatchNorm (channels last, scale and bias) with `batch_norm`'s gradient.
 
   `relu`: the ReLU that follows it, applied here, so that a oneDNN BatchNorm
-  (`onednn`, from onednn_batchnorm.resolve) can fuse it; it runs a training
+  (`onednn`, the run's Compute.batchnorm()) can fuse it; it runs a training
   BatchNorm whose statistics are this device's own, and declines others.
   `stats_axis_name` (used when `axis_name` is None: per-device normalisation, as with
   model.sync_bn=False) pools the running statistics' update over that axis, so every
@@ -139,7 +142,7 @@ class BatchNorm(nn.Module):
     # Like flax, no cross-device mean while initialising (init runs outside pmap).
     axis_name = None if self.is_initializing() else self.axis_name
     fused = None
-    if (self.onednn is not None and _one_device(axis_name)
+    if (self.onednn is not None and _onednn_covers(axis_name)
         and jnp.dtype(self.dtype or x.dtype) == x.dtype):
       fused = self.onednn(x, scale, bias, self.epsilon, self.relu)
     if fused is not None:

@@ -141,7 +141,7 @@ def source_record(loaded: dict, workdir: str) -> dict:
   run's folder relative to this run's `workdir` (so a study folder can move), its step, and
   digests of its config.json and of the arrays loaded. Two records differ iff the run
   would start from another pretext, even one retrained in the same folder."""
-  return {'run': os.path.relpath(loaded['workdir'], os.path.abspath(os.path.expanduser(workdir))),
+  return {'run': os.path.relpath(loaded['workdir'], rundir.absolute(workdir)),
           'step': loaded['step'],
           'config_sha256': _sha256(json.dumps(loaded['config'], sort_keys=True).encode()),
           'arrays_sha256': arrays_digest({'params': loaded['params'],

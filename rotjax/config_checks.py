@@ -1,18 +1,22 @@
-"""Config checks that run before any compute, each naming the field and what is allowed."""
+"""Config checks that run before any compute, each naming the field and what is allowed.
+
+`check_config` needs neither data nor devices nor the machine's abilities; `check_model`
+runs once the run's compute is resolved (compute.resolve refuses an insisted oneDNN that
+cannot run here, naming why)."""
 import os
 
 import jax
 import jax.numpy as jnp
 
+from rotjax import compute as compute_lib
 from rotjax import freeze
 from rotjax import input_pipeline
+from rotjax import model_factory
 from rotjax import models
 from rotjax import optim
 from rotjax import preprocess
 from rotjax import rotation
 from rotjax import rundir
-from rotjax.cpu import hardware
-from rotjax.cpu import onednn_batchnorm, onednn_conv
 
 STAGES = ('pretext', 'finetune', 'supervised')
 FREEZE_BN = ('batch', 'running', 'reestimated')
@@ -34,16 +38,7 @@ def check_config(config) -> None:
   _require(config.model.stem in models.STEMS,
            f'model.stem={config.model.stem!r} is unknown; allowed: {models.STEMS}')
   _require(config.model.width >= 1, f'model.width={config.model.width} must be >= 1')
-  _require(config.model.dtype in hardware.DTYPES,
-           f'model.dtype={config.model.dtype!r} is unknown; allowed: {hardware.DTYPES}')
-  conv = config.model.get('conv', 'auto')
-  onednn_conv.check_impl(conv)
-  if conv == 'onednn':   # insisting on oneDNN where it cannot run is an OneDNNConvError saying why
-    onednn_conv.uses_onednn(conv, hardware.compute_dtype(config.model.dtype))
-  norm = config.model.get('norm', 'auto')
-  onednn_batchnorm.check_impl(norm)
-  if norm == 'onednn':   # likewise an OneDNNNormError
-    onednn_batchnorm.uses_onednn(norm, conv, hardware.compute_dtype(config.model.dtype))
+  compute_lib.check_names(config.model)
   _require(config.data.dataset in input_pipeline.DATASETS,
            f'data.dataset={config.data.dataset!r} is unknown; allowed: {input_pipeline.DATASETS}')
   kind, path = input_pipeline.parse_source(config.data.source)
@@ -53,14 +48,14 @@ def check_config(config) -> None:
            f'data.preprocess={config.data.preprocess!r} is unknown; allowed: {preprocess.STYLES}')
   _require(0 <= config.data.val_fraction < 1,
            f'data.val_fraction={config.data.val_fraction} must be in [0, 1)')
-  _require(config.data.get('num_shards', 0) >= 0,
-           f'data.num_shards={config.data.get("num_shards")} must be >= 0 (0 = one per process)')
+  _require(config.data.num_shards >= 0,
+           f'data.num_shards={config.data.num_shards} must be >= 0 (0 = one per process)')
   _require(config.data.samples_per_class >= 0,
            f'data.samples_per_class={config.data.samples_per_class} must be >= 0 (0 = all)')
   rotation.check_num_rotations(config.rotation.num_rotations)
   _require(config.rotation.mode in ROTATION_MODES,
            f'rotation.mode={config.rotation.mode!r} is unknown; allowed: {ROTATION_MODES}')
-  rotation.check_geometry(rotation.geometry_of(config.rotation), config.rotation.num_rotations)
+  rotation.check_geometry(config.rotation.geometry, config.rotation.num_rotations)
   _require(0 <= config.label_smoothing < 1,
            f'label_smoothing={config.label_smoothing} must be in [0, 1)')
   _require(config.optim.name in optim.OPTIMIZERS,
@@ -71,19 +66,17 @@ def check_config(config) -> None:
   _require(config.batch_size >= 1 and config.eval_batch_size >= 1,
            'batch_size and eval_batch_size must be >= 1')
   _require(config.log_every_steps >= 1, 'log_every_steps must be >= 1')
-  _require(config.get('checkpoint_every_steps', 0) >= 0,
-           f'checkpoint_every_steps={config.get("checkpoint_every_steps")} must be >= 0 '
+  _require(config.checkpoint_every_steps >= 0,
+           f'checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 '
            '(0 = at epoch ends only)')
-  _require(config.data.get('loader', 'auto') in input_pipeline.LOADERS,
-           f'data.loader={config.data.get("loader")!r} is unknown; allowed: '
-           f'{input_pipeline.LOADERS}')
-  _require(config.data.get('workers', 0) >= 0,
-           f'data.workers={config.data.get("workers")} must be >= 0 (0 = one per core)')
+  _require(config.data.loader in input_pipeline.LOADERS,
+           f'data.loader={config.data.loader!r} is unknown; allowed: {input_pipeline.LOADERS}')
+  _require(config.data.workers >= 0,
+           f'data.workers={config.data.workers} must be >= 0 (0 = one per core)')
   _require(config.freeze_bn in FREEZE_BN,
            f'freeze_bn={config.freeze_bn!r} is unknown; allowed: {FREEZE_BN}')
   if config.init_from:
     _check_init_from(config)
-  _check_trainable(config)
   _check_writable(config.workdir)
 
 
@@ -94,26 +87,23 @@ def _check_init_from(config) -> None:
     workdir, _ = rundir.find_checkpoint(init_from, 'init_from')
   except FileNotFoundError as e:
     raise ValueError(str(e)) from None
-  source = rundir.read(workdir, rundir.CONFIG, {}).get('model', {})
-  _require(bool(source), f'init_from={init_from} has no config.json naming its model: '
+  source = rundir.read_config(workdir)
+  _require(source is not None, f'init_from={init_from} has no config.json naming its model: '
            'cannot check that it has this run\'s architecture')
   for field in ARCHITECTURE:
     # Loading drops nothing silently: another depth, stem or width is another network.
-    _require(source.get(field) == config.model[field],
-             f'init_from={init_from} was trained with model.{field}={source.get(field)!r}, '
+    _require(source.model[field] == config.model[field],
+             f'init_from={init_from} was trained with model.{field}={source.model[field]!r}, '
              f'this run has model.{field}={config.model[field]!r}: load a run of the same '
              'architecture')
 
 
-def _check_trainable(config) -> None:
+def check_model(config, compute) -> None:
   """`trainable` names against the model's parameter tree: shapes only, no compute.
 
-  Built with the run's own dtype and `model.conv`, so a model.conv=xla run never loads
-  oneDNN, and a convolution model.conv=onednn cannot run fails here, before training."""
-  model = models.create_model(config.model.name, num_classes=2, width=config.model.width,
-                              stem=config.model.stem, conv_impl=config.model.get('conv', 'auto'),
-                              norm_impl=config.model.get('norm', 'auto'),
-                              dtype=hardware.compute_dtype(config.model.dtype))
+  Built with the run's `compute`, so a model.conv=xla run never loads oneDNN, and a
+  convolution model.conv=onednn cannot run fails here, before training."""
+  model = model_factory.build_model(config, 2, compute)
   size = config.data.image_size
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                                              train=False))
@@ -122,7 +112,7 @@ def _check_trainable(config) -> None:
 
 def _check_writable(workdir: str) -> None:
   """Creates workdir and a file in it: os.access says yes to root even on read-only mounts."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = rundir.absolute(workdir)
   probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
   try:
     os.makedirs(workdir, exist_ok=True)

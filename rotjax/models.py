@@ -11,6 +11,9 @@ here only for `freeze_bn='running'` or `'reestimated'`: by default (the reports'
 frozen layers stay in .train() mode) a frozen BatchNorm normalises with batch
 statistics and updates its running ones like any other; the freeze mask alone
 keeps its gamma and beta fixed.
+
+`compute` (rotjax/compute.py) is the run's dtype and kernels, resolved once before the
+model is built: each layer reads it, none decides. The default is float32 on XLA.
 """
 import functools
 from typing import Any, Sequence
@@ -19,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rotjax import batchnorm
-from rotjax.cpu import onednn_batchnorm, onednn_conv
+from rotjax.compute import Compute
 
 STEMS = ('cifar', 'imagenet')
 
@@ -35,9 +38,11 @@ class _Block(nn.Module):
   axis_name: str | None = None
   # Where per-device statistics (axis_name None) are pooled into the running ones.
   stats_axis_name: str | None = None
-  dtype: Any = jnp.float32
-  conv_impl: str = 'auto'    # onednn_conv.IMPLS: 'auto' runs CPU convolutions on oneDNN
-  norm_impl: str = 'auto'    # onednn_batchnorm.IMPLS: 'auto' follows conv_impl
+  compute: Compute = Compute()
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.compute.dtype)
 
   def norm(self, name, train, relu=False):
     # Running statistics in eval and in `frozen` subtrees (freeze_bn='running'); batch
@@ -46,13 +51,13 @@ class _Block(nn.Module):
     return batchnorm.BatchNorm(
         use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
         axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,
-        relu=relu, onednn=onednn_batchnorm.resolve(self.norm_impl, self.conv_impl, self.dtype),
+        relu=relu, onednn=self.compute.batchnorm(),
         name=name)
 
   def conv(self, features, kernel, strides=1, name=None):
     return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
                    use_bias=False, dtype=self.dtype, name=name,
-                   conv_general_dilated=onednn_conv.resolve(self.conv_impl, self.dtype),
+                   conv_general_dilated=self.compute.conv_general_dilated(),
                    kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
 
 
@@ -104,8 +109,8 @@ class ResLayer(_Block):
     for i in range(self.num_blocks):
       x = self.block(features=self.features, strides=self.strides if i == 0 else 1,
                      frozen=self.frozen, axis_name=self.axis_name,
-                     stats_axis_name=self.stats_axis_name, dtype=self.dtype,
-                     conv_impl=self.conv_impl, norm_impl=self.norm_impl, name=str(i))(x, train)
+                     stats_axis_name=self.stats_axis_name, compute=self.compute,
+                     name=str(i))(x, train)
     return x
 
 
@@ -135,8 +140,8 @@ class ResNet(_Block):
       name = f'layer{i + 1}'
       x = ResLayer(block=self.block, features=self.width * 2 ** i, num_blocks=num_blocks,
                    strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
-                   stats_axis_name=self.stats_axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
-                   norm_impl=self.norm_impl, name=name)(x, train)
+                   stats_axis_name=self.stats_axis_name, compute=self.compute,
+                   name=name)(x, train)
       feats[name] = x
     # Pooled and classified in float32: bf16 logits would round the loss and the argmax.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -14,12 +14,12 @@ import numpy as np
 
 def initialize_distributed(dist_config) -> bool:
   """jax.distributed.initialize from config.distributed; call before anything touches devices."""
-  if not dist_config.get('coordinator_address') and not dist_config.get('auto'):
+  if not dist_config.coordinator_address and not dist_config.auto:
     return False
-  if dist_config.get('cpu_collectives'):
+  if dist_config.cpu_collectives:
     # Without a CPU collectives backend, cross-process pmap on CPU hosts cannot all-reduce.
     jax.config.update('jax_cpu_collectives_implementation', dist_config.cpu_collectives)
-  if dist_config.get('auto'):
+  if dist_config.auto:
     jax.distributed.initialize()
   else:
     jax.distributed.initialize(

@@ -127,14 +127,14 @@ def predictions(model, images, first_index: int = 0):
   if model.config.stage != 'pretext':
     return model.predict(images).argmax(-1), None
   import jax
-  from rotjax import train
-  prepare = train.make_prepare_fn(model.config, train=False)
+  from rotjax import steps
+  prepare = steps.make_prepare_fn(model.config, train=False)
 
   @jax.jit
   def rotated(variables, batch, index):
     # The loop's eval pipeline and keys (index: each image's place in the split): the
     # very images its val/test accuracy scored.
-    x, labels, _ = prepare({'image': batch, 'index': index}, train.eval_key(model.config.seed))
+    x, labels, _ = prepare({'image': batch, 'index': index}, steps.eval_key(model.config.seed))
     logits, _ = model.module.apply(variables, x, train=False)
     return logits.argmax(-1), labels
   outs = [jax.device_get(rotated(model.variables, images[i:i + 128],

@@ -14,7 +14,7 @@ and the reports' exact rot90 of the whole square. What no resampling hides at 45
 or 60 degrees is the pixel grid itself, in the finest texture (docs/design.md).
 
 Random numbers come one key per example (`rng` of shape [B]), so that an example's
-shift does not depend on where in which device's batch it sits (train.make_prepare_fn).
+shift does not depend on where in which device's batch it sits (steps.make_prepare_fn).
 """
 import math
 
@@ -41,14 +41,6 @@ def check_geometry(geometry: str, num_rotations: int) -> None:
     raise ValueError(
         f"rotation.geometry='square' needs num_rotations=4 (got {num_rotations}): a square "
         "turned by other angles has corners that give the angle away; use geometry='disc'")
-
-
-def geometry_of(rotation_config) -> str:
-  """config.rotation.geometry (a ConfigDict, or a dict read from config.json); a run from
-  before that setting turned N = 4 by exact rot90, and N = 6 or 8 only ever on the disc."""
-  if 'geometry' in rotation_config:
-    return rotation_config['geometry']
-  return 'square' if rotation_config['num_rotations'] == 4 else 'disc'
 
 
 def disc_radius(height: int, width: int) -> float:

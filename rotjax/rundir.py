@@ -2,7 +2,8 @@
 checkpoints are, and the rule that its log never runs ahead of them. Everything else asks
 this module; nothing else spells out a file name of a run.
 
-  WORKDIR/config.json         the config as given (`model.dtype=auto` stays `auto`)
+  WORKDIR/config.json         the config as given (`model.dtype=auto` stays `auto`); read
+                              back through `read_config`, settings added since filled in
   WORKDIR/run_info.json       what the first start resolved: devices, data sizes, compute
                               (dtype, convolutions), the checkpoint it loaded (init_from)
   WORKDIR/metrics.jsonl       one row per finished epoch, appended once that epoch's
@@ -28,6 +29,7 @@ BEST = 'best'
 
 
 def absolute(workdir: str) -> str:
+  """The workdir as an absolute path (`~` expanded): the one spelling every module uses."""
   return os.path.abspath(os.path.expanduser(workdir))
 
 
@@ -61,6 +63,48 @@ def read(workdir: str, name: str, default=None):
 
 def write(workdir: str, name: str, obj) -> None:
   write_json(path(workdir, name), obj)
+
+
+# ---------------------------------------------------------------- an old run's config
+
+def before_they_existed(config: dict) -> dict:
+  """{setting: what a run ran with before it existed} for settings added since a run's
+  config.json may have been written: model.norm's `auto` (a kernel choice; run_info.json
+  says where its BatchNorm ran), freeze_bn's 'running' (frozen BatchNorm used the running
+  statistics), and rotation.geometry: exact rot90 for N = 4, the disc for N = 6 and 8."""
+  num_rotations = config.get('rotation', {}).get('num_rotations', 4)
+  return {'model.norm': 'auto', 'freeze_bn': 'running',
+          'rotation.geometry': 'square' if num_rotations == 4 else 'disc'}
+
+
+def complete(config: dict):
+  """A config.json's dict as a ConfigDict holding every setting of configs/common.py: one
+  it lacks gets the value its run ran with (before_they_existed), else today's default. The
+  one place an old run's config is filled in, so readers access every setting plainly."""
+  import ml_collections
+  from configs import common
+  filled = common.get_config().to_dict()
+  for key, value in before_they_existed(config).items():
+    *parents, leaf = key.split('.')
+    node = filled
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return ml_collections.ConfigDict(_merged(filled, config))
+
+
+def _merged(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for key, value in over.items():
+    both = isinstance(value, dict) and isinstance(out.get(key), dict)
+    out[key] = _merged(out[key], value) if both else value
+  return out
+
+
+def read_config(workdir: str):
+  """The run's config.json, completed (`complete`); None where it has none."""
+  config = read(workdir, CONFIG)
+  return None if config is None else complete(config)
 
 
 def is_run(workdir: str) -> bool:

@@ -1,8 +1,8 @@
-"""The train and eval steps (pure, pmapped) and the short loop around them.
+"""Training a stage: its state (fresh, or init_from's backbone) and the loop around the
+steps (steps.py): data, evaluation, checkpoints, metrics, resume.
 
-Stages differ only in `prepare_fn` (rotation labels for the pretext, class
-labels otherwise) and in the freeze mask (freeze.py). One code path for one or
-many devices: a single device is a pmap of one.
+A run resumes from its latest checkpoint, inside an epoch too (checkpoint_every_steps),
+and gives the numbers an unbroken run gives.
 """
 import copy
 import functools
@@ -10,13 +10,12 @@ import itertools
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import jax_utils
 from flax.training import train_state
 
@@ -24,21 +23,20 @@ from rotjax import batch_plans
 from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
+from rotjax import compute as compute_lib
 from rotjax import config_checks
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
+from rotjax import model_factory
 from rotjax import models
 from rotjax import optim
 from rotjax import parallel
-from rotjax import preprocess
 from rotjax import progress
-from rotjax import rotation
 from rotjax import rundir
-from rotjax.cpu import hardware
-from rotjax.cpu import onednn_conv
+from rotjax import steps
+from rotjax.cpu import onednn_errors
 
-STAGES = ('pretext', 'finetune', 'supervised')
 # freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
 RUNNING_STATS = ('running', 'reestimated')
 
@@ -47,155 +45,18 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-# ---------------------------------------------------------------- pure functions
-
-def make_prepare_fn(config, *, train: bool) -> Callable:
-  """(batch, rng) -> (images, labels, weights): augmentation, rotation, normalisation.
-
-  Example i draws every random number (crop, flip, direction, sub-pixel shift) from
-  fold_in(rng, batch['index'][i]) (its place in the batch where there is no index):
-  the steps pass its place in the global batch or in the split (with_index), so its
-  images do not depend on how many devices or processes share the batch.
-  """
-  pretext = config.stage == 'pretext'
-  geometry = rotation.geometry_of(config.rotation) if pretext else None
-
-  def prepare(batch, rng):
-    count = batch['image'].shape[0]
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, batch.get('index', jnp.arange(count)))
-    aug_keys, rot_keys = preprocess.split_each(keys, 2)
-    # The 'disc' pretext augments without pad-crop fill or stretch: their edges would
-    # turn with the image and give N = 6 or 8 directions away (preprocess.py).
-    images = preprocess.preprocess(batch['image'], aug_keys, train=train,
-                                   style=config.data.preprocess,
-                                   image_size=config.data.image_size,
-                                   isotropic=geometry == 'disc')
-    weights = batch.get('mask', jnp.ones(count, jnp.float32))
-    if not pretext:
-      return images, batch['label'], weights
-    num = config.rotation.num_rotations
-    if train and config.rotation.mode == 'random':
-      images, labels = rotation.rotate_random(images, num, rot_keys, geometry)
-      return images, labels, weights
-    # Eval always scores every direction of every image.
-    images, labels = rotation.rotate_all(images, num, rot_keys, geometry)
-    return images, labels, jnp.tile(weights, num)
-  return prepare
-
-
-def with_index(batch, axis_name='batch'):
-  """`batch` with each example's global index: the caller's (training: the place in the
-  global batch before its rows were mixed; evaluate: the place in the split), else the
-  place in the global batch (devices hold consecutive parts of it)."""
-  if 'index' in batch:
-    return batch
-  count = batch['image'].shape[0]
-  return {**batch, 'index': jax.lax.axis_index(axis_name) * count + jnp.arange(count)}
-
-
-def eval_key(seed: int):
-  """The key every evaluation folds each example's index into (evaluate.py reuses it)."""
-  return jax.random.key(seed + 1)
-
-
-def split_index(batch_number: int, local_batch: int, process_index: int = 0,
-                process_count: int = 1) -> np.ndarray:
-  """Places in the whole split of an eval batch's examples: process p holds its every
-  process_count-th example from p on (input_pipeline.load_dataset), padding past the end."""
-  local = batch_number * local_batch + np.arange(local_batch)
-  return (local * process_count + process_index).astype(np.int32)
-
-
-def cross_entropy(logits, labels, smoothing: float):
-  """Per-example softmax cross-entropy against label-smoothed one-hot targets."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'):
-  """(state, batch, rng) -> (state, metrics). Pure; gradients and statistics pmean'd."""
-  # Keyed on the step, not on the device: prepare_fn keys each example on its place in
-  # the global batch, so one device or several draw the same augmentation.
-  rng = jax.random.fold_in(rng, state.step)
-  images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
-  # The mean over the real rows of the global batch (the epoch's last batch is padded,
-  # with weight 0): each device divides its weighted sum by the mean real-row count per
-  # device, so the pmean below of losses, gradients and metrics is sum(w * x) / sum(w).
-  weights = weights / jax.lax.pmean(jnp.sum(weights), axis_name)
-
-  def loss_fn(params):
-    # Frozen leaves are constants to autodiff: no backward pass is built for them.
-    params = jax.tree.map(lambda p, m: p if m == 'trainable' else jax.lax.stop_gradient(p),
-                          params, mask)
-    (logits, _), updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
-    loss = jnp.sum(cross_entropy(logits, labels, smoothing) * weights)
-    return loss, (logits, updates['batch_stats'])
-
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, axis_name)
-  state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
-  metrics = {'loss': loss, 'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
-  metrics = jax.lax.pmean(metrics, axis_name)
-  # The step's real rows (over all devices): the epoch mean weighs each step by them.
-  real = batch['mask'] if 'mask' in batch else jnp.ones(batch['image'].shape[0], jnp.float32)
-  metrics['count'] = jax.lax.psum(jnp.sum(real), axis_name)
-  return state, metrics
-
-
-def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
-  """Sums of loss and correct predictions over the real (unpadded) examples."""
-  images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
-  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                             images, train=False)
-  sums = {'loss': jnp.sum(cross_entropy(logits, labels, smoothing) * weights),
-          'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
-          'count': jnp.sum(weights)}
-  return jax.lax.psum(sums, axis_name)
-
-
-def pmapped_train_step(config, mask, devices, *, smoothing=None, prepare_fn=None,
-                       donate: bool = True):
-  """train_step for `config`, pmapped over `devices` (the one place a train step is built:
-  train, scripts/benchmark.py and the tests call this). The state is donated: each step's
-  output state replaces its input's buffers."""
-  step = functools.partial(
-      train_step, prepare_fn=prepare_fn or make_prepare_fn(config, train=True), mask=mask,
-      smoothing=config.label_smoothing if smoothing is None else smoothing)
-  return jax.pmap(step, axis_name='batch', donate_argnums=(0,) if donate else (), devices=devices)
-
-
-def pmapped_eval_step(config, devices, *, smoothing=None):
-  """eval_step for `config`, pmapped over `devices`."""
-  step = functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
-                           smoothing=config.label_smoothing if smoothing is None else smoothing)
-  return jax.pmap(step, axis_name='batch', devices=devices)
-
-
 # ---------------------------------------------------------------- state
 
-def num_outputs(config, dataset) -> int:
-  return config.rotation.num_rotations if config.stage == 'pretext' else dataset.num_classes
+def create_train_state(config, num_classes: int, steps_per_epoch: int, compute=None):
+  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule.
 
-
-def build_model(config, num_classes: int, frozen=()):
-  return models.create_model(
-      config.model.name, num_classes=num_classes, width=config.model.width,
-      stem=config.model.stem, dtype=hardware.compute_dtype(config.model.dtype), frozen=frozen,
-      axis_name='batch' if config.model.sync_bn else None, stats_axis_name='batch',
-      conv_impl=config.model.get('conv', 'auto'), norm_impl=config.model.get('norm', 'auto'))
-
-
-def init_variables(model, rng, image_size: int):
-  return jax.jit(functools.partial(model.init, train=False))(
-      rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-
-
-def create_train_state(config, num_classes: int, steps_per_epoch: int):
-  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule."""
-  probe = build_model(config, num_classes)
-  variables = init_variables(probe, jax.random.key(config.seed), config.data.image_size)
+  compute: the run's (compute.resolve, once per start); None resolves config.model for
+  one device, for callers outside a run (tests, benchmarks)."""
+  if compute is None:
+    compute = compute_lib.resolve(config.model)
+  probe = model_factory.build_model(config, num_classes, compute)
+  variables = model_factory.init_variables(probe, jax.random.key(config.seed),
+                                           config.data.image_size)
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   mask = freeze.trainable_mask(params, config.trainable)
   # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
@@ -203,7 +64,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   # which subtrees normalise with their running statistics instead.
   running = (freeze.frozen_prefixes(params, config.trainable)
              if config.freeze_bn in RUNNING_STATS else ())
-  model = build_model(config, num_classes, frozen=running)
+  model = model_factory.build_model(config, num_classes, compute, frozen=running)
   init_info = {}
   if config.init_from:
     loaded = checkpoint_lib.load_variables(config.init_from)
@@ -227,7 +88,7 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int):
   return state, mask, schedule, init_info
 
 
-def reestimate_frozen_bn(config, state, dataset, devices):
+def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
   """(state, record): the frozen layers' BatchNorm running statistics replaced by those of
   the task's training images (bn_stats), for freeze_bn='reestimated'.
 
@@ -236,30 +97,33 @@ def reestimate_frozen_bn(config, state, dataset, devices):
   average would have come from them. The epoch's full global batches only (at least one), so
   padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode, and
   synced whatever model.sync_bn: each layer's input is then normalised over the global batch,
-  so the statistics do not depend on how many devices share it.
+  so the statistics do not depend on how many devices share it. `compute` as for
+  create_train_state (its BatchNorm still leaves statistics over several devices to XLA).
   """
   prefixes = freeze.frozen_prefixes(state.params, config.trainable)
   synced = copy.deepcopy(config)
   synced.model.sync_bn = True
-  module = build_model(synced, num_outputs(config, dataset))
-  prepare = make_prepare_fn(config, train=True)
+  if compute is None:
+    compute = compute_lib.resolve(config.model)
+  module = model_factory.build_model(synced, model_factory.num_outputs(config, dataset), compute)
+  prepare = steps.make_prepare_fn(config, train=True)
   key = jax.random.key(config.seed + 2)   # eval_key is seed + 1
 
   def prepare_images(batch, batch_number):
-    return prepare(with_index(batch), jax.random.fold_in(key, batch_number))[0]
+    return prepare(steps.with_index(batch), jax.random.fold_in(key, batch_number))[0]
   p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=module,
                                          prepare_fn=prepare_images),
                        axis_name='batch', devices=devices)
   local_batch = dataset.local_batch(config.batch_size)
-  steps = max(1, dataset.size('train') // config.batch_size)
+  num_steps = max(1, dataset.size('train') // config.batch_size)
   batches = batch_plans.train_batches(dataset.train, local_batch, config.seed, 0,
-                                      dataset.shards, steps,
+                                      dataset.shards, num_steps,
                                       first_index=dataset.process_index * local_batch)
   batches = (parallel.shard(b, len(parallel.local(devices))) for b in batches)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   stats, record = bn_stats.reestimate(p_moments, variables, batches,
                                       lambda path: models.is_frozen(path, prefixes), devices)
-  record = {**record, 'images': steps * config.batch_size, 'augmentation': 'train'}
+  record = {**record, 'images': num_steps * config.batch_size, 'augmentation': 'train'}
   logging.info('freeze_bn=reestimated: %d BatchNorm layers (%s .. %s) re-estimated on %d '
                'training images in %.1f s', record['layers'], record['first_layer'],
                record['last_layer'], record['images'], record['seconds'])
@@ -276,7 +140,8 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
                                                      dataset.eval_steps(split, batch_size))):
     # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
     # split: the same metrics on any number of devices and processes.
-    batch['index'] = split_index(i, local_batch, dataset.process_index, dataset.process_count)
+    batch['index'] = steps.split_index(i, local_batch, dataset.process_index,
+                                       dataset.process_count)
     sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
@@ -284,14 +149,19 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
 
 
-@onednn_conv.named_errors()
+@onednn_errors.named_errors()
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
   config_checks.check_config(config)
-  workdir = os.path.abspath(os.path.expanduser(config.workdir))
+  workdir = rundir.absolute(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
   num_devices, num_local_devices = len(devices), len(parallel.local(devices))
+  # The run's dtype and kernels, decided once (a resumed run keeps its first start's);
+  # config.json keeps what was asked for (model.dtype=auto stays auto).
+  first_compute = _first_compute(workdir)
+  compute = compute_lib.resolve(config.model, num_devices, first_compute)
+  config_checks.check_model(config, compute)
   # Before the first compile: stages 2 and 3 (4 and 5, every seed, every resume) then
   # load the programs an earlier process compiled.
   compile_cache.enable(config.compile_cache)
@@ -302,12 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   config_checks.check_dataset(config, dataset)
   data_loaded = time.time()
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
-  num_classes = num_outputs(config, dataset)
+  num_classes = model_factory.num_outputs(config, dataset)
   ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
-  planned = config   # config.json keeps what was asked for (model.dtype=auto stays auto)
-  config, first_compute = _pin_compute(config, workdir, ckpt.has_steps())
   with compile_cache.logged('model init'):
-    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch)
+    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch,
+                                                          compute)
   if ckpt.has_steps():
     _check_same_source(workdir, init_info)
   trainable, total = freeze.count(state.params, mask)
@@ -330,27 +199,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     # (the frozen layers leave them as they are), and its first start's record stays.
     if not int(state.step):
       with compile_cache.logged('BatchNorm re-estimation'):
-        state, record = reestimate_frozen_bn(config, state, dataset, devices)
+        state, record = reestimate_frozen_bn(config, state, dataset, devices, compute)
     else:
       record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
     init_info = {**init_info, 'bn_reestimated': record}
-  compute = hardware.describe(config.model, num_devices)
-  logging.info('%s', hardware.summary_line(compute))
-  _write_run_info(workdir, planned, dataset, init_info, num_devices, trainable, total,
-                  first_compute or compute, compute)
+  compute_record = compute.record()
+  logging.info('%s', compute_lib.summary_line(compute_record))
+  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total,
+                  first_compute or compute_record, compute_record)
 
   state = parallel.replicate(state, devices)
-  p_train_step = compile_cache.log_first_call(pmapped_train_step(config, mask, devices),
+  p_train_step = compile_cache.log_first_call(steps.pmapped_train_step(config, mask, devices),
                                               'train step', since=data_loaded)
-  p_eval_step = compile_cache.log_first_call(pmapped_eval_step(config, devices), 'eval step')
+  p_eval_step = compile_cache.log_first_call(steps.pmapped_eval_step(config, devices),
+                                             'eval step')
   rng = jax.random.key(config.seed)
-  eval_rng = parallel.replicate(eval_key(config.seed), devices)
+  eval_rng = parallel.replicate(steps.eval_key(config.seed), devices)
   rng = parallel.replicate(rng, devices)
   images_per_step = config.batch_size * (
       config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
       else 1)
 
-  every = config.get('checkpoint_every_steps', 0)
+  def save_partial(step, state, *, epoch, steps_done, step_metrics):
+    rundir.save_partial_epoch(
+        ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
+        steps_done=steps_done, steps_per_epoch=steps_per_epoch,
+        data={**data_state, 'loader': dataset.loader}, step_metrics=step_metrics)
+
   local_batch = dataset.local_batch(config.batch_size)
   # A run resumed inside an epoch: that epoch's remaining batches, its step metrics so far.
   resumed_step = partial['steps_done'] if partial else 0
@@ -364,31 +239,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       t0 = time.time()
       first_step = resumed_step if epoch == start_epoch + 1 else 0
-      epoch_metrics = list(partial['step_metrics']) if first_step else []
       batches = itertools.islice(train_stream, steps_per_epoch - first_step)
       batches = jax_utils.prefetch_to_device(
           (parallel.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
       bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
                               enabled=config.progress and jax.process_index() == 0)
-      pending = []
-      for step_in_epoch, batch in enumerate(batches, first_step + 1):
-        state, step_metrics = p_train_step(state, batch, rng)
-        pending.append(step_metrics)
-        step = (epoch - 1) * steps_per_epoch + step_in_epoch
-        save_now = every and step % every == 0 and step_in_epoch < steps_per_epoch
-        if (step_in_epoch % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch
-            or save_now):
-          # The one host sync: fetch the metrics of the last few steps at once.
-          fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
-          pending = []
-          epoch_metrics += fetched
-          _check_finite(fetched, epoch, step)
-          bar.update(step_in_epoch, fetched[-1])
-        if save_now:
-          rundir.save_partial_epoch(
-              ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
-              steps_done=step_in_epoch, steps_per_epoch=steps_per_epoch,
-              data={**data_state, 'loader': dataset.loader}, step_metrics=epoch_metrics)
+      state, step_metrics = train_steps(
+          p_train_step, state, batches, rng, epoch=epoch, first_step=first_step,
+          steps_per_epoch=steps_per_epoch, log_every=config.log_every_steps, bar=bar,
+          save_every=config.checkpoint_every_steps, save_partial=save_partial,
+          step_metrics=partial['step_metrics'] if first_step else ())
       train_time = time.time() - t0
       val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
                      num_local_devices, eval_rng)
@@ -396,13 +256,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
                       num_local_devices, eval_rng)
       row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
              'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-             **epoch_means(epoch_metrics),
+             **epoch_means(step_metrics),
              'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
              'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
              'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
              # Each epoch's own: an explicit override on resume may differ from run_info's.
-             'dtype': compute['dtype'], 'conv': compute['conv'], 'norm': compute['norm']}
+             'dtype': compute.dtype, 'conv': compute.conv, 'norm': compute.norm}
       is_best = val['accuracy'] > best_val
       best_val = max(best_val, val['accuracy'])
       rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
@@ -418,6 +278,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if jax.process_index() == 0:
     rundir.write(workdir, rundir.SUMMARY, summary)
   return summary
+
+
+def train_steps(p_train_step, state, batches, rng, *, epoch: int, first_step: int,
+                steps_per_epoch: int, log_every: int, bar, save_every: int = 0,
+                save_partial=None, step_metrics=()):
+  """(state, the epoch's step metrics): a train step per batch, from step first_step + 1
+  of `epoch` on; `step_metrics` are those of its steps before (a run resumed inside it).
+
+  Metrics stay on the devices between host syncs: every log_every steps, at the epoch's
+  end and before a checkpoint inside it (every save_every global steps: `save_partial`),
+  the pending ones are fetched at once, checked and shown.
+  """
+  step_metrics = list(step_metrics)
+  pending = []
+  for step_in_epoch, batch in enumerate(batches, first_step + 1):
+    state, metrics = p_train_step(state, batch, rng)
+    pending.append(metrics)
+    step = (epoch - 1) * steps_per_epoch + step_in_epoch
+    save_now = save_every and step % save_every == 0 and step_in_epoch < steps_per_epoch
+    if step_in_epoch % log_every == 0 or step_in_epoch == steps_per_epoch or save_now:
+      # The one host sync: fetch the metrics of the last few steps at once.
+      fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
+      pending = []
+      step_metrics += fetched
+      _check_finite(fetched, epoch, step)
+      bar.update(step_in_epoch, fetched[-1])
+    if save_now:
+      save_partial(step, state, epoch=epoch, steps_done=step_in_epoch, step_metrics=step_metrics)
+  return state, step_metrics
 
 
 def epoch_means(step_metrics: list[dict]) -> dict:
@@ -452,22 +341,12 @@ def _check_finite(fetched, epoch, step):
           'checkpoint is intact: lower optim.learning_rate and rerun to resume from it')
 
 
-def _pin_compute(config, workdir: str, resuming: bool):
-  """(config, first start's compute record): a resumed run's config with model.dtype and
-  model.conv those its first start resolved (hardware.resumed_compute; model.norm=auto
-  follows model.conv), or config and None
-  on a first start (or a run from before run_info.json recorded them)."""
-  info = rundir.read(workdir, rundir.RUN_INFO, {}) if resuming else {}
-  recorded = info.get('compute')
-  if not recorded:
-    return config, None
-  dtype, conv = hardware.resumed_compute(config.model, recorded)
-  pinned = copy.deepcopy(config)
-  pinned.model.dtype, pinned.model.conv = dtype, conv
-  if 'norm' not in recorded and config.model.get('norm', 'auto') == 'auto':
-    # Started before training BatchNorm could run on oneDNN: it goes on with XLA's.
-    pinned.model.norm = 'xla'
-  return pinned, recorded
+def _first_compute(workdir: str) -> dict | None:
+  """run_info.json's `compute` where the run resumes (it has a complete checkpoint): what its
+  first start resolved. None on a first start, or for a run from before it was recorded."""
+  if not rundir.step_dirs(workdir, rundir.LATEST):
+    return None
+  return rundir.read(workdir, rundir.RUN_INFO, {}).get('compute')
 
 
 def _check_same_source(workdir: str, init_info: dict) -> None:

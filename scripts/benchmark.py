@@ -9,7 +9,7 @@ r"""Side-by-side training speed: rotjax against PyTorch, in one run.
 
 Both convolution paths (oneDNN, XLA) run in both dtypes, plus the default
 (`model.dtype=auto`, `model.conv=auto`, `model.norm=auto`: what this machine chooses,
-hardware.py) and the default with XLA's BatchNorm, so the table shows whether `auto`
+rotjax/compute.py) and the default with XLA's BatchNorm, so the table shows whether `auto`
 picked the fastest path here. The header names the
 CPU, its ISA class (avx2 / avx512 / avx512_bf16 / amx) and oneDNN's version.
 
@@ -63,22 +63,23 @@ def rotjax_worker(opts):
   rj_platform.configure()   # what a CLI run gets (XLA flags come in through the environment)
   import jax
   from configs import supervised
-  from rotjax import parallel, train
+  from rotjax import compute as compute_lib
+  from rotjax import parallel, steps, train
 
-  from rotjax.cpu import hardware
   config = supervised.get_config()
   config.model.width, config.model.dtype = opts['width'], opts.get('dtype', 'auto')
   config.model.conv = opts.get('conv', 'auto')
   config.model.norm = opts.get('norm', 'auto')
-  compute = hardware.describe(config.model, jax.local_device_count())
+  resolved = compute_lib.resolve(config.model, jax.local_device_count())
+  compute = resolved.record()
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
-  state, mask, _, _ = train.create_train_state(config, 10, steps_per_epoch=100)
+  state, mask, _, _ = train.create_train_state(config, 10, steps_per_epoch=100, compute=resolved)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (opts['batch'], 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, opts['batch']).astype(np.int32)}
   sharded = jax.device_put(parallel.shard(batch, len(devices)))
-  p_step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
+  p_step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1)
   holder = {'state': parallel.replicate(state, devices)}
   keys = parallel.replicate(jax.random.key(0), devices)
 
@@ -99,7 +100,7 @@ def rotjax_worker(opts):
                 'label': np.zeros(opts['eval_batch'], np.int32),
                 'mask': np.ones(opts['eval_batch'], np.float32)}
   eval_sharded = jax.device_put(parallel.shard(eval_batch, len(devices)))
-  p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
+  p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
   evaluate = lambda: jax.block_until_ready(p_eval(holder['state'], eval_sharded, keys))
   evaluate()
   result['eval'] = _timed(evaluate, max(1, opts['steps'] // 2), opts['repeats'], opts['eval_batch'])
@@ -149,13 +150,13 @@ def _real_loop(opts, config):
 
 
 def machine_worker(opts):
-  """What `auto` picks here, and why (hardware.describe), as a rotjax run would see it."""
+  """What `auto` picks here, and why (compute.resolve), as a rotjax run would see it."""
   sys.path.insert(0, ROOT)
   from rotjax.cpu import platform as rj_platform
   rj_platform.configure()
-  import ml_collections
-  from rotjax.cpu import hardware
-  return hardware.describe(ml_collections.ConfigDict({'dtype': 'auto', 'conv': 'auto'}))
+  from configs import common
+  from rotjax import compute as compute_lib
+  return compute_lib.resolve(common.get_config().model).record()
 
 
 def torch_worker(opts):

@@ -118,7 +118,7 @@ def loop_child(opts) -> dict:
   """images/s of the bare train step and of train_and_evaluate's epoch 2 per loader."""
   import jax
   from configs import imagenette
-  from rotjax import batch_plans, input_pipeline, metrics, parallel, train
+  from rotjax import batch_plans, input_pipeline, metrics, parallel, steps, train
   from rotjax.cpu import platform as rj_platform
   rj_platform.configure()
   config = imagenette.get_config('supervised')
@@ -137,7 +137,7 @@ def loop_child(opts) -> dict:
   # The bare step: one batch, already sharded on the device, stepped `steps` times.
   state, mask, _, _ = train.create_train_state(config, datasets['memory'].num_classes,
                                                opts['steps'])
-  step = train.pmapped_train_step(config, mask, devices)
+  step = steps.pmapped_train_step(config, mask, devices)
   batch = next(batch_plans.train_batches(datasets['memory'].train, config.batch_size, 0, 1))
   batch = jax.device_put(parallel.shard(batch, len(devices)))
   state, rng = parallel.replicate(state, devices), parallel.replicate(jax.random.key(0), devices)

@@ -9,6 +9,7 @@ from rotjax import batch_plans
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import parallel
+from rotjax import steps
 from rotjax import train
 
 
@@ -51,7 +52,7 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, steps_per_epoch=4)
   before = jax.device_get(state)
   devices = jax.local_devices()[:1]
-  step = train.pmapped_train_step(config, mask, devices, smoothing=0.1)
+  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1)
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   for epoch in range(2):

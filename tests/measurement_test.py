@@ -12,8 +12,10 @@ from rotjax import input_pipeline
 from rotjax import memory_loader
 from rotjax import models
 from rotjax import parallel
+from rotjax import steps
 from rotjax import testing
 from rotjax import train
+from rotjax.compute import Compute
 
 
 def _pretext_config(num_rotations: int, **overrides):
@@ -44,7 +46,7 @@ def test_a_uniform_image_looks_the_same_in_every_direction(num, training):
   with the fill outside the image, turns with the image and tells directions apart."""
   greys = np.array([200, 30, 120], np.uint8)
   images = np.broadcast_to(greys[:, None, None, None], (3, 16, 16, 3))
-  prepare = jax.jit(train.make_prepare_fn(_pretext_config(num), train=training))
+  prepare = jax.jit(steps.make_prepare_fn(_pretext_config(num), train=training))
   out, labels, _ = prepare({'image': jnp.asarray(images), 'label': jnp.zeros(3, jnp.int32)},
                            jax.random.key(0))
   np.testing.assert_array_equal(labels, np.repeat(np.arange(num), 3))
@@ -67,7 +69,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   config = _pretext_config(num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry})
   state, mask, _, _ = train.create_train_state(config, num, 100)
   devices = jax.local_devices()[:1]
-  step = train.pmapped_train_step(config, mask, devices, smoothing=0.0)
+  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.0)
   state = parallel.replicate(state, devices)
   rng = parallel.replicate(jax.random.key(0), devices)
   data = np.random.default_rng(0)
@@ -76,7 +78,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
              'mask': np.ones(16, np.float32)}
     state, _ = step(state, parallel.shard(batch, 1), rng)
   state = parallel.unreplicate(state)
-  prepare = train.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
+  prepare = steps.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
 
   @jax.jit
   def correct(images, key):
@@ -106,7 +108,7 @@ def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   metrics = []
   for count in (1, 2):
     devices = jax.local_devices()[:count]
-    p_eval = train.pmapped_eval_step(config, devices, smoothing=0.1)
+    p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
     metrics.append(train.evaluate(p_eval, parallel.replicate(state, devices), dataset, 'val', 8,
                                   count, parallel.replicate(jax.random.key(1), devices)))
   assert metrics[0]['loss'] == pytest.approx(metrics[1]['loss'], rel=1e-5)
@@ -124,15 +126,15 @@ def test_split_index_is_each_example_place_in_the_whole_split():
       split = memory_loader.Split(own.astype(np.uint8)[:, None, None, None], own.astype(np.int32))
       for i, batch in enumerate(batch_plans.eval_batches(split, local_batch)):
         real = batch['mask'] > 0
-        index = train.split_index(i, local_batch, p, processes)
+        index = steps.split_index(i, local_batch, p, processes)
         np.testing.assert_array_equal(index[real], batch['label'][real])
 
 
 def test_logits_are_a_float32_matmul_of_the_pooled_features():
   """With bfloat16 compute the head still runs in float32: logits rounded to bf16 would
   round the loss and decide near-ties of the argmax."""
-  model = models.create_model('resnet18', num_classes=10, width=4, dtype=jnp.bfloat16,
-                              conv_impl='xla')
+  model = models.create_model('resnet18', num_classes=10, width=4,
+                              compute=Compute(dtype='bfloat16'))
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = model.init(jax.random.key(1), images, train=False)
   logits, feats = model.apply(variables, images, train=False)

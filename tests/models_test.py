@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 from rotjax import models
+from rotjax.compute import Compute
 
 
 def _count(name, **kw):
@@ -52,7 +53,8 @@ def test_bad_inputs_are_named():
 
 @pytest.mark.gpu
 def test_bfloat16_compute_keeps_float32_params_and_statistics():
-  model = models.create_model('resnet18', num_classes=4, width=4, dtype=jnp.bfloat16)
+  model = models.create_model('resnet18', num_classes=4, width=4,
+                              compute=Compute(dtype='bfloat16'))
   x = jnp.ones((2, 16, 16, 3))
   variables = model.init(jax.random.key(0), x)
   (logits, feats), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])

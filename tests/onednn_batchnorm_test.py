@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rotjax import batchnorm, models
-from rotjax.cpu import onednn_batchnorm, onednn_build, onednn_conv
+from rotjax.compute import Compute
+from rotjax.cpu import onednn_batchnorm, onednn_build, onednn_errors
 from rotjax.cpu.onednn_build import Status
 
 pytestmark = pytest.mark.cpu_only('oneDNN BatchNorm, a CPU-only path')
@@ -88,12 +89,13 @@ def test_resnet_trains_on_onednn_batchnorm_as_on_xla(name, stem):
   """A ResNet's train-mode loss, gradients and new running statistics: oneDNN's BatchNorms
   (model.norm=onednn) against XLA's, convolutions on XLA in both (so only BatchNorm differs);
   the basic and the bottleneck block, both stems."""
-  kw = dict(num_classes=5, width=8, stem=stem, conv_impl='xla')
+  kw = dict(num_classes=5, width=8, stem=stem)
   # Enough rows per channel in the last layers (ImageNet stem: 1x1 maps there): over a few
   # rows XLA's E[x^2] - mean^2 cancels (test_statistics_as_accurate_as_float64_allows).
   size = 16 if stem == 'cifar' else 64
   x = jnp.asarray(np.random.default_rng(1).standard_normal((8, size, size, 3)), jnp.float32)
-  a, b = (models.create_model(name, norm_impl=impl, **kw) for impl in ('xla', 'onednn'))
+  a, b = (models.create_model(name, compute=Compute(norm=norm, norm_strict=True), **kw)
+          for norm in ('xla', 'onednn'))
   variables = a.init(jax.random.key(0), x)
 
   def loss(model, params):
@@ -121,14 +123,6 @@ def test_resnet_trains_on_onednn_batchnorm_as_on_xla(name, stem):
 
 
 @needs_onednn
-def test_auto_follows_the_convolutions():
-  assert onednn_batchnorm.resolve('auto', 'xla') is None
-  assert onednn_batchnorm.resolve('xla', 'auto') is None
-  on_onednn, _ = onednn_conv.uses_onednn('auto', 'float32')
-  assert (onednn_batchnorm.resolve('auto', 'auto') is not None) == on_onednn
-
-
-@needs_onednn
 def test_statistics_synced_over_devices_stay_on_xla():
   """With statistics over several devices' rows (model.sync_bn), BatchNorm needs XLA's
   cross-device sums: oneDNN is not called; over a single device it is."""
@@ -143,14 +137,9 @@ def test_statistics_synced_over_devices_stay_on_xla():
     assert ('RotjaxBatchNormForward' in text) == (devices == 1), devices
 
 
-def test_unknown_impl_is_named():
-  with pytest.raises(ValueError, match=r"model.norm='mkl' is unknown"):
-    onednn_batchnorm.resolve('mkl', 'auto')
-
-
 def test_a_failure_inside_a_step_is_named():
-  with pytest.raises(onednn_batchnorm.OneDNNNormError, match='input NHWC'):
-    with onednn_conv.named_errors():
+  with pytest.raises(onednn_errors.OneDNNNormError, match='input NHWC'):
+    with onednn_errors.named_errors():
       raise jax.errors.JaxRuntimeError('INTERNAL: rotjax oneDNN batch norm: batch norm, input '
                                        'NHWC [8, 2, 2, 32], dtype float32: could not execute')
 
@@ -160,22 +149,6 @@ def test_a_batchnorm_onednn_cannot_take_is_named_or_left_to_xla():
   x = jnp.ones((2, 4, 4, 8), jnp.float16)   # oneDNN's BatchNorm here: float32 and bfloat16
   scale = bias = jnp.ones(8)
   assert onednn_batchnorm.apply(x, scale, bias, EPS, True) is None
-  with pytest.raises(onednn_batchnorm.OneDNNNormError, match=r'float16 BatchNorm of input \(2, 4, 4, 8\)'):
+  with pytest.raises(onednn_errors.OneDNNNormError, match=r'float16 BatchNorm of input \(2, 4, 4, 8\)'):
     onednn_batchnorm.apply(x, scale, bias, EPS, True, strict=True)
 
-
-@needs_onednn
-def test_the_run_record_says_where_batchnorm_runs():
-  """run_info.json's `norm`: oneDNN with the convolutions; XLA for statistics synced over
-  several devices (batchnorm.BatchNorm leaves those to XLA), saying why."""
-  import ml_collections
-  from rotjax.cpu import hardware
-  model = ml_collections.ConfigDict({'dtype': 'float32', 'conv': 'auto', 'norm': 'auto',
-                                     'sync_bn': True})
-  conv = hardware.describe(model)['conv']
-  assert hardware.describe(model, num_devices=1)['norm'] == conv
-  synced = hardware.describe(model, num_devices=2)
-  assert synced['norm'] == 'xla' and 'synced over 2 devices' in synced['norm_reason']
-  assert 'synced over 2 devices' in hardware.summary_line(synced) or conv == 'xla'
-  model.sync_bn = False
-  assert hardware.describe(model, num_devices=2)['norm'] == conv

@@ -18,6 +18,7 @@ from conftest import tiny_config
 from rotjax import checkpoint
 from rotjax import input_pipeline
 from rotjax import metrics
+from rotjax import steps
 from rotjax import train
 
 TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
@@ -84,7 +85,7 @@ def test_kill_between_latest_and_best_commit_rewrites_best(make_config, referenc
 def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, reference, tmp_path,
                                                              monkeypatch):
   _, ref_rows, steps_per_epoch = reference
-  original = train.train_step
+  original = steps.train_step
 
   def poisoned(state, batch, rng, **kwargs):
     """The real step, but from epoch 2 on its loss and parameters are NaN."""
@@ -92,7 +93,7 @@ def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, refere
     nan_if_late = lambda x: jnp.where(state.step >= steps_per_epoch, jnp.nan, x)
     new_state = new_state.replace(params=jax.tree.map(nan_if_late, new_state.params))
     return new_state, dict(step_metrics, loss=nan_if_late(step_metrics['loss']))
-  monkeypatch.setattr(train, 'train_step', poisoned)
+  monkeypatch.setattr(steps, 'train_step', poisoned)
   workdir = tmp_path / 'run'
   config = make_config('supervised', workdir, num_epochs=2)
   with pytest.raises(FloatingPointError, match=r'non-finite loss nan at epoch 2, step <= \d+'):
@@ -103,7 +104,7 @@ def test_nan_loss_stops_with_epoch_and_keeps_last_checkpoint(make_config, refere
   assert int(restored.step) == steps_per_epoch
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
   # Fixed (here: unpatched), the same command resumes from epoch 1 and ends as if unbroken.
-  monkeypatch.setattr(train, 'train_step', original)
+  monkeypatch.setattr(steps, 'train_step', original)
   train.train_and_evaluate(config)
   assert _rows(workdir) == ref_rows
 

@@ -13,6 +13,7 @@ from rotjax import input_pipeline
 from rotjax import metrics
 from rotjax import parallel
 from rotjax import rundir
+from rotjax import steps
 from rotjax import train
 
 
@@ -24,8 +25,8 @@ def test_label_smoothing_matches_formula():
     target = np.full((2, 3), alpha / 3)
     target[np.arange(2), labels] += 1 - alpha
     expected = -(target * log_p).sum(-1)
-    np.testing.assert_allclose(train.cross_entropy(logits, labels, alpha), expected, rtol=1e-6)
-  np.testing.assert_allclose(train.cross_entropy(logits, labels, 0.0),
+    np.testing.assert_allclose(steps.cross_entropy(logits, labels, alpha), expected, rtol=1e-6)
+  np.testing.assert_allclose(steps.cross_entropy(logits, labels, 0.0),
                              optax.softmax_cross_entropy_with_integer_labels(logits, labels), rtol=1e-6)
 
 
@@ -34,7 +35,7 @@ def _step_on(devices, state, mask, batch):
   from rotjax import preprocess
   prepare = lambda batch, rng: (preprocess.normalize(batch['image'], preprocess.CIFAR_MEAN,
                                                      preprocess.CIFAR_STD), batch['label'], batch['mask'])
-  step = train.pmapped_train_step(None, mask, devices, smoothing=0.1, prepare_fn=prepare,
+  step = steps.pmapped_train_step(None, mask, devices, smoothing=0.1, prepare_fn=prepare,
                                   donate=False)
   new_state, m = step(parallel.replicate(state, devices), parallel.shard(batch, len(devices)),
                       parallel.replicate(jax.random.key(0), devices))
@@ -79,7 +80,7 @@ def test_padded_rows_carry_no_weight_and_the_loss_is_the_mean_over_real_rows(mak
       preprocess.normalize(images, preprocess.CIFAR_MEAN, preprocess.CIFAR_STD),
       train=True, mutable=['batch_stats'])[0][0], axis_name='batch', devices=devices[:1])
   logits = forward(batch['image'][None])[0]
-  losses = np.asarray(train.cross_entropy(logits, batch['label'], 0.1))
+  losses = np.asarray(steps.cross_entropy(logits, batch['label'], 0.1))
   np.testing.assert_allclose(metrics['loss'], losses[:5].mean(), rtol=1e-5)
   correct = np.asarray(jnp.argmax(logits, -1) == batch['label'])
   np.testing.assert_allclose(metrics['accuracy'], correct[:5].mean(), rtol=1e-6)
@@ -104,7 +105,7 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
   dataset = input_pipeline.load_dataset(config.data)
   state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
   devices = jax.local_devices()
-  step = train.pmapped_train_step(config, mask, devices, smoothing=0.1, donate=False)
+  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1, donate=False)
   batch = jax.device_put(parallel.shard(next(batch_plans.train_batches(
       dataset.train, 8, 0, 1)), len(devices)))
   replicated = parallel.replicate(state, devices)
@@ -146,11 +147,11 @@ def test_run_stopped_after_epoch_one_resumes_at_saved_step(make_config, tmp_path
   reference = train.train_and_evaluate(make_config('supervised', tmp_path / 'ref', num_epochs=3))
   first = train.train_and_evaluate(make_config('supervised', workdir, num_epochs=1))
   assert first['epochs'] == 1
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  saved = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
   resumed = train.train_and_evaluate(make_config('supervised', workdir, num_epochs=3))
   rows = metrics.read_metrics(str(workdir))
   assert [r['epoch'] for r in rows] == [1, 2, 3]
-  assert rows[1]['step'] == 2 * steps[-1]
+  assert rows[1]['step'] == 2 * saved[-1]
   # Data order and random numbers are keyed on (seed, epoch, step): same result as unbroken.
   ref_rows = metrics.read_metrics(str(tmp_path / 'ref'))
   for a, b in zip(rows, ref_rows):
@@ -166,16 +167,16 @@ def test_epoch_means_weigh_steps_by_their_real_images(make_config, tmp_path, mon
   rows = np.arange(129) % len(loaded.train)
   dataset = input_pipeline.Dataset(loaded.train.take(rows), loaded.val, loaded.test,
                                    loaded.class_names)
-  steps = []
+  fetched = []
   check = train._check_finite
-  monkeypatch.setattr(train, '_check_finite', lambda fetched, *a: (steps.extend(fetched), check(fetched, *a)))
+  monkeypatch.setattr(train, '_check_finite', lambda f, *a: (fetched.extend(f), check(f, *a)))
   train.train_and_evaluate(config, dataset=dataset)
-  assert len(steps) == 2
+  assert len(fetched) == 2
   row = metrics.read_metrics(str(tmp_path))[0]
   for key, name in (('loss', 'train_loss'), ('accuracy', 'train_accuracy')):
-    expected = (128 * float(steps[0][key]) + float(steps[1][key])) / 129
+    expected = (128 * float(fetched[0][key]) + float(fetched[1][key])) / 129
     np.testing.assert_allclose(row[name], expected, rtol=1e-6)
-  assert row['train_loss'] != pytest.approx((float(steps[0]['loss']) + float(steps[1]['loss'])) / 2)
+  assert row['train_loss'] != pytest.approx((float(fetched[0]['loss']) + float(fetched[1]['loss'])) / 2)
 
 
 @pytest.mark.slow
@@ -219,12 +220,12 @@ def test_per_device_batchnorm_trains_alike_on_one_and_two_devices(make_config, t
 
 def _bf16_then_not(monkeypatch, make_config, workdir, **overrides):
   """Epoch 1 where `auto` picks bfloat16, then a resume where it would pick float32."""
-  from rotjax.cpu import hardware
-  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: True)
+  from rotjax import compute
+  monkeypatch.setattr(compute, 'native_bf16', lambda backend=None: True)
   train.train_and_evaluate(make_config('supervised', workdir, num_epochs=1, **{'model.dtype': 'auto'}))
   first = json.load(open(workdir / 'run_info.json'))['compute']
   assert first['dtype'] == 'bfloat16'
-  monkeypatch.setattr(hardware, 'native_bf16', lambda backend=None: False)
+  monkeypatch.setattr(compute, 'native_bf16', lambda backend=None: False)
   config = make_config('supervised', workdir, num_epochs=2, **{'model.dtype': 'auto', **overrides})
   return first, config
 

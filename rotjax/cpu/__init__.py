@@ -1,4 +1,5 @@
-"""What only the CPU needs: its instruction-set class (isa), what `auto` picks from it
-(hardware), settings made before JAX starts (platform), and the oneDNN convolutions
-(onednn_build: find, compile and load oneDNN; onednn_conv: the op and the one decision
-whether a convolution runs on oneDNN or XLA; csrc/: the C++ side)."""
+"""What only the CPU needs: its instruction-set class (isa) and the machine's facts for a
+run's record (hardware), settings made before JAX starts (platform), and the oneDNN kernels
+(onednn_build: find, compile and load oneDNN; onednn_conv and onednn_batchnorm: the ops;
+onednn_errors: their errors; csrc/: the C++ side). What a run uses is decided by
+rotjax/compute.py."""

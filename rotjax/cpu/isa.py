@@ -2,7 +2,7 @@
 
 `ONEDNN_MAX_CPU_ISA` (oneDNN's switch to act as an older CPU) caps what rotjax believes
 the CPU has too, so `ONEDNN_MAX_CPU_ISA=AVX2` on any machine takes the whole path an
-AVX2-only machine takes (hardware.py's choices, onednn_build.py's choice of oneDNN).
+AVX2-only machine takes (compute.py's choices, onednn_build.py's choice of oneDNN).
 That is how the tests cover the lesser paths.
 """
 import functools

@@ -15,8 +15,9 @@ float32 (oneDNN subtracts the mean before squaring: the same statistics, fewer r
 errors than flax's E[x^2] - mean^2), the output in the input's dtype, and the gradients of
 input, scale and bias. It covers one device's rows: BatchNorms whose statistics are
 averaged across devices (model.sync_bn with several devices) stay in XLA, where the
-cross-device sums are. batchnorm.BatchNorm decides per call (`apply` returns None for a
-BatchNorm oneDNN does not take); `model.norm` decides per run (`uses_onednn`).
+cross-device sums are (`covers`). `model.norm` is decided once per run by rotjax/compute.py
+(`require` says whether oneDNN runs a dtype here); batchnorm.BatchNorm then decides per call
+(`apply` returns None for a BatchNorm oneDNN does not take).
 """
 import functools
 import logging
@@ -25,17 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.cpu import onednn_build, onednn_conv
+from rotjax.cpu import onednn_build
 from rotjax.cpu.onednn_build import Status
+from rotjax.cpu.onednn_errors import OneDNNNormError
 
-IMPLS = ('auto', 'xla', 'onednn')
 HINT = 'set model.norm=xla to use XLA\'s BatchNorm instead'
 _PROBE_SHAPE = (4, 8, 8, 16)
 _fallbacks_logged = set()
-
-
-class OneDNNNormError(RuntimeError):
-  """A BatchNorm oneDNN could not create or run; the message names its shape and dtype."""
 
 
 def _call(target, out_types, *args, relu, epsilon):
@@ -99,25 +96,18 @@ def apply(x, scale, bias, epsilon, relu, strict=False):
   return None
 
 
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f'model.norm={impl!r} is unknown; allowed: {IMPLS}')
+def covers(num_devices: int, synced: bool) -> bool:
+  """Whether oneDNN computes a training BatchNorm's statistics: over one device's rows only
+  (the kernel has no cross-device sums), so not where they are synced over several devices.
+  The one statement of that rule: compute.resolve records it for a run, batchnorm.BatchNorm
+  applies it per call (a re-estimation's synced BatchNorm, a test's own pmap)."""
+  return not synced or num_devices == 1
 
 
-def uses_onednn(impl: str, conv_impl: str, dtype) -> tuple:
-  """(whether `model.norm=impl` runs training BatchNorms of `dtype` on oneDNN here, why).
-
-  'auto' follows the convolutions (`model.conv`): oneDNN where they run on oneDNN, so
-  model.conv=xla is XLA throughout and a resumed run keeps its path with its convolutions'.
-  'onednn' insists (OneDNNNormError says why it can't); 'xla' never loads oneDNN.
-  """
-  check_impl(impl)
+def require(dtype) -> str:
+  """Why oneDNN runs training BatchNorms of `dtype` here (model.norm=onednn); an
+  OneDNNNormError naming why it cannot. compute.resolve is its one caller."""
   dtype = np.dtype(dtype).name
-  if impl == 'xla':
-    return False, 'model.norm=xla'
-  if impl == 'auto':
-    use, why = onednn_conv.uses_onednn(conv_impl, dtype)
-    return use, f'as the convolutions: {why}'
   backend = jax.default_backend()
   if backend != 'cpu':
     raise OneDNNNormError(f'model.norm=onednn runs only on the CPU; this run\'s backend is '
@@ -130,16 +120,7 @@ def uses_onednn(impl: str, conv_impl: str, dtype) -> tuple:
     raise OneDNNNormError(f'model.norm=onednn, but oneDNN {onednn_build.version()} has no '
                           f'optimized {dtype} BatchNorm on this CPU ({info}); {HINT} or another '
                           'model.dtype')
-  return True, f'oneDNN {onednn_build.version()} {dtype} BatchNorm ({info})'
+  return f'oneDNN {onednn_build.version()} {dtype} BatchNorm ({info})'
 
 
-def resolve(impl: str, conv_impl: str, dtype='float32'):
-  """What batchnorm.BatchNorm calls for a training BatchNorm: `apply` (which may still
-  decline a shape) or None for XLA's."""
-  use, _ = uses_onednn(impl, conv_impl, dtype)
-  if not use:
-    return None
-  return _STRICT if impl == 'onednn' else apply
-
-
-_STRICT = functools.partial(apply, strict=True)
+apply_strict = functools.partial(apply, strict=True)

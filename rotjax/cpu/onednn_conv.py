@@ -7,14 +7,13 @@ what PyTorch's CPU convolutions run on. `conv_general_dilated` below is a drop-i
 for `lax.conv_general_dilated` that Flax's `nn.Conv` takes as an argument; it
 sends the plain 2-D NHWC/HWIO case to oneDNN and everything else to XLA.
 
-Whether oneDNN runs a model's convolutions is decided in one place, `uses_onednn`
-(the config checks, the model, the API and hardware.describe all ask it); each
-convolution is then prepared while the model is traced (onednn_build.prepare): one
-oneDNN cannot take, or takes only with its slow reference kernels, goes to XLA under
-'auto' and is an `OneDNNConvError` under 'onednn'. Finding, compiling and loading
-oneDNN is onednn_build.py's job.
+Whether oneDNN runs a run's convolutions is decided once per run by rotjax/compute.py,
+which asks `uses_onednn`; the model then hands `conv_general_dilated` (or its strict
+variant) to nn.Conv. Each convolution is prepared while the model is traced
+(onednn_build.prepare): one oneDNN cannot take, or takes only with its slow reference
+kernels, goes to XLA under 'auto' and is an `OneDNNConvError` under 'onednn'. Finding,
+compiling and loading oneDNN is onednn_build.py's job.
 """
-import contextlib
 import functools
 import logging
 
@@ -24,30 +23,11 @@ from jax import lax
 
 from rotjax.cpu import onednn_build
 from rotjax.cpu.onednn_build import Status
+from rotjax.cpu.onednn_errors import OneDNNConvError
 
-IMPLS = ('auto', 'xla', 'onednn')
 HINT = 'set model.conv=xla to use XLA\'s convolutions instead'
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 _fallbacks_logged = set()
-
-
-class OneDNNConvError(RuntimeError):
-  """A convolution oneDNN could not create or run; the message names its shape and dtype."""
-
-
-@contextlib.contextmanager
-def named_errors():
-  """Re-raises a oneDNN failure inside a compiled step as OneDNNConvError or OneDNNNormError
-  (also a decorator)."""
-  try:
-    yield
-  except jax.errors.JaxRuntimeError as e:
-    if 'rotjax oneDNN conv' in str(e):
-      raise OneDNNConvError(str(e)) from e
-    if 'rotjax oneDNN batch norm' in str(e):
-      from rotjax.cpu.onednn_batchnorm import OneDNNNormError   # (it imports this module)
-      raise OneDNNNormError(str(e)) from e
-    raise
 
 
 def _attrs(strides, padding):
@@ -139,19 +119,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 conv_general_dilated_strict = functools.partial(conv_general_dilated, strict=True)
 
 
-def check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(f'model.conv={impl!r} is unknown; allowed: {IMPLS}')
-
-
 def uses_onednn(impl: str, dtype) -> tuple:
   """(whether `model.conv=impl` runs `dtype` convolutions on oneDNN here, why).
 
   'auto': oneDNN when JAX's default backend is the CPU, the kernels load, and oneDNN has
   optimized kernels for the dtype on this CPU; 'onednn' insists (OneDNNConvError says why
-  it can't); 'xla' never loads them.
+  it can't); 'xla' never loads them. compute.resolve is its one caller (once per start or
+  load).
   """
-  check_impl(impl)
   dtype = np.dtype(dtype).name
   backend = jax.default_backend()
   if impl == 'xla':
@@ -176,10 +151,3 @@ def uses_onednn(impl: str, dtype) -> tuple:
     return False, f'oneDNN {version} has no optimized {dtype} convolution on this CPU ({info})'
   return True, f'oneDNN {version} {dtype} kernels ({info})'
 
-
-def resolve(impl: str, dtype='float32'):
-  """The convolution function for `model.conv` and the compute dtype: None means XLA's own."""
-  use, _ = uses_onednn(impl, dtype)
-  if not use:
-    return None
-  return conv_general_dilated_strict if impl == 'onednn' else conv_general_dilated

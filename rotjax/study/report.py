@@ -11,7 +11,6 @@ import numpy as np
 from absl import app
 
 from rotjax import metrics
-from rotjax import rotation
 from rotjax import rundir
 from rotjax.study import environment
 from rotjax.study import plots
@@ -50,21 +49,19 @@ REPORTED = {1: 79.07, 2: 60.00, 3: 44.90, 4: 84.74, 5: 83.42}
 REPORTED_SETTING = {'dataset': 'cifar10', 'model': 'resnet18', 'num_rotations': 4,
                     'label_smoothing': 0.1, 'samples_per_class': 0, 'freeze_bn': 'batch'}
 
-# What rotjax did before freeze_bn existed, for runs whose config.json does not name it.
-LEGACY_FREEZE_BN = 'running'
-
 
 def load_runs(study_dir: str) -> list[dict]:
   """results.csv rows, each with its metrics history, config and run_info attached."""
   runs = []
   for row in results.collect(study_dir):
     workdir = os.path.join(study_dir, row['workdir'])
-    config = rundir.read(workdir, rundir.CONFIG, {})
+    # Completed (rundir.complete): a setting its config.json lacks has the value it ran with.
+    config = rundir.read_config(workdir)
     # How the run trained, not how the plan names it: a run finished before freeze_bn
     # existed sits in the folder that now means the default.
-    freeze_bn = config.get('freeze_bn', LEGACY_FREEZE_BN) if config else row['freeze_bn']
+    freeze_bn = config.freeze_bn if config else row['freeze_bn']
     runs.append({**row, 'freeze_bn': freeze_bn, 'history': metrics.read_metrics(workdir),
-                 'config': config,
+                 'config': config.to_dict() if config else {},
                  'run_info': rundir.read(workdir, rundir.RUN_INFO, {}),
                  'environment': results.read_record(workdir).get('environment')})
   return runs
@@ -225,11 +222,8 @@ def settings_table(runs) -> str:
        if r['config'].get('optim') else None),
       ('trainable', lambda r: '+'.join(r['config'].get('trainable', ()))),
       # How the pretext rotates (rotation.geometry: 'disc', or the reports' 'square' rot90).
-      # A run from before rotation.geometry names none: rotation.geometry_of says what it used.
-      ('rotation', lambda r: '{num_rotations} x {geometry}'.format(
-          num_rotations=r['config']['rotation']['num_rotations'],
-          geometry=rotation.geometry_of(r['config']['rotation']))
-       if r['stage'] == 1 and r['config'].get('rotation') else None),
+      ('rotation', lambda r: '{num_rotations} x {geometry}'.format(**r['config']['rotation'])
+       if r['stage'] == 1 and r['config'] else None),
       ('train images', lambda r: r['run_info'].get('train_images')),
       ('val images', lambda r: r['run_info'].get('val_images')),
       ('test images', lambda r: r['run_info'].get('test_images')),

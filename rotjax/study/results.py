@@ -35,18 +35,17 @@ def run_dirs(study_dir: str) -> list[str]:
 
 def _from_config(workdir: str) -> dict:
   """The record of a run the study did not write (e.g. copied in): its axes from config.json."""
-  config = rundir.read(workdir, rundir.CONFIG, {})
-  if not config:
+  config = rundir.read_config(workdir)   # a run from before freeze_bn: 'running'
+  if config is None:
     return {}
-  pretrained = bool(config.get('init_from'))
-  stage = {'pretext': 1, 'finetune': 3 - pretrained, 'supervised': 5 - pretrained}[config['stage']]
-  return {'stage': stage, 'dataset': config['data']['dataset'], 'model': config['model']['name'],
-          'num_rotations': config['rotation']['num_rotations'],
-          'label_smoothing': config['label_smoothing'],
-          'samples_per_class': config['data']['samples_per_class'], 'seed': config['seed'],
-          # rotjax before freeze_bn used the running statistics in frozen BatchNorm.
-          'freeze_bn': config.get('freeze_bn', 'running'),
-          'pretext_run': config.get('init_from', ''), 'status': 'unknown', 'error': ''}
+  pretrained = bool(config.init_from)
+  stage = {'pretext': 1, 'finetune': 3 - pretrained, 'supervised': 5 - pretrained}[config.stage]
+  return {'stage': stage, 'dataset': config.data.dataset, 'model': config.model.name,
+          'num_rotations': config.rotation.num_rotations,
+          'label_smoothing': config.label_smoothing,
+          'samples_per_class': config.data.samples_per_class, 'seed': config.seed,
+          'freeze_bn': config.freeze_bn, 'pretext_run': config.init_from, 'status': 'unknown',
+          'error': ''}
 
 
 def collect(study_dir: str) -> list[dict]:

@@ -38,11 +38,6 @@ class DatasetCache:
 _NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
                         'distributed', 'data.cache_dir', 'compile_cache', 'data.loader',
                         'data.workers', 'data.data_dir', 'checkpoint_every_steps')
-# Settings added since a study's runs may have been trained, and the value that release ran
-# with. model.norm=auto (training BatchNorm on oneDNN where the convolutions are) is, like
-# model.conv=auto, a kernel choice that moves results by rounding only; a run's own path is
-# in its run_info.json (compute.norm; absent: XLA's) and in the report's settings table.
-_BEFORE_THEY_EXISTED = {'model.norm': 'auto'}
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -61,14 +56,17 @@ def changed_settings(run_config) -> list[str]:
   A run trained by an older rotjax or with other settings must not be reported under the
   plan's labels (e.g. a stage 3 from before freeze_bn, whose frozen BatchNorm used running
   statistics) nor be resumed as if it were the planned one. A setting missing from the old
-  config.json counts as changed.
+  config.json has the value that release ran with (rundir.before_they_existed: model.norm's
+  'auto', a kernel choice that moves results by rounding only, freeze_bn's 'running', ...),
+  and counts as changed where there is none.
   """
-  old = rundir.read(run_config.workdir, rundir.CONFIG, {})
-  if not old:
+  saved = rundir.read(run_config.workdir, rundir.CONFIG, {})
+  if not saved:
     return []
-  old, new = _flatten(old), _flatten(run_config.to_dict())
+  old, new = _flatten(saved), _flatten(run_config.to_dict())
   ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
-  before = lambda key: old.get(key, _BEFORE_THEY_EXISTED.get(key, '<missing>'))
+  known = rundir.before_they_existed(saved)
+  before = lambda key: old.get(key, known.get(key, '<missing>'))
   return sorted(k for k, v in new.items() if not ignored(k) and before(k) != v)
 
 
@@ -90,8 +88,8 @@ class SourceRecords:
     record = self.loaded[source_dir]
     if record is None:
       return None
-    return {**record, 'run': os.path.relpath(os.path.abspath(os.path.expanduser(source_dir)),
-                                             os.path.abspath(os.path.expanduser(workdir)))}
+    return {**record, 'run': os.path.relpath(rundir.absolute(source_dir),
+                                             rundir.absolute(workdir))}
 
 
 def source_change(run_config, sources: SourceRecords) -> str:
@@ -172,7 +170,7 @@ def run_study(config, datasets=None) -> list[dict]:
   trained, so an interrupted study has both up to date. Call write_report at the end for a report
   that also lists the runs this call only skipped or found finished (run_study_and_report does).
   """
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   if not config.workdir:
     raise ValueError('workdir is required: pass --config.workdir=PATH')
   runs = sweep.plan(config)
@@ -238,5 +236,5 @@ def run_study_and_report(config, datasets=None) -> str:
   """run_study, then the report once more; returns the line naming report.md and its figures."""
   rows = run_study(config, datasets)
   # Runs this call only skipped or found finished had no report build of their own.
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   return final_line(study_dir, rows, write_report(study_dir))

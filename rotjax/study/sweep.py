@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from rotjax import rundir
+
 AXES = ('dataset', 'model', 'num_rotations', 'label_smoothing', 'samples_per_class', 'seed',
         'freeze_bn')
 # BatchNorm in frozen layers (configs/common.py); only runs with frozen layers depend on it,
@@ -89,7 +91,7 @@ def plan(config) -> list[Run]:
   """Every run of the study, each once, pretext runs before the runs that load them."""
   _check(config)
   axes = {a: config.axes[a] for a in AXES}
-  pretext_seed = config.get('pretext_seed', -1)
+  pretext_seed = config.pretext_seed
   runs = _grid(axes, config.stages, pretext_seed)
   for name in config.sweeps:
     preset = config.presets[name].to_dict()
@@ -101,7 +103,7 @@ def plan(config) -> list[Run]:
 
 
 def _check(config) -> None:
-  if config.get('pretext_seed', -1) < -1:
+  if config.pretext_seed < -1:
     raise ValueError(f'pretext_seed={config.pretext_seed} must be -1 (each seed its own pretext) '
                      'or a seed >= 0 (one pretext for all seeds)')
   for stage in config.stages:
@@ -121,7 +123,7 @@ def _check(config) -> None:
 def run_config(config, run: Run) -> ml_collections.ConfigDict:
   """The train.py config of one run: the study's base with the run's axes filled in."""
   _, stage, pretrained = STAGES[run.stage]
-  study_dir = os.path.abspath(os.path.expanduser(config.workdir))
+  study_dir = rundir.absolute(config.workdir)
   rc = ml_collections.ConfigDict(config.base.to_dict())
   rc.stage = stage
   rc.workdir = os.path.join(study_dir, run.name)

@@ -2,8 +2,8 @@
 import _path  # noqa: F401  (this checkout first)
 from rotjax.cpu import onednn_conv
 
-assert onednn_conv.resolve('auto') is None
+assert onednn_conv.uses_onednn('auto', 'float32')[0] is False
 try:
-  onednn_conv.resolve('onednn')
+  onednn_conv.uses_onednn('onednn', 'float32')
 except RuntimeError as e:
   print(e)
