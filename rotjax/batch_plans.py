@@ -33,7 +33,7 @@ class TrainPlan:
 
   A shard's last slice, when short, is filled up to the full batch (static shapes:
   nothing recompiles) with its first examples of the epoch again, and `mask` is 0 on
-  those rows: the loss gives them weight 0 (train.train_step). Repeats of real
+  those rows: the loss gives them weight 0 (steps.train_step). Repeats of real
   images rather than zeros, because the rows still enter that step's BatchNorm
   batch statistics: repeats keep them statistics of training images (a few counted
   twice), where zeros would pull every mean and variance towards black images.
@@ -46,7 +46,7 @@ class TrainPlan:
   per-device BatchNorm (model.sync_bn=False) its statistics would carry a label cue that
   evaluation lacks, and results would change with the device count. `index` is each
   row's place in the global batch before that mixing (`first_index` = where this
-  process's part starts): augmentation is keyed on it (train.make_prepare_fn), so one
+  process's part starts): augmentation is keyed on it (steps.make_prepare_fn), so one
   device and several still draw the same numbers for each image.
 
   A Sequence, step i computed when asked for: the streaming loader's workers each build
