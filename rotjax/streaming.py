@@ -11,9 +11,13 @@ Where it runs: worker processes import this module, image_files, numpy and PIL (
 """
 import dataclasses
 import gc
+import inspect
+import itertools
 import logging
 import multiprocessing
 import os
+import secrets
+import signal
 import threading
 import time
 from typing import Iterator, Sequence
@@ -156,6 +160,21 @@ def _exit_with_parent() -> None:
   threading.Thread(target=watch, daemon=True, name='rotjax-exit-with-parent').start()
 
 
+def _init_worker(index: int, count: int) -> None:
+  """Grain runs this first in each decoding worker (its worker_init_fn). Not at import:
+  a worker that re-imports a script's main module (spawn does, and with it any rotjax
+  module the script imports at its top) does so before multiprocessing knows its parent.
+
+  SIGINT and SIGTERM are the trainer's to handle: Ctrl-C (sent to the whole process
+  group) or a scheduler's SIGTERM stops the trainer, which then stops its workers, rather
+  than killing the workers first and being told of dead workers instead of the signal.
+  """
+  del index, count
+  _exit_with_parent()
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def available_cores() -> int:
   """Cores this process may run on (its affinity mask: a container or taskset limit counts)."""
   try:
@@ -170,6 +189,11 @@ def num_workers(requested: int, num_batches: int) -> int:
   return max(1, min(requested or available_cores(), num_batches))
 
 
+SHM_FOLDER = '/dev/shm'
+# The ring's header: batches consumed (int64), then the stop flag (int64).
+_HEADER = 16
+
+
 class _Ring:
   """Shared-memory slots that worker processes decode batches into, reused batch after batch.
 
@@ -182,29 +206,152 @@ class _Ring:
   j % slots; a worker waits to write it until this process has copied batch j - slots out
   (`consumed`, an int64 in the block's header). The batch this process waits for is never
   held up (every earlier one is consumed), so the handshake cannot deadlock.
+
+  The header's second int64 is the stop flag: set when the stream ends in any way, it ends
+  the workers' waits, so that Grain's close, which joins its threads and then the workers,
+  returns at once instead of waiting for a batch that nobody will consume.
+  The block is named rotjax-NS-PID-RANDOM (NS: this PID namespace), so that a later run can
+  tell a ring whose process was killed with SIGKILL together with its resource tracker
+  (`remove_leftovers`).
   """
 
   def __init__(self, slots: int, shape: tuple):
     from multiprocessing import shared_memory
     self.slots, self.shape = slots, tuple(shape)
     self.slot_bytes = int(np.prod(shape))
-    size = 8 + slots * self.slot_bytes
+    size = _HEADER + slots * self.slot_bytes
     _check_shared_memory(size, slots)
-    self.shm = shared_memory.SharedMemory(create=True, size=size)
+    self.shm = shared_memory.SharedMemory(
+        name=f'{_ring_prefix()}{os.getpid()}-{secrets.token_hex(4)}', create=True, size=size)
     self.name = self.shm.name
-    self.consumed = np.ndarray((1,), np.int64, self.shm.buf)
+    self.header = np.ndarray((2,), np.int64, self.shm.buf)
+    self.consumed = self.header[:1]
+    self.names_path = os.path.join(SHM_FOLDER, self.name + '.names')
+    self.released = False
 
   def slot(self, batch_number: int) -> np.ndarray:
-    offset = 8 + (batch_number % self.slots) * self.slot_bytes
+    offset = _HEADER + (batch_number % self.slots) * self.slot_bytes
     return np.ndarray(self.shape, np.uint8, self.shm.buf, offset)
 
+  def record_semaphores(self) -> None:
+    """Writes beside the ring the multiprocessing semaphores this process has open (Grain's
+    queues and events, ~25 a worker), which a SIGKILL of the whole process group leaves in
+    /dev/shm with the resource tracker that would unlink them; remove_leftovers reads it."""
+    mine = _mapped_inodes([os.getpid()])
+    try:
+      lines = [f'{e.name} {e.inode()}\n' for e in os.scandir(SHM_FOLDER)
+               if e.name.startswith('sem.mp-') and e.inode() in mine]
+      with open(self.names_path, 'w') as f:
+        f.writelines(lines)
+    except OSError:
+      pass   # no /dev/shm (not Linux): nothing to record
+
+  def release(self) -> None:
+    """Sets the stop flag and removes the ring's names from /dev/shm (mappings stay valid)."""
+    if self.released:
+      return
+    self.released = True
+    self.header[1] = 1
+    try:
+      self.shm.unlink()
+    except FileNotFoundError:
+      pass
+    try:
+      os.remove(self.names_path)
+    except OSError:
+      pass
+
   def close(self) -> None:
-    del self.consumed
+    self.release()
+    del self.header, self.consumed
     self.shm.close()
-    self.shm.unlink()
 
 
-def _check_shared_memory(size: int, slots: int, folder: str = '/dev/shm') -> None:
+def _ring_prefix() -> str:
+  try:
+    namespace = os.stat('/proc/self/ns/pid').st_ino
+  except OSError:
+    namespace = 0
+  return f'rotjax-{namespace}-'
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass   # another user's
+  return True
+
+
+def _mapped_inodes(pids=None) -> dict:
+  """{inode: [pids]} of the /dev/shm files that processes `pids` (default: every process
+  /proc lets us read) have mapped: a shared-memory block or a semaphore in use."""
+  if pids is None:
+    pids = [int(d) for d in os.listdir('/proc') if d.isdigit()]
+  inodes = {}
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/maps') as f:
+        for line in f:
+          if f' {SHM_FOLDER}/' in line:
+            inodes.setdefault(int(line.split()[4]), []).append(pid)
+    except (OSError, ValueError, IndexError):
+      continue
+  return inodes
+
+
+def remove_leftovers(folder: str = SHM_FOLDER) -> list[str]:
+  """Removes from /dev/shm what streams of killed processes left: rings (rotjax-NS-PID-*,
+  process PID gone) and the semaphores they recorded, where no process has them open;
+  returns the paths removed. Each stream runs it before starting its workers.
+
+  Only a SIGKILL of the whole process group (`timeout -s KILL`, a scheduler) leaves these:
+  it also kills the resource tracker that unlinks them after any other ending. A ring that
+  processes still hold (the orphaned workers of a version without the exit-with-parent
+  watcher) is named in a warning with the command that ends them.
+  """
+  prefix = _ring_prefix()
+  try:
+    dead = [e for e in os.scandir(folder) if e.name.startswith(prefix)
+            and e.name[len(prefix):].split('-')[0].isdigit()
+            and not _alive(int(e.name[len(prefix):].split('-')[0]))]
+  except OSError:
+    return []
+  if not dead:
+    return []
+  in_use = _mapped_inodes()
+  removed = []
+  for entry in dead:
+    files = [(entry.name, entry.inode())]
+    if entry.name.endswith('.names'):
+      try:
+        files += [(n, int(i)) for n, i in (line.split() for line in open(entry.path))]
+      except (OSError, ValueError):
+        pass
+    for name, inode in files:
+      path = os.path.join(folder, name)
+      try:
+        if os.stat(path).st_ino != inode:
+          continue   # the name went and came back: not the file recorded
+        if inode in in_use:
+          pids = ' '.join(map(str, sorted(set(in_use[inode]))))
+          logging.warning('%s, left by a killed run, is still open by processes %s (orphaned '
+                          'decoding workers?): end them with `kill %s`, and the next run '
+                          'removes it (or: rm %s)', path, pids, pids, path)
+          continue
+        os.remove(path)
+        removed.append(path)
+      except OSError:
+        continue
+  if removed:
+    logging.info('removed %d files that streams of killed processes left in %s: %s',
+                 len(removed), folder, removed[:3])
+  return removed
+
+
+def _check_shared_memory(size: int, slots: int, folder: str = SHM_FOLDER) -> None:
   """The ring lives in /dev/shm; a block larger than its free space would not fail here but
   kill a worker (SIGBUS) when it writes past the limit. Docker gives containers 64 MiB."""
   try:
@@ -219,7 +366,18 @@ def _check_shared_memory(size: int, slots: int, folder: str = '/dev/shm') -> Non
         'batch_size, enlarge it (docker run --shm-size=8g), or use data.loader=memory')
 
 
-_attached = {}   # in a worker: ring name -> (SharedMemory, consumed counter)
+_attached = {}   # in a worker: ring name -> (SharedMemory, header)
+
+
+def _wait_for_slot(header: np.ndarray, number: int, slots: int) -> bool:
+  """Waits until batch `number`'s slot is free (batch number - slots consumed); False once
+  the stream has stopped. The wait ends with the stream (its stop flag) or with the
+  process that started this worker (_exit_with_parent), never only when a batch is taken."""
+  while header[0] <= number - slots:
+    if header[1]:
+      return False
+    time.sleep(0.0005)
+  return not header[1]
 
 
 class _DecodeIntoRing:
@@ -235,12 +393,12 @@ class _DecodeIntoRing:
       # Attaching registers the block with the resource tracker this worker shares with
       # the training process; that process unlinks it (and unregisters it) when done.
       shm = shared_memory.SharedMemory(name=self.name)
-      _attached[self.name] = (shm, np.ndarray((1,), np.int64, shm.buf))
-    shm, consumed = _attached[self.name]
-    while consumed[0] <= number - self.slots:
-      time.sleep(0.0005)
+      _attached[self.name] = (shm, np.ndarray((2,), np.int64, shm.buf))
+    shm, header = _attached[self.name]
+    if not _wait_for_slot(header, number, self.slots):
+      return {'number': number, 'stopped': True}   # nobody reads it: the stream is closing
     slot_bytes = int(np.prod(self.shape))
-    out = np.ndarray(self.shape, np.uint8, shm.buf, 8 + (number % self.slots) * slot_bytes)
+    out = np.ndarray(self.shape, np.uint8, shm.buf, _HEADER + (number % self.slots) * slot_bytes)
     batch = self.split.gather(plan, out=out)
     del batch['image'], out
     return {**batch, 'number': number}
@@ -272,7 +430,11 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
   default; 0 here: decoded in this process, for small jobs where starting processes costs
   more than it saves). Skipped files are counted and logged; a dead worker is a
-  DataWorkerError; closing the generator stops the workers.
+  DataWorkerError. However the stream ends (exhausted, closed, `break`, collected, an
+  exception where it is consumed, the process exiting with it open), its workers stop and
+  its ring and semaphores are freed within about a second (_end_stream); a process killed
+  with SIGKILL takes its workers with it (_exit_with_parent), and what it leaves in
+  /dev/shm the next stream removes (remove_leftovers). docs/reliability-streaming.md.
 
   own_images=False: a batch's images are a view of the workers' buffer, valid until the
   next batch is asked for (for a caller that copies them at once into its own array: one
@@ -283,68 +445,138 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   if count <= 0:
     return
   workers = num_workers(split.workers, count) if workers is None else workers
-  dataset = grain.MapDataset.source(_Numbered(plan))
-  if start:
-    dataset = dataset.slice(slice(start, None))
-  ring = None
-  if workers:
-    shape = (len(plan[start]['rows']), split.size, split.size, 3)
-    # Each worker: the batch it decodes and one decoded ahead; more would only wait.
-    ring = _Ring(workers * PER_WORKER_BUFFER + 1, shape)
-    ring.consumed[0] = start
-    decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
-  else:
-    decode = _Gather(split)
-  dataset = dataset.map(decode).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-  if workers:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER))
-  iterator = iter(dataset)
-  skipped = 0
+  from multiprocessing import util
+  resources = {}   # the ring and Grain's iterator, once made
+  end = util.Finalize(None, _end_stream, args=(resources,), exitpriority=10)
   try:
-    while True:
-      try:
-        batch = next(iterator)
-      except StopIteration:
-        break
-      except RuntimeError as e:
-        if 'Worker process' not in str(e):
-          raise
-        raise DataWorkerError(
-            f'a data loader worker process died while decoding {split.name or "a split"} '
-            f'({e}); nothing was trained on a partial batch. If the machine ran out of '
-            'memory, lower data.workers or batch_size; rerun to resume from the last '
-            'checkpoint') from None
-      # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
-      # last batch) then holds no shared-memory block, and each block is freed as soon as
-      # its batch has arrived rather than when the last reference to it goes.
-      names = batch.pop('skipped')
-      batch = {k: np.array(v) for k, v in batch.items()}
-      if len(names):
-        skipped += len(names)
-        logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
-                        'this pass of %s), e.g. %s', len(names), skipped, split.name,
-                        list(names)[:3])
-      if ring is not None:
-        number = int(batch.pop('number'))
-        if own_images:
-          batch['image'] = np.array(ring.slot(number))
-          ring.consumed[0] = number + 1   # its slot may now take batch number + slots
-        else:
-          batch['image'] = ring.slot(number)
-          yield batch
-          ring.consumed[0] = number + 1   # the caller has asked for the next batch
-          continue
-      yield batch
+    dataset = grain.MapDataset.source(_Numbered(plan))
+    if start:
+      dataset = dataset.slice(slice(start, None))
+    if workers:
+      remove_leftovers()
+      shape = (len(plan[start]['rows']), split.size, split.size, 3)
+      # Each worker: the batch it decodes and one decoded ahead; more would only wait.
+      ring = resources['ring'] = _Ring(workers * PER_WORKER_BUFFER + 1, shape)
+      ring.consumed[0] = start
+      decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
+    else:
+      ring, decode = None, _Gather(split)
+    dataset = dataset.map(decode).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if workers:
+      # Labels, masks and numbers are a few KiB: pickled through Grain's queues rather than
+      # put in a shared-memory block each (the images go through the ring).
+      dataset = grain.experimental.WithOptionsIterDataset(
+          dataset, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER),
+          worker_init_fn=_init_worker)
+    resources['iterator'] = iter(dataset)
+    del dataset
+    yield from _batches(resources, split, ring, own_images, workers)
   finally:
-    iterator.close()
+    end()   # _end_stream(resources), once
+
+
+def _end_stream(resources: dict) -> None:
+  """Stops a stream's workers and frees its ring and semaphores: when it ends in any way
+  (exhausted, closed, collected, an exception where it is consumed), and at exit for a
+  stream left open, before Grain's own finalizers (priority 1) would join each worker for
+  up to 25 s and the interpreter's teardown would leave the rest to the resource tracker."""
+  ring, iterator = resources.pop('ring', None), resources.pop('iterator', None)
+  if ring is not None:
+    ring.release()   # first: ends the workers' waits, so that closing Grain's iterator returns
+  try:
+    if iterator is not None:
+      iterator.close()
+  finally:
     if ring is not None:
       ring.close()
-    # Grain's closed iterator sits in reference cycles that hold its last shared-memory
-    # blocks; collected now, they are unlinked now (else at exit, with a warning each).
-    del iterator, dataset
+    # Grain's closed iterator sits in reference cycles that hold its queues' semaphores;
+    # collected now, they are unlinked now (else at exit, with a warning each).
+    del iterator
     gc.collect()
+
+
+def _next(iterator):
+  try:
+    return next(iterator)
+  except BaseException as e:
+    del iterator
+    _drop_frames(e)
+    raise
+
+
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _drop_frames(error: BaseException) -> None:
+  """Clears the finished frames of `error`'s traceback and their callers (those of a Grain
+  thread that raised it and ended), keeping file and line for the message. They hold
+  Grain's iterators and, through them, the semaphores of their queues, which are then
+  freed when the stream ends (_end_stream) and not only once the caller lets go of the
+  error. Frames still running (this thread's callers) and generators are left alone."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      frame = tb.tb_frame
+      while frame is not None and not frame.f_code.co_flags & _SUSPENDABLE:
+        try:
+          frame.clear()
+        except RuntimeError:
+          break   # running: so are its callers
+        frame = frame.f_back
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+
+
+def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
+             workers: int) -> Iterator[dict]:
+  """stream's loop: Grain's batches, their images taken from the ring. Grain's iterator is
+  looked up in `resources` each time, so that no frame here keeps it past the stream's end."""
+  skipped = 0
+  for received in itertools.count(1):
+    died = None
+    try:
+      batch = _next(resources['iterator'])
+    except StopIteration:
+      return
+    except RuntimeError as e:
+      if 'Worker process' not in str(e):
+        raise
+      died = str(e)
+    if died is not None:   # raised out here: Grain's error (and its frames) can go at once
+      raise DataWorkerError(
+          f'a data loader worker process died while decoding {split.name or "a split"} '
+          f'({died}); nothing was trained on a partial batch. If the machine ran out of '
+          'memory, lower data.workers or batch_size; rerun to resume from the last '
+          'checkpoint')
+    # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
+    # last batch) then holds no shared-memory block, and each block is freed as soon as
+    # its batch has arrived rather than when the last reference to it goes.
+    names = batch.pop('skipped')
+    batch = {k: np.array(v) for k, v in batch.items()}
+    if len(names):
+      skipped += len(names)
+      logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
+                      'this pass of %s), e.g. %s', len(names), skipped, split.name,
+                      list(names)[:3])
+    if ring is None:
+      yield batch
+      continue
+    if received in (1, workers):   # by the first batch, and surely once every worker sent one
+      ring.record_semaphores()
+    number = int(batch.pop('number'))
+    if own_images:
+      batch['image'] = np.array(ring.slot(number))
+      ring.consumed[0] = number + 1   # its slot may now take batch number + slots
+      yield batch
+    else:
+      batch['image'] = ring.slot(number)
+      yield batch
+      ring.consumed[0] = number + 1   # the caller has asked for the next batch
 
 
 def _allow_grain_flags() -> None:
@@ -354,7 +586,3 @@ def _allow_grain_flags() -> None:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
-
-# A decoding worker imports this module when it unpickles its part of the pipeline: from
-# then on it ends with the process that started it, even before its first batch.
-_exit_with_parent()
