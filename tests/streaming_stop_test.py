@@ -306,6 +306,32 @@ def _files_once_checkpointed(proc, workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_is_a_named_stop_that_the_same_command_resumes(image_folder, tmp_path, sig):
+  """SIGTERM (a scheduler) and SIGINT (Ctrl-C) sent to the whole process group, as they
+  are: the trainer stops its workers (which leave both signals to it), says which step the
+  same command resumes from, exits 128 + the signal, and that command does."""
+  workdir = tmp_path / 'run'
+  proc = _run(workdir, image_folder)
+  files = _files_once_checkpointed(proc, workdir)
+  t0 = time.time()
+  os.killpg(proc.pid, sig)
+  returncode, _, err = _wait(proc, 60)
+  took = time.time() - t0
+  assert returncode == 128 + sig, err[-3000:]
+  assert f'stopped by {sig.name}' in err and 'resumes it from step ' in err, err[-3000:]
+  assert took < PROMPT, f'{took:.1f} s'
+  _group_gone(proc.pid, t0)
+  assert LEAK not in err, err[-3000:]
+  assert testing.still_there(files) == []
+  step = err.split('resumes it from step ')[1].split()[0]
+  returncode, _, err = _wait(_run(workdir, image_folder), 600)
+  assert returncode == 0, err[-3000:]
+  assert f'from step {step} (step {step} of epoch 1)' in err, err[-3000:]
+  assert rundir.read(str(workdir), rundir.SUMMARY)['epochs'] == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('fault', ['non-finite loss', 'corrupt file', 'dead worker'])
 def test_a_streamed_run_exits_with_its_named_error(image_folder, tmp_path, fault):
   """The memory loader's named errors, streamed: no hang, no leak warning, nothing left."""
