@@ -165,14 +165,13 @@ def _init_worker(index: int, count: int) -> None:
   a worker that re-imports a script's main module (spawn does, and with it any rotjax
   module the script imports at its top) does so before multiprocessing knows its parent.
 
-  SIGINT and SIGTERM are the trainer's to handle: Ctrl-C (sent to the whole process
-  group) or a scheduler's SIGTERM stops the trainer, which then stops its workers, rather
-  than killing the workers first and being told of dead workers instead of the signal.
+  Ctrl-C (SIGINT to the whole process group) is the trainer's to handle: it stops its
+  workers, rather than each worker printing a KeyboardInterrupt traceback as it dies.
+  SIGTERM keeps its default: multiprocessing ends daemon workers with it at exit.
   """
   del index, count
   _exit_with_parent()
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def available_cores() -> int:
@@ -212,7 +211,7 @@ class _Ring:
   returns at once instead of waiting for a batch that nobody will consume.
   The block is named rotjax-NS-PID-RANDOM (NS: this PID namespace), so that a later run can
   tell a ring whose process was killed with SIGKILL together with its resource tracker
-  (`remove_leftovers`).
+  (`remove_leftovers`); so are the semaphores (_name_semaphores_after_this_process).
   """
 
   def __init__(self, slots: int, shape: tuple):
@@ -226,25 +225,11 @@ class _Ring:
     self.name = self.shm.name
     self.header = np.ndarray((2,), np.int64, self.shm.buf)
     self.consumed = self.header[:1]
-    self.names_path = os.path.join(SHM_FOLDER, self.name + '.names')
     self.released = False
 
   def slot(self, batch_number: int) -> np.ndarray:
     offset = _HEADER + (batch_number % self.slots) * self.slot_bytes
     return np.ndarray(self.shape, np.uint8, self.shm.buf, offset)
-
-  def record_semaphores(self) -> None:
-    """Writes beside the ring the multiprocessing semaphores this process has open (Grain's
-    queues and events, ~25 a worker), which a SIGKILL of the whole process group leaves in
-    /dev/shm with the resource tracker that would unlink them; remove_leftovers reads it."""
-    mine = _mapped_inodes([os.getpid()])
-    try:
-      lines = [f'{e.name} {e.inode()}\n' for e in os.scandir(SHM_FOLDER)
-               if e.name.startswith('sem.mp-') and e.inode() in mine]
-      with open(self.names_path, 'w') as f:
-        f.writelines(lines)
-    except OSError:
-      pass   # no /dev/shm (not Linux): nothing to record
 
   def release(self) -> None:
     """Sets the stop flag and removes the ring's names from /dev/shm (mappings stay valid)."""
@@ -255,10 +240,6 @@ class _Ring:
     try:
       self.shm.unlink()
     except FileNotFoundError:
-      pass
-    try:
-      os.remove(self.names_path)
-    except OSError:
       pass
 
   def close(self) -> None:
@@ -273,6 +254,17 @@ def _ring_prefix() -> str:
   except OSError:
     namespace = 0
   return f'rotjax-{namespace}-'
+
+
+def _name_semaphores_after_this_process() -> None:
+  """Names the multiprocessing semaphores this process creates from now on (Grain's queues
+  and events for the workers, ~25 a worker) sem.rotjax-NS-PID-mp-*, not sem.mp-*: a SIGKILL
+  of the whole process group leaves them in /dev/shm with the resource tracker that would
+  have unlinked them, and remove_leftovers can then tell whose they were.
+  `semprefix` is where multiprocessing keeps the prefix (SemLock._make_name)."""
+  config = getattr(multiprocessing.current_process(), '_config', None)
+  if isinstance(config, dict) and config.get('semprefix') == '/mp':
+    config['semprefix'] = f'/{_ring_prefix()}{os.getpid()}-mp'
 
 
 def _alive(pid: int) -> bool:
@@ -302,21 +294,27 @@ def _mapped_inodes(pids=None) -> dict:
   return inodes
 
 
+def _maker(name: str, prefix: str) -> int | None:
+  """PID in a ring's name (rotjax-NS-PID-*) or a semaphore's (sem.rotjax-NS-PID-mp-*)."""
+  name = name[len('sem.'):] if name.startswith('sem.') else name
+  pid = name[len(prefix):].split('-')[0] if name.startswith(prefix) else ''
+  return int(pid) if pid.isdigit() else None
+
+
 def remove_leftovers(folder: str = SHM_FOLDER) -> list[str]:
-  """Removes from /dev/shm what streams of killed processes left: rings (rotjax-NS-PID-*,
-  process PID gone) and the semaphores they recorded, where no process has them open;
-  returns the paths removed. Each stream runs it before starting its workers.
+  """Removes from /dev/shm what the streams of killed processes left, their rings and
+  semaphores (named after the process, in this PID namespace), where the process is gone
+  and nothing has them open; returns the paths removed. Each stream runs it first.
 
   Only a SIGKILL of the whole process group (`timeout -s KILL`, a scheduler) leaves these:
-  it also kills the resource tracker that unlinks them after any other ending. A ring that
-  processes still hold (the orphaned workers of a version without the exit-with-parent
-  watcher) is named in a warning with the command that ends them.
+  it also kills the resource tracker that unlinks them after any other ending. A file
+  that processes still hold (the orphaned workers of a version without the
+  exit-with-parent watcher) is named in a warning with the command that ends them.
   """
   prefix = _ring_prefix()
   try:
-    dead = [e for e in os.scandir(folder) if e.name.startswith(prefix)
-            and e.name[len(prefix):].split('-')[0].isdigit()
-            and not _alive(int(e.name[len(prefix):].split('-')[0]))]
+    dead = [e for e in os.scandir(folder)
+            if (pid := _maker(e.name, prefix)) is not None and not _alive(pid)]
   except OSError:
     return []
   if not dead:
@@ -324,27 +322,17 @@ def remove_leftovers(folder: str = SHM_FOLDER) -> list[str]:
   in_use = _mapped_inodes()
   removed = []
   for entry in dead:
-    files = [(entry.name, entry.inode())]
-    if entry.name.endswith('.names'):
-      try:
-        files += [(n, int(i)) for n, i in (line.split() for line in open(entry.path))]
-      except (OSError, ValueError):
-        pass
-    for name, inode in files:
-      path = os.path.join(folder, name)
-      try:
-        if os.stat(path).st_ino != inode:
-          continue   # the name went and came back: not the file recorded
-        if inode in in_use:
-          pids = ' '.join(map(str, sorted(set(in_use[inode]))))
-          logging.warning('%s, left by a killed run, is still open by processes %s (orphaned '
-                          'decoding workers?): end them with `kill %s`, and the next run '
-                          'removes it (or: rm %s)', path, pids, pids, path)
-          continue
-        os.remove(path)
-        removed.append(path)
-      except OSError:
+    try:
+      if entry.inode() in in_use:
+        pids = ' '.join(map(str, sorted(set(in_use[entry.inode()]))))
+        logging.warning('%s, left by a killed run, is still open by processes %s (orphaned '
+                        'decoding workers?): end them with `kill %s`, and the next run '
+                        'removes it (or: rm %s)', entry.path, pids, pids, entry.path)
         continue
+      os.remove(entry.path)
+      removed.append(entry.path)
+    except OSError:
+      continue
   if removed:
     logging.info('removed %d files that streams of killed processes left in %s: %s',
                  len(removed), folder, removed[:3])
@@ -454,6 +442,7 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       dataset = dataset.slice(slice(start, None))
     if workers:
       remove_leftovers()
+      _name_semaphores_after_this_process()
       shape = (len(plan[start]['rows']), split.size, split.size, 3)
       # Each worker: the batch it decodes and one decoded ahead; more would only wait.
       ring = resources['ring'] = _Ring(workers * PER_WORKER_BUFFER + 1, shape)
@@ -464,10 +453,13 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
     dataset = dataset.map(decode).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     if workers:
-      # Labels, masks and numbers are a few KiB: pickled through Grain's queues rather than
-      # put in a shared-memory block each (the images go through the ring).
+      # Labels, masks and indices (up to 2048 rows) go pickled through Grain's queues, not
+      # in a shared-memory block each that a group SIGKILL would leave behind unnamed (the
+      # images go through the ring). Under 8 KiB an array, the two messages a worker may
+      # have in flight fit in its pipe (64 KiB): a worker killed mid-message cannot leave
+      # half of one there, which this process would wait for forever.
       dataset = grain.experimental.WithOptionsIterDataset(
-          dataset, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
+          dataset, grain.experimental.DatasetOptions(min_shm_size=8 << 10))
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER),
           worker_init_fn=_init_worker)
@@ -566,8 +558,6 @@ def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
     if ring is None:
       yield batch
       continue
-    if received in (1, workers):   # by the first batch, and surely once every worker sent one
-      ring.record_semaphores()
     number = int(batch.pop('number'))
     if own_images:
       batch['image'] = np.array(ring.slot(number))

@@ -19,8 +19,8 @@ def child_env(**overrides) -> dict:
 def shm_files(pids) -> set:
   """(name, inode) of the /dev/shm files that processes `pids` have mapped and a run of
   ours leaves if nothing cleans up: streaming rings (rotjax-*) and multiprocessing's
-  semaphores (sem.mp-*; Grain's queues and events). By inode: a semaphore's creator maps
-  the temporary name glibc made it under."""
+  semaphores (sem.rotjax-* for a streaming process, else sem.mp-*: Grain's queues and
+  events). By inode: a semaphore's creator maps the temporary name glibc made it under."""
   from rotjax import streaming
   inodes = streaming._mapped_inodes(pids)
   try:
@@ -28,7 +28,7 @@ def shm_files(pids) -> set:
   except OSError:
     return set()
   return {(e.name, e.inode()) for e in entries
-          if e.name.startswith(('rotjax-', 'sem.mp-')) and e.inode() in inodes}
+          if e.name.startswith(('rotjax-', 'sem.rotjax-', 'sem.mp-')) and e.inode() in inodes}
 
 
 def still_there(files) -> list[str]:

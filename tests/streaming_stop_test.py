@@ -185,6 +185,39 @@ def test_a_failing_worker_is_a_named_error_and_releases_the_rest(image_folder, t
   watch.assert_released(ended)
 
 
+def test_leftovers_of_a_killed_run_are_removed_and_nothing_else(tmp_path, monkeypatch, caplog):
+  """remove_leftovers on a folder standing in for /dev/shm: the ring and semaphores of a
+  process that is gone go; a live process's, another program's semaphore, and a ring some
+  process still holds stay, the last named with the command that ends its holders."""
+  gone = subprocess.Popen(['true'])
+  gone.wait()   # its pid: a process that no longer exists
+  prefix = streaming._ring_prefix()
+  ring, held = tmp_path / f'{prefix}{gone.pid}-0000aaaa', tmp_path / f'{prefix}{gone.pid}-0000bbbb'
+  sem = tmp_path / f'sem.{prefix}{gone.pid}-mp-k2f0x9zz'
+  live = [tmp_path / f'{prefix}{os.getpid()}-0000cccc', tmp_path / f'sem.{prefix}{os.getpid()}-mp-a']
+  other = [tmp_path / 'sem.mp-a1b2c3d4', tmp_path / f'rotjax-1-{gone.pid}-0000dddd']   # other namespace
+  for path in (ring, held, sem, *live, *other):
+    path.write_bytes(b'\0' * 32)
+  monkeypatch.setattr(streaming, '_mapped_inodes', lambda pids=None: {held.stat().st_ino: [4242]})
+  assert sorted(streaming.remove_leftovers(str(tmp_path))) == sorted(map(str, (ring, sem)))
+  assert all(p.exists() for p in (held, *live, *other))
+  assert f'{held}, left by a killed run, is still open by processes 4242' in caplog.text
+  assert 'end them with `kill 4242`' in caplog.text
+
+
+def test_a_streaming_process_names_its_semaphores_after_itself(image_folder):
+  split = _split(image_folder)
+  gen = streaming.stream(split, input_pipeline.EvalPlan(len(split), 4))
+  _bounded(lambda: next(gen))
+  lock = multiprocessing.get_context('spawn').Lock()
+  try:
+    name = lock._semlock.name
+    assert name.startswith(f'/{streaming._ring_prefix()}{os.getpid()}-mp-'), name
+  finally:
+    del lock
+    _bounded(gen.close)
+
+
 # ---------------------------------------------------------------- whole processes
 
 def _env(**extra):
@@ -252,7 +285,7 @@ def _stalled(tmp_path, image_folder, seconds):
 
 @pytest.mark.slow
 def test_exit_with_a_stream_open_releases_it(image_folder, tmp_path):
-  proc, files = _stalled(tmp_path, image_folder, 1.0)
+  proc, files = _stalled(tmp_path, image_folder, 3.0)
   returncode, _, err = _wait(proc, 60)
   ended = time.time()
   assert returncode == 0, err[-3000:]
@@ -309,7 +342,8 @@ def _files_once_checkpointed(proc, workdir):
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_a_signal_is_a_named_stop_that_the_same_command_resumes(image_folder, tmp_path, sig):
   """SIGTERM (a scheduler) and SIGINT (Ctrl-C) sent to the whole process group, as they
-  are: the trainer stops its workers (which leave both signals to it), says which step the
+  are: the trainer stops its workers (which leave SIGINT to it; SIGTERM ends them, and the
+  trainer's handler runs before it could be told of dead workers), says which step the
   same command resumes from, exits 128 + the signal, and that command does."""
   workdir = tmp_path / 'run'
   proc = _run(workdir, image_folder)
