@@ -46,16 +46,33 @@ def _slug(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9.]+', '-', text).strip('-').lower() or 'unknown'
 
 
+def cpu_features(cpuinfo: str = '/proc/cpuinfo') -> frozenset:
+  """The CPU's features as /proc/cpuinfo lists them: x86's `flags` line, or aarch64's
+  `Features` (where SVE, SVE2, bf16 and i8mm show); empty where there is neither (macOS)."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        name, _, value = line.partition(':')
+        if name.strip() in ('flags', 'Features'):
+          return frozenset(value.split())
+  except OSError:
+    pass
+  return frozenset()
+
+
 def machine_key() -> str:
   """jax/jaxlib version, backend and device kind; on the CPU its instruction-set class
-  and a digest of its feature flags (a GPU program is compiled for the device kind)."""
+  and a digest of its features (a GPU program is compiled for the device kind)."""
   import jaxlib
   from rotjax.cpu import isa
   backend = jax.default_backend()
   parts = [f'jax{jax.__version__}', f'jaxlib{jaxlib.__version__}', backend,
            _slug(jax.devices()[0].device_kind)]
   if backend == 'cpu':
-    flags = ' '.join(sorted(isa.cpu_flags()))
+    # On x86 the digest of `flags`, as before (existing caches stay valid); on aarch64, of
+    # `Features`: without it every ARM CPU shared one folder, and an SVE program could
+    # reach a CPU without SVE.
+    flags = ' '.join(sorted(cpu_features()))
     parts += [isa.isa_class(), hashlib.sha256(flags.encode()).hexdigest()[:8]]
   return '-'.join(parts)
 

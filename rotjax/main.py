@@ -1,4 +1,6 @@
 """Command line: python -m rotjax.main --config configs/STAGE.py --config.workdir=DIR."""
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -21,7 +23,11 @@ def main(argv):
   parallel.initialize_distributed(FLAGS.config.distributed)  # Before anything touches devices.
   from rotjax import train
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
-  summary = train.train_and_evaluate(FLAGS.config)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config)
+  except train.Stopped as e:   # SIGTERM or SIGINT: a clean stop, exit status as the shell's
+    logging.error('%s', e)
+    sys.exit(128 + e.signum)
   logging.info('summary: %s', summary)
   parallel.shutdown_distributed()
 

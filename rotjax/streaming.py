@@ -1,6 +1,6 @@
 """The streaming loader: a split kept as file names, its batches decoded in worker processes.
 
-For datasets larger than memory (ImageNet: 190 GB decoded). input_pipeline decides which
+For datasets larger than memory (ImageNet: 190 GB decoded). batch_plans decides which
 rows make each batch (its TrainPlan / EvalPlan, the same for both loaders); here those
 rows are read from disk by Grain worker processes (`grain` on PyPI: deterministic order,
 one process per core, prefetch through shared memory) while the device trains on the
@@ -11,9 +11,12 @@ Where it runs: worker processes import this module, image_files, numpy and PIL (
 """
 import dataclasses
 import gc
+import inspect
+import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from typing import Iterator, Sequence
@@ -21,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rotjax import image_files
+from rotjax import shared_ring
 
 # Batches each worker decodes ahead of the one being trained on.
 PER_WORKER_BUFFER = 2
@@ -156,6 +160,20 @@ def _exit_with_parent() -> None:
   threading.Thread(target=watch, daemon=True, name='rotjax-exit-with-parent').start()
 
 
+def _init_worker(index: int, count: int) -> None:
+  """Grain runs this first in each decoding worker (its worker_init_fn). Not at import:
+  a worker that re-imports a script's main module (spawn does, and with it any rotjax
+  module the script imports at its top) does so before multiprocessing knows its parent.
+
+  Ctrl-C (SIGINT to the whole process group) is the trainer's to handle: it stops its
+  workers, rather than each worker printing a KeyboardInterrupt traceback as it dies.
+  SIGTERM keeps its default: multiprocessing ends daemon workers with it at exit.
+  """
+  del index, count
+  _exit_with_parent()
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def available_cores() -> int:
   """Cores this process may run on (its affinity mask: a container or taskset limit counts)."""
   try:
@@ -170,56 +188,7 @@ def num_workers(requested: int, num_batches: int) -> int:
   return max(1, min(requested or available_cores(), num_batches))
 
 
-class _Ring:
-  """Shared-memory slots that worker processes decode batches into, reused batch after batch.
-
-  Why not Grain's own transport: it puts each batch in a new shared-memory block, and
-  filling fresh pages costs a page fault per 4 KiB: 21 ms for a batch of 128 images at
-  256 px on a 2-core VM (0.16 ms an image, a sixth of decoding one), paid in the worker
-  and again in this process. Slots mapped once cost a copy (1.2 ms). Measured on the
-  ImageNette train split at 256 px (2-core AMD EPYC Zen 5, 2026-11-30): 1 worker 765 ->
-  879 images/s, 2 workers 1470 -> 1808 images/s (worker start included). Batch j goes to slot
-  j % slots; a worker waits to write it until this process has copied batch j - slots out
-  (`consumed`, an int64 in the block's header). The batch this process waits for is never
-  held up (every earlier one is consumed), so the handshake cannot deadlock.
-  """
-
-  def __init__(self, slots: int, shape: tuple):
-    from multiprocessing import shared_memory
-    self.slots, self.shape = slots, tuple(shape)
-    self.slot_bytes = int(np.prod(shape))
-    size = 8 + slots * self.slot_bytes
-    _check_shared_memory(size, slots)
-    self.shm = shared_memory.SharedMemory(create=True, size=size)
-    self.name = self.shm.name
-    self.consumed = np.ndarray((1,), np.int64, self.shm.buf)
-
-  def slot(self, batch_number: int) -> np.ndarray:
-    offset = 8 + (batch_number % self.slots) * self.slot_bytes
-    return np.ndarray(self.shape, np.uint8, self.shm.buf, offset)
-
-  def close(self) -> None:
-    del self.consumed
-    self.shm.close()
-    self.shm.unlink()
-
-
-def _check_shared_memory(size: int, slots: int, folder: str = '/dev/shm') -> None:
-  """The ring lives in /dev/shm; a block larger than its free space would not fail here but
-  kill a worker (SIGBUS) when it writes past the limit. Docker gives containers 64 MiB."""
-  try:
-    stat = os.statvfs(folder)
-  except OSError:
-    return   # not Linux: multiprocessing.shared_memory knows its own limits
-  free = stat.f_bavail * stat.f_frsize
-  if size > free:
-    raise MemoryError(
-        f'data.loader=stream needs {size / 2**20:.0f} MiB of shared memory for {slots} batches '
-        f'in flight and {folder} has {free / 2**20:.0f} MiB free: lower data.workers or '
-        'batch_size, enlarge it (docker run --shm-size=8g), or use data.loader=memory')
-
-
-_attached = {}   # in a worker: ring name -> (SharedMemory, consumed counter)
+_attached = {}   # in a worker: ring name -> (SharedMemory, header)
 
 
 class _DecodeIntoRing:
@@ -235,12 +204,12 @@ class _DecodeIntoRing:
       # Attaching registers the block with the resource tracker this worker shares with
       # the training process; that process unlinks it (and unregisters it) when done.
       shm = shared_memory.SharedMemory(name=self.name)
-      _attached[self.name] = (shm, np.ndarray((1,), np.int64, shm.buf))
-    shm, consumed = _attached[self.name]
-    while consumed[0] <= number - self.slots:
-      time.sleep(0.0005)
+      _attached[self.name] = (shm, np.ndarray((2,), np.int64, shm.buf))
+    shm, header = _attached[self.name]
+    if not shared_ring.wait_for_slot(header, number, self.slots):
+      return {'number': number, 'stopped': True}   # nobody reads it: the stream is closing
     slot_bytes = int(np.prod(self.shape))
-    out = np.ndarray(self.shape, np.uint8, shm.buf, 8 + (number % self.slots) * slot_bytes)
+    out = np.ndarray(self.shape, np.uint8, shm.buf, shared_ring.HEADER + (number % self.slots) * slot_bytes)
     batch = self.split.gather(plan, out=out)
     del batch['image'], out
     return {**batch, 'number': number}
@@ -272,7 +241,11 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
   default; 0 here: decoded in this process, for small jobs where starting processes costs
   more than it saves). Skipped files are counted and logged; a dead worker is a
-  DataWorkerError; closing the generator stops the workers.
+  DataWorkerError. However the stream ends (exhausted, closed, `break`, collected, an
+  exception where it is consumed, the process exiting with it open), its workers stop and
+  its ring and semaphores are freed within about a second (_end_stream); a process killed
+  with SIGKILL takes its workers with it (_exit_with_parent), and what it leaves in
+  /dev/shm the next stream removes (shared_ring.remove_leftovers). docs/reliability-streaming.md.
 
   own_images=False: a batch's images are a view of the workers' buffer, valid until the
   next batch is asked for (for a caller that copies them at once into its own array: one
@@ -283,68 +256,140 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   if count <= 0:
     return
   workers = num_workers(split.workers, count) if workers is None else workers
-  dataset = grain.MapDataset.source(_Numbered(plan))
-  if start:
-    dataset = dataset.slice(slice(start, None))
-  ring = None
-  if workers:
-    shape = (len(plan[start]['rows']), split.size, split.size, 3)
-    # Each worker: the batch it decodes and one decoded ahead; more would only wait.
-    ring = _Ring(workers * PER_WORKER_BUFFER + 1, shape)
-    ring.consumed[0] = start
-    decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
-  else:
-    decode = _Gather(split)
-  dataset = dataset.map(decode).to_iter_dataset(
-      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-  if workers:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER))
-  iterator = iter(dataset)
-  skipped = 0
+  from multiprocessing import util
+  resources = {}   # the ring and Grain's iterator, once made
+  end = util.Finalize(None, _end_stream, args=(resources,), exitpriority=10)
   try:
-    while True:
-      try:
-        batch = next(iterator)
-      except StopIteration:
-        break
-      except RuntimeError as e:
-        if 'Worker process' not in str(e):
-          raise
-        raise DataWorkerError(
-            f'a data loader worker process died while decoding {split.name or "a split"} '
-            f'({e}); nothing was trained on a partial batch. If the machine ran out of '
-            'memory, lower data.workers or batch_size; rerun to resume from the last '
-            'checkpoint') from None
-      # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
-      # last batch) then holds no shared-memory block, and each block is freed as soon as
-      # its batch has arrived rather than when the last reference to it goes.
-      names = batch.pop('skipped')
-      batch = {k: np.array(v) for k, v in batch.items()}
-      if len(names):
-        skipped += len(names)
-        logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
-                        'this pass of %s), e.g. %s', len(names), skipped, split.name,
-                        list(names)[:3])
-      if ring is not None:
-        number = int(batch.pop('number'))
-        if own_images:
-          batch['image'] = np.array(ring.slot(number))
-          ring.consumed[0] = number + 1   # its slot may now take batch number + slots
-        else:
-          batch['image'] = ring.slot(number)
-          yield batch
-          ring.consumed[0] = number + 1   # the caller has asked for the next batch
-          continue
-      yield batch
+    dataset = grain.MapDataset.source(_Numbered(plan))
+    if start:
+      dataset = dataset.slice(slice(start, None))
+    if workers:
+      shared_ring.remove_leftovers()
+      shared_ring.name_semaphores_after_this_process()
+      shape = (len(plan[start]['rows']), split.size, split.size, 3)
+      # Each worker: the batch it decodes and one decoded ahead; more would only wait.
+      ring = resources['ring'] = shared_ring.Ring(workers * PER_WORKER_BUFFER + 1, shape)
+      ring.consumed[0] = start
+      decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
+    else:
+      ring, decode = None, _Gather(split)
+    dataset = dataset.map(decode).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    if workers:
+      # Labels, masks and indices (up to 2048 rows) go pickled through Grain's queues, not
+      # in a shared-memory block each that a group SIGKILL would leave behind unnamed (the
+      # images go through the ring). Under 8 KiB an array, the two messages a worker may
+      # have in flight fit in its pipe (64 KiB): a worker killed mid-message cannot leave
+      # half of one there, which this process would wait for forever.
+      dataset = grain.experimental.WithOptionsIterDataset(
+          dataset, grain.experimental.DatasetOptions(min_shm_size=8 << 10))
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER),
+          worker_init_fn=_init_worker)
+    resources['iterator'] = iter(dataset)
+    del dataset
+    yield from _batches(resources, split, ring, own_images, workers)
   finally:
-    iterator.close()
+    end()   # _end_stream(resources), once
+
+
+def _end_stream(resources: dict) -> None:
+  """Stops a stream's workers and frees its ring and semaphores: when it ends in any way
+  (exhausted, closed, collected, an exception where it is consumed), and at exit for a
+  stream left open, before Grain's own finalizers (priority 1) would join each worker for
+  up to 25 s and the interpreter's teardown would leave the rest to the resource tracker."""
+  ring, iterator = resources.pop('ring', None), resources.pop('iterator', None)
+  if ring is not None:
+    ring.release()   # first: ends the workers' waits, so that closing Grain's iterator returns
+  try:
+    if iterator is not None:
+      iterator.close()
+  finally:
     if ring is not None:
       ring.close()
-    # Grain's closed iterator sits in reference cycles that hold its last shared-memory
-    # blocks; collected now, they are unlinked now (else at exit, with a warning each).
-    del iterator, dataset
+    # Grain's closed iterator sits in reference cycles that hold its queues' semaphores;
+    # collected now, they are unlinked now (else at exit, with a warning each).
+    del iterator
     gc.collect()
+
+
+def _next(iterator):
+  try:
+    return next(iterator)
+  except BaseException as e:
+    del iterator
+    _drop_frames(e)
+    raise
+
+
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _drop_frames(error: BaseException) -> None:
+  """Clears the finished frames of `error`'s traceback and their callers (those of a Grain
+  thread that raised it and ended), keeping file and line for the message. They hold
+  Grain's iterators and, through them, the semaphores of their queues, which are then
+  freed when the stream ends (_end_stream) and not only once the caller lets go of the
+  error. Frames still running (this thread's callers) and generators are left alone."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      frame = tb.tb_frame
+      while frame is not None and not frame.f_code.co_flags & _SUSPENDABLE:
+        try:
+          frame.clear()
+        except RuntimeError:
+          break   # running: so are its callers
+        frame = frame.f_back
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+
+
+def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
+             workers: int) -> Iterator[dict]:
+  """stream's loop: Grain's batches, their images taken from the ring. Grain's iterator is
+  looked up in `resources` each time, so that no frame here keeps it past the stream's end."""
+  skipped = 0
+  for received in itertools.count(1):
+    died = None
+    try:
+      batch = _next(resources['iterator'])
+    except StopIteration:
+      return
+    except RuntimeError as e:
+      if 'Worker process' not in str(e):
+        raise
+      died = str(e)
+    if died is not None:   # raised out here: Grain's error (and its frames) can go at once
+      raise DataWorkerError(
+          f'a data loader worker process died while decoding {split.name or "a split"} '
+          f'({died}); nothing was trained on a partial batch. If the machine ran out of '
+          'memory, lower data.workers or batch_size; rerun to resume from the last '
+          'checkpoint')
+    # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
+    # last batch) then holds no shared-memory block, and each block is freed as soon as
+    # its batch has arrived rather than when the last reference to it goes.
+    names = batch.pop('skipped')
+    batch = {k: np.array(v) for k, v in batch.items()}
+    if len(names):
+      skipped += len(names)
+      logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
+                      'this pass of %s), e.g. %s', len(names), skipped, split.name,
+                      list(names)[:3])
+    if ring is None:
+      yield batch
+      continue
+    number = int(batch.pop('number'))
+    if own_images:
+      batch['image'] = np.array(ring.slot(number))
+      ring.consumed[0] = number + 1   # its slot may now take batch number + slots
+      yield batch
+    else:
+      batch['image'] = ring.slot(number)
+      yield batch
+      ring.consumed[0] = number + 1   # the caller has asked for the next batch
 
 
 def _allow_grain_flags() -> None:
@@ -354,7 +399,3 @@ def _allow_grain_flags() -> None:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
-
-# A decoding worker imports this module when it unpickles its part of the pipeline: from
-# then on it ends with the process that started it, even before its first batch.
-_exit_with_parent()

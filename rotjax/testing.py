@@ -16,6 +16,48 @@ def child_env(**overrides) -> dict:
   return {**os.environ, 'PYTHONPATH': path, **overrides}
 
 
+def shm_files(pids) -> set:
+  """(name, inode) of the /dev/shm files that processes `pids` have mapped and a run of
+  ours leaves if nothing cleans up: streaming rings (rotjax-*) and multiprocessing's
+  semaphores (sem.rotjax-* for a streaming process, else sem.mp-*: Grain's queues and
+  events). By inode: a semaphore's creator maps the temporary name glibc made it under."""
+  from rotjax import shared_ring
+  inodes = shared_ring.mapped_inodes(pids)
+  try:
+    entries = list(os.scandir(shared_ring.SHM_FOLDER))
+  except OSError:
+    return set()
+  return {(e.name, e.inode()) for e in entries
+          if e.name.startswith(('rotjax-', 'sem.rotjax-', 'sem.mp-')) and e.inode() in inodes}
+
+
+def still_there(files) -> list[str]:
+  """The names of `files` (from shm_files) still in /dev/shm, the same files."""
+  from rotjax import shared_ring
+  left = []
+  for name, inode in files:
+    try:
+      if os.stat(os.path.join(shared_ring.SHM_FOLDER, name)).st_ino == inode:
+        left.append(name)
+    except OSError:
+      pass
+  return sorted(left)
+
+
+def group_processes(pgid: int) -> list[int]:
+  """The live processes of process group `pgid` (a zombie waiting for its reaper is not)."""
+  pids = []
+  for d in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{d}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if d.isdigit() and int(fields[2]) == pgid and fields[0] != 'Z':
+      pids.append(int(d))
+  return pids
+
+
 def draw(kind: str, rng, size: int) -> np.ndarray:
   """A class-dependent pattern in a random colour on noise: learnable in a few steps."""
   yy, xx = np.mgrid[:size, :size]

@@ -4,11 +4,14 @@ steps (steps.py): data, evaluation, checkpoints, metrics, resume.
 A run resumes from its latest checkpoint, inside an epoch too (checkpoint_every_steps),
 and gives the numbers an unbroken run gives.
 """
+import contextlib
 import copy
 import functools
 import itertools
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -43,6 +46,18 @@ RUNNING_STATS = ('running', 'reestimated')
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+
+
+class Stopped(KeyboardInterrupt):
+  """Training ended by SIGTERM or SIGINT, its data workers released and its checkpoints
+  intact: the same command resumes it from the latest. `signum`: the signal."""
+
+  def __init__(self, signum: int, message: str = ''):
+    super().__init__(message or f'stopped by {signal.Signals(signum).name}')
+    self.signum = signum
+
+  def __reduce__(self):
+    return Stopped, (self.signum, str(self))
 
 
 # ---------------------------------------------------------------- state
@@ -136,19 +151,58 @@ def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, 
   """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
   local_batch = dataset.local_batch(batch_size)
-  for i, batch in enumerate(batch_plans.eval_batches(getattr(dataset, split), local_batch,
-                                                     dataset.eval_steps(split, batch_size))):
-    # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
-    # split: the same metrics on any number of devices and processes.
-    batch['index'] = steps.split_index(i, local_batch, dataset.process_index,
-                                       dataset.process_count)
-    sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  batches = batch_plans.eval_batches(getattr(dataset, split), local_batch,
+                                     dataset.eval_steps(split, batch_size))
+  # Closed on an error or a signal too: a traceback that keeps this frame would keep a
+  # streaming loader's workers waiting.
+  with contextlib.closing(batches):
+    for i, batch in enumerate(batches):
+      # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
+      # split: the same metrics on any number of devices and processes.
+      batch['index'] = steps.split_index(i, local_batch, dataset.process_index,
+                                         dataset.process_count)
+      sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
   count = max(float(totals['count']), 1.0)
   return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
 
 
+def _stops_on_signals(fn):
+  """SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C) raise Stopped where `fn` is: the
+  `finally` blocks on the way out close the data stream and its workers, and the message
+  names the checkpoint a rerun resumes from. A second signal gets the previous handler
+  (SIGTERM's default ends the process at once). Only in the main thread, and only where
+  the handlers are Python's defaults: a caller's own are left alone."""
+  @functools.wraps(fn)
+  def wrapper(config, *args, **kwargs):
+    if threading.current_thread() is not threading.main_thread():
+      return fn(config, *args, **kwargs)
+    previous = {}
+
+    def handler(signum, frame):
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+      raise Stopped(signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+      return fn(config, *args, **kwargs)
+    except Stopped as e:
+      workdir = rundir.absolute(config.workdir)
+      saved = rundir.step_dirs(workdir, rundir.LATEST)
+      where = f'step {os.path.basename(saved[-1])}' if saved else 'the start (no checkpoint yet)'
+      raise Stopped(e.signum, f'training in {workdir} stopped by {signal.Signals(e.signum).name}; '
+                    f'its data workers are stopped and its checkpoints intact: the same command '
+                    f'resumes it from {where}') from None
+    finally:
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+  return wrapper
+
+
+@_stops_on_signals
 @onednn_errors.named_errors()
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""

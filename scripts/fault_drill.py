@@ -1,7 +1,7 @@
 r"""Kill -9 drill: interrupted-and-resumed runs must end with the reference metrics.
 
   python scripts/fault_drill.py [--runs 4] [--seed 0] [--epochs 3] [--source folder:PATH]
-                                [--loader stream --every 2]
+                                [--loader stream --every 2] [--signals]
 
 Runs a tiny CLI training uninterrupted (the reference), then --runs times: starts
 the same command in a fresh workdir, kills it with SIGKILL at a seeded random
@@ -14,6 +14,15 @@ a resume restores the exact float32 state.
 Columns: the committed checkpoint steps, uncommitted (tmp) step directories and
 metrics rows the kill left, and the step the rerun resumed from. Without --source
 a small image folder is generated. A few minutes on 2 CPU cores.
+
+--signals (the streaming loader; docs/reliability-streaming.md) then drills each way
+a run can be stopped from outside, at a seeded moment of its training: SIGTERM and
+SIGINT sent to the whole process group (a scheduler, Ctrl-C), SIGKILL of the trainer
+alone and of the whole group (`timeout -s KILL`), SIGKILL of one decoding worker (the
+OOM killer). Columns: how the run ended (exit status, the named stop or error) and how
+long after the signal, when its last process (decoding workers, resource tracker)
+was gone, its /dev/shm files left then and after the rerun (the next stream removes
+what a group SIGKILL leaves), the step the rerun resumed from, and its metrics.
 """
 import argparse
 import glob
@@ -29,6 +38,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from rotjax import rundir, testing  # noqa: E402  (this checkout's)
+
+SIGNAL_ROWS = (('SIGTERM', 'group'), ('SIGINT', 'group'), ('SIGKILL', 'trainer'),
+               ('SIGKILL', 'group'), ('SIGKILL', 'worker'))
+# What each ending must say on stderr (None: a SIGKILL of the trainer says nothing).
+NAMED = {'SIGTERM': 'stopped by SIGTERM', 'SIGINT': 'stopped by SIGINT',
+         'worker': 'DataWorkerError: a data loader worker process died'}
 
 TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
 
@@ -123,6 +138,85 @@ def resumed_from(log: str) -> str:
   return 'scratch'
 
 
+def _workers(pgid):
+  pids = []
+  for pid in testing.group_processes(pgid):
+    try:
+      if pid != pgid and b'spawn_main' in open(f'/proc/{pid}/cmdline', 'rb').read():
+        pids.append(pid)
+    except OSError:
+      pass
+  return pids
+
+
+def signal_drill(args, workdir, env, name, whom, at) -> dict:
+  """Starts the run (a process group of its own), sends signal `name` to `whom` once it
+  has trained `at` seconds (for a worker: once one is running), and watches it end."""
+  proc = subprocess.Popen(command(args, workdir), cwd=ROOT, env=env, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  started = None
+  while proc.poll() is None:
+    if started is None and os.path.exists(rundir.path(workdir, rundir.RUN_INFO)):
+      started = time.time()
+    if started is not None and time.time() - started >= at and (whom != 'worker' or _workers(proc.pid)):
+      break
+    time.sleep(0.005)
+  if proc.poll() is not None:
+    return {'ended': f'finished first (rc {proc.returncode})', 'gone': '', 'left': 0, 'named': ''}
+  files = testing.shm_files(testing.group_processes(proc.pid))
+  sig = getattr(signal, name)
+  t0 = time.time()
+  if whom == 'group':
+    os.killpg(proc.pid, sig)
+  elif whom == 'worker':
+    os.kill(_workers(proc.pid)[0], sig)
+  else:
+    os.kill(proc.pid, sig)
+  try:
+    _, err = proc.communicate(timeout=300)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    return {'ended': 'HUNG: killed after 300 s', 'gone': '', 'left': 0, 'named': 'no'}
+  ended = time.time() - t0
+  while testing.group_processes(proc.pid) and time.time() - t0 < ended + 60:
+    time.sleep(0.02)
+  gone = time.time() - t0
+  time.sleep(1.0)   # the resource tracker unlinks what the trainer left once its workers exit
+  expected = NAMED.get(name if whom != 'worker' else 'worker')
+  named = ('yes' if expected and expected in err else 'NO' if expected else '-')
+  if 'leaked' in err:
+    named += ' (leak warning)'
+  return {'ended': f'rc {proc.returncode} in {ended:.1f}s',
+          'gone': f'{gone:.1f}s' + (' ORPHANS' if testing.group_processes(proc.pid) else ''),
+          'left': len(testing.still_there(files)), 'files': files, 'named': named}
+
+
+def run_signal_rows(args, base, env, rng, train_seconds, reference) -> int:
+  """The --signals rows; returns how many ended as they must and resumed to the reference."""
+  header = (f'{"run":>3}  {"signal":<16} {"at":>6} {"ended":<16} {"all gone":>9} {"shm left":>9}  '
+            f'{"named":<6} {"resumed from":<12} result')
+  print(header)
+  print('-' * len(header))
+  good = 0
+  for i, (name, whom) in enumerate(SIGNAL_ROWS, 1):
+    workdir = os.path.join(base, f'signal-{i}')
+    at = rng.uniform(0, train_seconds)
+    row = signal_drill(args, workdir, env, name, whom, at)
+    _, log = run_to_end(args, workdir, env)
+    after = len(testing.still_there(row.get('files', ())))
+    rows = read_rows(workdir)
+    same = rows == reference
+    ok = same and after == 0 and 'NO' not in row['named'] and 'ORPHANS' not in row['gone']
+    good += ok
+    left = f'{row["left"]}->{after}'
+    print(f'{i:>3}  {name + " " + whom:<16} {at:>5.1f}s {row["ended"]:<16} {row["gone"]:>9} '
+          f'{left:>9}  {row["named"]:<6} {resumed_from(log):<12} '
+          f'{"identical" if same else "DIFFERENT"}{"" if ok else "  <- FAILED"}', flush=True)
+  print(f'{good}/{len(SIGNAL_ROWS)} signal rows ended cleanly and resumed identical to the reference')
+  return good
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, default=4)
@@ -135,7 +229,12 @@ def main():
                       help='data.loader of every run')
   parser.add_argument('--every', type=int, default=0,
                       help='checkpoint_every_steps: also checkpoint inside epochs')
+  parser.add_argument('--signals', action='store_true',
+                      help='then the signal rows (SIGTERM, SIGINT, SIGKILL of the trainer, of '
+                           'the group, of a worker); needs --loader stream')
   args = parser.parse_args()
+  if args.signals and args.loader != 'stream':
+    parser.error('--signals drills the streaming loader: add --loader stream')
   base = args.workdir or tempfile.mkdtemp(prefix='rotjax-fault-drill-')
   os.makedirs(base, exist_ok=True)
   if not args.source:
@@ -177,7 +276,11 @@ def main():
     print(f'{i:>3}  {killed:<30} {str(steps):<20} {partial:>3} {rows_at_kill:>4}  '
           f'{resumed_from(log):<12} {result}', flush=True)
   print(f'{identical}/{args.runs} finished identical to the reference')
-  sys.exit(0 if identical == args.runs else 1)
+  ok = identical == args.runs
+  if args.signals:
+    print()
+    ok &= run_signal_rows(args, base, env, rng, train_seconds, reference) == len(SIGNAL_ROWS)
+  sys.exit(0 if ok else 1)
 
 
 if __name__ == '__main__':

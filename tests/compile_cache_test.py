@@ -1,5 +1,6 @@
 """The persistent compilation cache: where it lives, when it is off, and that a second
 process loads what the first compiled (stage 3 runs stage 2's programs)."""
+import hashlib
 import json
 import os
 import re
@@ -88,3 +89,34 @@ def test_stage3_loads_the_programs_stage2_compiled(tmp_path, make_config, image_
                     'eval step': 'loaded from the compilation cache'}, stage3
   info = json.load(open(tmp_path / 'stage3' / 'run_info.json'))
   assert info['compile_cache']['path'].startswith(str(cache))
+
+
+# /proc/cpuinfo excerpts: an x86 core (its `flags`), two aarch64 cores (`Features`), with
+# and without SVE (Graviton3 and Graviton2).
+X86 = 'processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse2 avx2 fma\nvmx flags\t: ept\n'
+ARM_SVE = ('processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd aes sha2 crc32 atomics '
+           'asimddp sve sve2 bf16 i8mm\nCPU implementer\t: 0x41\n')
+ARM = 'processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd aes sha2 crc32 atomics asimddp\n'
+
+
+def test_the_cpu_key_reads_x86_flags_and_aarch64_features(tmp_path, monkeypatch):
+  files = {}
+  for name, text in (('x86', X86), ('arm_sve', ARM_SVE), ('arm', ARM), ('none', 'processor\t: 0\n')):
+    files[name] = tmp_path / name
+    files[name].write_text(text)
+  read = compile_cache.cpu_features
+  assert read(files['x86']) == {'fpu', 'sse2', 'avx2', 'fma'}   # not `vmx flags`
+  assert {'sve', 'sve2', 'bf16', 'i8mm'} <= read(files['arm_sve'])
+  assert read(files['none']) == read(tmp_path / 'missing') == frozenset()
+  if jax.default_backend() != 'cpu':
+    return   # the key holds the device kind, not the CPU's features
+  from rotjax.cpu import isa
+  # This machine's key is what it was before aarch64 counted: its cache stays valid.
+  old = hashlib.sha256(' '.join(sorted(isa.cpu_flags())).encode()).hexdigest()[:8]
+  assert compile_cache.machine_key().endswith(old) or not isa.cpu_flags()
+  keys = {}
+  for name, path in files.items():
+    monkeypatch.setattr(compile_cache, 'cpu_features', lambda path=path: read(path))
+    keys[name] = compile_cache.machine_key()
+  # Each CPU its own folder: an ARM CPU with SVE never shares one with an ARM CPU without.
+  assert len(set(keys.values())) == 4, keys

@@ -18,6 +18,7 @@ from rotjax import image_files
 from rotjax import input_pipeline
 from rotjax import memory_loader
 from rotjax import rundir
+from rotjax import shared_ring
 from rotjax import streaming
 from rotjax import testing
 
@@ -319,7 +320,7 @@ def test_too_little_shared_memory_is_a_named_error_before_any_worker(tmp_path, m
   monkeypatch.setattr(os, 'statvfs',
                       lambda path: os.statvfs_result((4096, 4096, 16, 16, 16, 0, 0, 0, 0, 255)))
   with pytest.raises(MemoryError, match=r'needs \d+ MiB of shared memory .* /dev/shm has 0 MiB'):
-    streaming._check_shared_memory(2**30, 5)
+    shared_ring.check_shared_memory(2**30, 5)
 
 
 @pytest.mark.slow
