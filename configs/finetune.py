@@ -5,6 +5,7 @@ r"""Stages 2/3: train only layer4 + fc on CIFAR-10 labels; the rest stays frozen
 Without init_from this is stage 3 (same freeze, random init).
 Presets: `:smoke` (seconds, for tests), `:cpu` (a few minutes on 2 cores).
 """
+
 from configs import common
 
 

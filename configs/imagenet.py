@@ -36,13 +36,18 @@ Zen 5 (scripts/benchmark.py --data --folder; real ImageNet JPEGs are larger and 
 slower), so a 16-core host feeds a few thousand images/s. Presets after the stage: `resnet50`,
 `in100` (the first 100 classes' folder; only the class count changes: the folder says it).
 """
+
 from configs import common
 from configs import finetune
 from configs import pretext
 from configs import study as study_config
 from configs import supervised
 
-STAGE_CONFIGS = {'pretext': pretext, 'finetune': finetune, 'supervised': supervised}
+STAGE_CONFIGS = {
+  'pretext': pretext,
+  'finetune': finetune,
+  'supervised': supervised,
+}
 EPOCHS = {'pretext': 30, 'finetune': 30, 'supervised': 90}
 SOURCE = 'folder:~/data/imagenet'
 
@@ -52,11 +57,13 @@ def imagenet_data(data) -> None:
   data.dataset = 'imagenet'
   data.source = SOURCE
   data.train_split = 'train'
-  data.test_split = 'val'             # tfds:imagenet2012 calls it 'validation' (found by alias)
+  data.test_split = (
+    'val'  # tfds:imagenet2012 calls it 'validation' (found by alias)
+  )
   data.preprocess = 'imagenet'
   data.image_size = 224
-  data.val_fraction = 0.01            # 12.8k model-selection images carved from train
-  data.loader = 'auto'                # streams: 190 GB decoded
+  data.val_fraction = 0.01  # 12.8k model-selection images carved from train
+  data.loader = 'auto'  # streams: 190 GB decoded
 
 
 def imagenet_recipe(config) -> None:
@@ -81,8 +88,10 @@ def get_config(arg='pretext'):
   if stage == 'study':
     return study(presets)
   if stage not in STAGE_CONFIGS:
-    raise ValueError(f'configs/imagenet.py:{arg}: stage must be one of '
-                     f'{tuple(STAGE_CONFIGS) + ("study",)}')
+    raise ValueError(
+      f'configs/imagenet.py:{arg}: stage must be one of '
+      f'{tuple(STAGE_CONFIGS) + ("study",)}'
+    )
   config = STAGE_CONFIGS[stage].get_config()
   imagenet_data(config.data)
   imagenet_recipe(config)
@@ -103,8 +112,10 @@ def _apply(config, presets) -> None:
       config.checkpoint_every_steps = 2
       config.optim.warmup_epochs = 0
     else:
-      raise ValueError(f'configs/imagenet.py: unknown preset {preset!r}; allowed: resnet50, '
-                       'in100, smoke')
+      raise ValueError(
+        f'configs/imagenet.py: unknown preset {preset!r}; allowed: resnet50, '
+        'in100, smoke'
+      )
 
 
 def study(presets):
@@ -115,8 +126,13 @@ def study(presets):
   imagenet_recipe(config.base)
   config.base.progress = False
   config.epochs = dict(EPOCHS)
-  config.datasets.imagenet = {'source': SOURCE, 'preprocess': 'imagenet', 'image_size': 224,
-                              'stem': 'imagenet', 'test_split': 'val'}
+  config.datasets.imagenet = {
+    'source': SOURCE,
+    'preprocess': 'imagenet',
+    'image_size': 224,
+    'stem': 'imagenet',
+    'test_split': 'val',
+  }
   config.axes.dataset = ('imagenet',)
   config.axes.seed = (0,)
   config.sweeps = ()
@@ -132,6 +148,8 @@ def study(presets):
     elif preset == 'resnet50':
       config.axes.model = ('resnet50',)
     else:
-      raise ValueError(f'configs/imagenet.py:study: unknown preset {preset!r}; allowed: '
-                       'resnet50, in100, smoke')
+      raise ValueError(
+        f'configs/imagenet.py:study: unknown preset {preset!r}; allowed: '
+        'resnet50, in100, smoke'
+      )
   return config

@@ -10,20 +10,29 @@ Pick the stage (and a preset) after the colon:
   ... --config.data.source=folder:~/.cache/rotjax/imagenette-224
 Presets: `:STAGE,cpu` (64px, width 16, 3k images: minutes on 2 cores), `:STAGE,smoke`.
 """
+
 from configs import common
 from configs import finetune
 from configs import pretext
 from configs import supervised
 
-STAGE_CONFIGS = {'pretext': pretext, 'finetune': finetune, 'supervised': supervised}
+STAGE_CONFIGS = {
+  'pretext': pretext,
+  'finetune': finetune,
+  'supervised': supervised,
+}
 
 
 def imagenette_data(config) -> None:
   """Dataset fields shared by every ImageNette run (also used by the study)."""
   config.data.dataset = 'imagenette'
-  config.data.source = 'tfds:imagenette/320px'   # or imagenette/160px, imagenette/full-size-v2
+  config.data.source = (
+    'tfds:imagenette/320px'  # or imagenette/160px, imagenette/full-size-v2
+  )
   config.data.train_split = 'train'
-  config.data.test_split = 'validation'          # ImageNette's only held-out split ('val' in folders)
+  config.data.test_split = (
+    'validation'  # ImageNette's only held-out split ('val' in folders)
+  )
   config.data.preprocess = 'imagenet'
   config.data.image_size = 224
   config.model.stem = 'imagenet'
@@ -33,7 +42,9 @@ def get_config(arg='pretext'):
   parts = (arg or 'pretext').split(',')
   stage, presets = parts[0], parts[1:]
   if stage not in STAGE_CONFIGS:
-    raise ValueError(f'configs/imagenette.py:{arg}: stage must be one of {tuple(STAGE_CONFIGS)}')
+    raise ValueError(
+      f'configs/imagenette.py:{arg}: stage must be one of {tuple(STAGE_CONFIGS)}'
+    )
   config = STAGE_CONFIGS[stage].get_config()
   imagenette_data(config)
   config.batch_size = 16

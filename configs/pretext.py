@@ -4,6 +4,7 @@ r"""Stage 1: rotation pretext on CIFAR-10 images (labels unused).
       --config.data.source=folder:$HOME/.cache/rotjax/cifar10-jpeg
 Presets: `:smoke` (seconds, for tests), `:cpu` (narrow ResNet18, a few minutes on 2 cores).
 """
+
 from configs import common
 
 

@@ -18,6 +18,7 @@ a pretext run is keyed on (dataset, model, rotations, smoothing, seed); samples
 per class only subsets the downstream labels, so those runs share one pretext.
 `freeze_bn` only changes runs with frozen layers (stages 2, 3); the others ignore it.
 """
+
 import ml_collections
 
 from configs import common
@@ -27,26 +28,42 @@ CIFAR10_FOLDER = 'folder:~/.cache/rotjax/cifar10-jpeg'
 
 def dataset_settings() -> ml_collections.ConfigDict:
   """Per-dataset data/model settings; a new dataset is one more entry here."""
-  return ml_collections.ConfigDict({
-      'cifar10': {'source': 'tfds:cifar10', 'preprocess': 'cifar', 'image_size': 32,
-                  'stem': 'cifar', 'test_split': 'test'},
+  return ml_collections.ConfigDict(
+    {
+      'cifar10': {
+        'source': 'tfds:cifar10',
+        'preprocess': 'cifar',
+        'image_size': 32,
+        'stem': 'cifar',
+        'test_split': 'test',
+      },
       # The ImageNette report: ImageNet stem and preprocessing; its held-out split is 'validation'
       # ('val' in the folder copy, found by the same name). CPU runs: --config.datasets.imagenette.
       # image_size=64 --config.datasets.imagenette.source=folder:~/.cache/rotjax/imagenette-224
-      'imagenette': {'source': 'tfds:imagenette/320px', 'preprocess': 'imagenet',
-                     'image_size': 224, 'stem': 'imagenet', 'test_split': 'validation'},
-  })
+      'imagenette': {
+        'source': 'tfds:imagenette/320px',
+        'preprocess': 'imagenet',
+        'image_size': 224,
+        'stem': 'imagenet',
+        'test_split': 'validation',
+      },
+    }
+  )
 
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
-  config.workdir = ''                  # the study's folder; each run gets a sub-folder
-  config.base = common.get_config()    # copied into every run, then the run's axes are set
-  config.base.progress = False         # the study prints one line per run instead
-  config.epochs = ml_collections.ConfigDict({'pretext': 30, 'finetune': 20, 'supervised': 30})
+  config.workdir = ''  # the study's folder; each run gets a sub-folder
+  config.base = (
+    common.get_config()
+  )  # copied into every run, then the run's axes are set
+  config.base.progress = False  # the study prints one line per run instead
+  config.epochs = ml_collections.ConfigDict(
+    {'pretext': 30, 'finetune': 20, 'supervised': 30}
+  )
   config.finetune_trainable = ('layer4', 'fc')
   config.datasets = dataset_settings()
-  config.stages = (1, 2, 3, 4, 5)      # 2 and 4 need 1, which is added when missing
+  config.stages = (1, 2, 3, 4, 5)  # 2 and 4 need 1, which is added when missing
 
   config.axes = ml_collections.ConfigDict()
   config.axes.dataset = ('cifar10',)
@@ -60,18 +77,23 @@ def get_config(arg=None):
   # -1: every seed trains its own pretext (the reports); k: all seeds load seed k's pretext.
   config.pretext_seed = -1
 
-  config.presets = ml_collections.ConfigDict({
+  config.presets = ml_collections.ConfigDict(
+    {
       'models': {'model': ('resnet18', 'resnet34', 'resnet50')},
       'smoothing': {'label_smoothing': (0.0, 0.1, 0.2)},
       'rotations': {'num_rotations': (4, 6, 8)},
       # The limited-labels report: fine-tuned pretrained (2) vs random init (5).
-      'labels': {'samples_per_class': (20, 50, 100, 250, 400, 700, 1000, 0), 'stages': (2, 5)},
+      'labels': {
+        'samples_per_class': (20, 50, 100, 250, 400, 700, 1000, 0),
+        'stages': (2, 5),
+      },
       # Frozen layers' BatchNorm: batch statistics (the reports' PyTorch, in .train() mode) or
       # running ones (for stage 3's random init: mean 0, variance 1, layers 1-3 unnormalised).
       'bn': {'freeze_bn': ('batch', 'running'), 'stages': (2, 3)},
       # Error bars on the central claim: fine-tune pretrained (2) vs random init (3).
       'seeds': {'seed': (0, 1, 2), 'stages': (2, 3)},
-  })
+    }
+  )
   config.sweeps = ('models', 'smoothing', 'rotations', 'labels', 'bn')
 
   if arg == 'smoke':
@@ -83,18 +105,22 @@ def get_config(arg=None):
   elif arg in GPU_PRESETS:
     _make_gpu(config, GPU_PRESETS[arg])
   elif arg:
-    raise ValueError(f'unknown study preset {arg!r}; allowed: smoke, cpu, cpu_full, {", ".join(GPU_PRESETS)}')
+    raise ValueError(
+      f'unknown study preset {arg!r}; allowed: smoke, cpu, cpu_full, {", ".join(GPU_PRESETS)}'
+    )
   return config
 
 
 # :gpu preset -> (the sweep it runs, the stages it trains): every sweep at one seed, on the
 # stages that answer its question. Stages 3 and 5 start from random init, so a rotation
 # count cannot change them: the rotations sweep trains 1, 2 and 4 only.
-GPU_PRESETS = {'gpu': ('', (1, 2, 3, 4, 5)),
-               'gpu_labels': ('labels', (2, 5)),
-               'gpu_rotations': ('rotations', (1, 2, 4)),
-               'gpu_smoothing': ('smoothing', (1, 2, 3, 4, 5)),
-               'gpu_models': ('models', (1, 2, 3, 4, 5))}
+GPU_PRESETS = {
+  'gpu': ('', (1, 2, 3, 4, 5)),
+  'gpu_labels': ('labels', (2, 5)),
+  'gpu_rotations': ('rotations', (1, 2, 4)),
+  'gpu_smoothing': ('smoothing', (1, 2, 3, 4, 5)),
+  'gpu_models': ('models', (1, 2, 3, 4, 5)),
+}
 
 
 def _make_smoke(config) -> None:
@@ -102,7 +128,9 @@ def _make_smoke(config) -> None:
   common.make_smoke(config.base)
   config.base.data.max_train_images = 200  # room for 4 labels per class
   config.datasets.cifar10.source = CIFAR10_FOLDER
-  config.epochs = ml_collections.ConfigDict({'pretext': 2, 'finetune': 2, 'supervised': 2})
+  config.epochs = ml_collections.ConfigDict(
+    {'pretext': 2, 'finetune': 2, 'supervised': 2}
+  )
   config.axes.seed = (0,)
   config.presets.labels.samples_per_class = (4, 0)
   config.sweeps = ('labels',)
@@ -132,7 +160,9 @@ def _make_cpu(config) -> None:
   config.base.data.max_eval_images = 1000
   config.base.log_every_steps = 10
   config.datasets.cifar10.source = CIFAR10_FOLDER
-  config.epochs = ml_collections.ConfigDict({'pretext': 4, 'finetune': 4, 'supervised': 4})
+  config.epochs = ml_collections.ConfigDict(
+    {'pretext': 4, 'finetune': 4, 'supervised': 4}
+  )
   config.axes.seed = (0,)
   config.pretext_seed = 0
   config.presets.labels.samples_per_class = (100, 400, 0)
@@ -173,7 +203,9 @@ def _make_cpu_full(config) -> None:
   config.base.keep_checkpoints = 2
   config.base.log_every_steps = 50
   config.datasets.cifar10.source = CIFAR10_FOLDER
-  config.epochs = ml_collections.ConfigDict({'pretext': 3, 'finetune': 2, 'supervised': 4})
+  config.epochs = ml_collections.ConfigDict(
+    {'pretext': 3, 'finetune': 2, 'supervised': 4}
+  )
   config.axes.seed = (0,)
   config.stages = (1, 2, 3, 4, 5)
   config.sweeps = ()
@@ -223,7 +255,9 @@ def _make_gpu(config, preset) -> None:
   config.base.keep_checkpoints = 2
   config.base.log_every_steps = 50
   config.datasets.cifar10.source = CIFAR10_FOLDER
-  config.epochs = ml_collections.ConfigDict({'pretext': 30, 'finetune': 20, 'supervised': 30})
+  config.epochs = ml_collections.ConfigDict(
+    {'pretext': 30, 'finetune': 20, 'supervised': 30}
+  )
   config.axes.seed = (0,)
   config.stages = stages
   config.sweeps = (sweep,) if sweep else ()

@@ -4,6 +4,7 @@ r"""Stages 4/5: train every layer on CIFAR-10 labels, from init_from or from ran
       --config.data.source=folder:$HOME/.cache/rotjax/cifar10-jpeg [--config.init_from=runs/pretext]
 Presets: `:smoke` (seconds, for tests), `:cpu` (a few minutes on 2 cores).
 """
+
 from configs import common
 
 

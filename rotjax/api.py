@@ -11,6 +11,7 @@ compute is this machine's (compute.resolve, once per load): a run trained with
 model.conv or model.norm = onednn still predicts where oneDNN cannot run (a GPU, a CPU
 without the dtype's kernels), since its weights do not depend on the kernels' code.
 """
+
 import numpy as np
 
 from rotjax import compute as compute_lib
@@ -23,23 +24,35 @@ from rotjax.cpu import onednn_errors
 class RotjaxModel:
   """A trained run's model and variables, with jitted eval-mode apply functions."""
 
-  def __init__(self, config, variables, *, class_names, checkpoint_path, compute=None,
-               batch_size=256):
+  def __init__(
+    self,
+    config,
+    variables,
+    *,
+    class_names,
+    checkpoint_path,
+    compute=None,
+    batch_size=256,
+  ):
     self.config = config
     self.variables = variables
     self.checkpoint_path = checkpoint_path
     self.num_classes = int(variables['params']['fc']['kernel'].shape[-1])
     self.class_names = tuple(class_names)
-    if compute is None:   # random_init resolved it already
+    if compute is None:  # random_init resolved it already
       compute = compute_lib.resolve(config.model, fallback=True)
     self.compute = compute
-    self.module = model_factory.build_model(config, self.num_classes, self.compute)
+    self.module = model_factory.build_model(
+      config, self.num_classes, self.compute
+    )
     self.batch_size = batch_size
     self._jitted = {}
 
   def __repr__(self):
-    return (f'RotjaxModel({self.config.model.name}, stage={self.config.stage}, '
-            f'{self.num_classes} classes, {self.checkpoint_path})')
+    return (
+      f'RotjaxModel({self.config.model.name}, stage={self.config.stage}, '
+      f'{self.num_classes} classes, {self.checkpoint_path})'
+    )
 
   @property
   def image_size(self) -> int:
@@ -58,7 +71,9 @@ class RotjaxModel:
   def features(self, images, layer: str = 'layer3') -> np.ndarray:
     """uint8 image(s) -> global-average-pooled features of `layer` [B, channels]."""
     if layer not in models.LAYER_NAMES:
-      raise ValueError(f'layer={layer!r} is unknown; allowed: {models.LAYER_NAMES}')
+      raise ValueError(
+        f'layer={layer!r} is unknown; allowed: {models.LAYER_NAMES}'
+      )
     return self._run(layer, images)
 
   # -------------------------------------------------------------- internals
@@ -71,8 +86,12 @@ class RotjaxModel:
 
       def apply(variables, images_BHWC):
         images = preprocess.preprocess(
-            images_BHWC, jax.random.key(0), train=False, style=self.config.data.preprocess,
-            image_size=self.image_size)
+          images_BHWC,
+          jax.random.key(0),
+          train=False,
+          style=self.config.data.preprocess,
+          image_size=self.image_size,
+        )
         logits, feats = self.module.apply(variables, images, train=False)
         if output == 'logits':
           return logits
@@ -80,6 +99,7 @@ class RotjaxModel:
           return jax.nn.softmax(logits, axis=-1)
         x = feats[output].astype(jnp.float32)
         return x if x.ndim == 2 else jnp.mean(x, axis=(1, 2))
+
       self._jitted[output] = jax.jit(apply)
     return self._jitted[output]
 
@@ -88,32 +108,47 @@ class RotjaxModel:
     fn = self._apply_fn(output)
     outs = []
     for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
+      chunk = images[start : start + self.batch_size]
       # Pad to a power of two: a handful of compiled shapes serves every batch size.
       padded = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
       if padded > len(chunk):
-        chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]),
-                                                chunk.dtype)])
-      outs.append(np.asarray(fn(self.variables, chunk))[:min(self.batch_size,
-                                                            len(images) - start)])
+        chunk = np.concatenate(
+          [
+            chunk,
+            np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype),
+          ]
+        )
+      outs.append(
+        np.asarray(fn(self.variables, chunk))[
+          : min(self.batch_size, len(images) - start)
+        ]
+      )
     return np.concatenate(outs)
 
   def prepare_images(self, images) -> np.ndarray:
     """Checks dtype/shape; resizes to the run's stored size like the data loader does."""
     from rotjax import image_files, input_pipeline
+
     images = np.asarray(images)
     if images.dtype != np.uint8:
-      raise TypeError(f'images must be uint8 (0-255, as decoded from files); got {images.dtype}. '
-                      'Convert with np.clip(x, 0, 255).astype(np.uint8) if they are 0-255 floats.')
+      raise TypeError(
+        f'images must be uint8 (0-255, as decoded from files); got {images.dtype}. '
+        'Convert with np.clip(x, 0, 255).astype(np.uint8) if they are 0-255 floats.'
+      )
     if images.ndim == 3:
       images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
-      raise ValueError('images must be RGB [height, width, 3] or [batch, height, width, 3]; '
-                       f'got shape {images.shape}')
+      raise ValueError(
+        'images must be RGB [height, width, 3] or [batch, height, width, 3]; '
+        f'got shape {images.shape}'
+      )
     size = input_pipeline.storage_size(self.config.data)
     if images.shape[1:3] != (size, size):
       from PIL import Image
-      images = np.stack([image_files.fit_square(Image.fromarray(im), size) for im in images])
+
+      images = np.stack(
+        [image_files.fit_square(Image.fromarray(im), size) for im in images]
+      )
     return images
 
 
@@ -121,16 +156,25 @@ def load(path: str, batch_size: int = 256) -> RotjaxModel:
   """A run's model from its workdir (best checkpoint, else latest) or WORKDIR/checkpoints/<step>."""
   from rotjax import compile_cache
   from rotjax import checkpoint
+
   workdir, step_dir = rundir.find_checkpoint(path)
-  compile_cache.enable('auto')   # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
+  compile_cache.enable(
+    'auto'
+  )  # eval programs too (ROTJAX_COMPILE_CACHE moves or stops it)
   config = rundir.read_config(workdir)
   if config is None:
-    raise FileNotFoundError(f'{workdir} has no {rundir.CONFIG}: cannot tell how to build its '
-                            'model')
+    raise FileNotFoundError(
+      f'{workdir} has no {rundir.CONFIG}: cannot tell how to build its model'
+    )
   class_names = _class_names(workdir, config)
   variables = checkpoint.restore_variables(step_dir)
-  return RotjaxModel(config, variables, class_names=class_names, checkpoint_path=step_dir,
-                     batch_size=batch_size)
+  return RotjaxModel(
+    config,
+    variables,
+    class_names=class_names,
+    checkpoint_path=step_dir,
+    batch_size=batch_size,
+  )
 
 
 def _class_names(workdir, config):
@@ -144,11 +188,23 @@ def random_init(config, num_classes: int, seed: int = 0) -> RotjaxModel:
   """A freshly initialised model of `config`'s architecture (the 'random' baseline)."""
   import jax
   from rotjax import compile_cache
+
   compile_cache.enable('auto')
   compute = compute_lib.resolve(config.model, fallback=True)
   module = model_factory.build_model(config, num_classes, compute)
-  variables = jax.device_get(model_factory.init_variables(module, jax.random.key(seed),
-                                                          config.data.image_size))
-  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  return RotjaxModel(config, variables, class_names=[str(i) for i in range(num_classes)],
-                     checkpoint_path='random-init', compute=compute)
+  variables = jax.device_get(
+    model_factory.init_variables(
+      module, jax.random.key(seed), config.data.image_size
+    )
+  )
+  variables = {
+    'params': variables['params'],
+    'batch_stats': variables.get('batch_stats', {}),
+  }
+  return RotjaxModel(
+    config,
+    variables,
+    class_names=[str(i) for i in range(num_classes)],
+    checkpoint_path='random-init',
+    compute=compute,
+  )

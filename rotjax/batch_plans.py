@@ -9,6 +9,7 @@ processes decode them. Knows nothing of rotation or augmentation (they run on de
 No JAX here: the streaming loader's worker processes import this module when they
 unpickle the plan whose steps they decode.
 """
+
 from typing import Iterator
 
 import numpy as np
@@ -17,7 +18,7 @@ from rotjax import streaming
 
 # Mixes the rows of each batch (with seed, epoch, step); the 4th key entry keeps it apart
 # from the shards' orders, keyed on (seed, epoch[, shard]).
-_MIX_KEY = 0x6d6978
+_MIX_KEY = 0x6D6978
 
 
 class TrainPlan:
@@ -53,8 +54,16 @@ class TrainPlan:
   the steps they decode, and a resumed run starts at its step.
   """
 
-  def __init__(self, num_rows: int, batch_size: int, seed: int, epoch: int, shards=(0,),
-               num_steps: int | None = None, first_index: int = 0):
+  def __init__(
+    self,
+    num_rows: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shards=(0,),
+    num_steps: int | None = None,
+    first_index: int = 0,
+  ):
     self.seed, self.epoch, self.first_index = seed, epoch, first_index
     self.per_shard = batch_size // len(shards)
     self.orders = []
@@ -64,7 +73,9 @@ class TrainPlan:
       # so runs checkpointed before data shards existed resume with the very batches an
       # uninterrupted run of theirs would have seen (fault_drill.py checks resumes bit for bit).
       key = [seed, epoch] if shard_id == 0 else [seed, epoch, shard_id]
-      self.orders.append(positions[np.random.default_rng(key).permutation(len(positions))])
+      self.orders.append(
+        positions[np.random.default_rng(key).permutation(len(positions))]
+      )
     if num_steps is None:
       num_steps = -(-max(len(o) for o in self.orders) // self.per_shard)
     self.num_steps = num_steps
@@ -79,11 +90,15 @@ class TrainPlan:
     parts = [_padded_slice(o, i * per_shard, per_shard) for o in self.orders]
     # Each shard's part is mixed by the same permutation, so one process holding every
     # shard feeds each device the very rows that one process per shard would.
-    mixed = np.random.default_rng([self.seed, self.epoch, i, _MIX_KEY]).permutation(per_shard)
+    mixed = np.random.default_rng(
+      [self.seed, self.epoch, i, _MIX_KEY]
+    ).permutation(per_shard)
     index = np.concatenate([j * per_shard + mixed for j in range(len(parts))])
-    return {'rows': np.concatenate([idx[mixed] for idx, _ in parts]),
-            'mask': np.concatenate([mask[mixed] for _, mask in parts]),
-            'index': (self.first_index + index).astype(np.int32)}
+    return {
+      'rows': np.concatenate([idx[mixed] for idx, _ in parts]),
+      'mask': np.concatenate([mask[mixed] for _, mask in parts]),
+      'index': (self.first_index + index).astype(np.int32),
+    }
 
 
 class EpochsPlan:
@@ -91,12 +106,26 @@ class EpochsPlan:
   stream over them keeps its decoding workers from epoch to epoch, and they decode the
   next epoch's first batches while this one is being evaluated."""
 
-  def __init__(self, num_rows: int, batch_size: int, seed: int, epochs: range, shards,
-               steps_per_epoch: int, first_index: int = 0):
+  def __init__(
+    self,
+    num_rows: int,
+    batch_size: int,
+    seed: int,
+    epochs: range,
+    shards,
+    steps_per_epoch: int,
+    first_index: int = 0,
+  ):
     self.args = (num_rows, batch_size, seed)
-    self.epochs, self.shards, self.first_index = epochs, tuple(shards), first_index
+    self.epochs, self.shards, self.first_index = (
+      epochs,
+      tuple(shards),
+      first_index,
+    )
     self.steps_per_epoch = steps_per_epoch
-    self._last = None   # (epoch, TrainPlan): consecutive steps share their epoch's orders
+    self._last = (
+      None  # (epoch, TrainPlan): consecutive steps share their epoch's orders
+    )
 
   def __len__(self):
     return len(self.epochs) * self.steps_per_epoch
@@ -105,8 +134,18 @@ class EpochsPlan:
     epoch = self.epochs[k // self.steps_per_epoch]
     if self._last is None or self._last[0] != epoch:
       num_rows, batch_size, seed = self.args
-      self._last = (epoch, TrainPlan(num_rows, batch_size, seed, epoch, self.shards,
-                                     self.steps_per_epoch, self.first_index))
+      self._last = (
+        epoch,
+        TrainPlan(
+          num_rows,
+          batch_size,
+          seed,
+          epoch,
+          self.shards,
+          self.steps_per_epoch,
+          self.first_index,
+        ),
+      )
     return self._last[1][k % self.steps_per_epoch]
 
 
@@ -115,9 +154,13 @@ class EvalPlan:
   batches up to `num_batches` (so that every process runs as many steps); rows -1 and
   mask 0 on the padding."""
 
-  def __init__(self, num_rows: int, batch_size: int, num_batches: int | None = None):
+  def __init__(
+    self, num_rows: int, batch_size: int, num_batches: int | None = None
+  ):
     self.num_rows, self.batch_size = num_rows, batch_size
-    self.num_batches = -(-num_rows // batch_size) if num_batches is None else num_batches
+    self.num_batches = (
+      -(-num_rows // batch_size) if num_batches is None else num_batches
+    )
 
   def __len__(self):
     return self.num_batches
@@ -138,15 +181,26 @@ def batches(split, plan, start: int = 0) -> Iterator[dict]:
   return (split.gather(plan[i]) for i in range(start, len(plan)))
 
 
-def train_batches(split, batch_size: int, seed: int, epoch: int, shards=(0,),
-                  num_steps: int | None = None, first_index: int = 0,
-                  start: int = 0) -> Iterator[dict]:
+def train_batches(
+  split,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  shards=(0,),
+  num_steps: int | None = None,
+  first_index: int = 0,
+  start: int = 0,
+) -> Iterator[dict]:
   """One epoch of training batches (TrainPlan), from step `start` on."""
-  plan = TrainPlan(len(split), batch_size, seed, epoch, shards, num_steps, first_index)
+  plan = TrainPlan(
+    len(split), batch_size, seed, epoch, shards, num_steps, first_index
+  )
   return batches(split, plan, start)
 
 
-def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _padded_slice(
+  order: np.ndarray, start: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """order[start:start + size] (sorted: a faster gather of the same set), filled up past the
   end of `order` with its first entries again; (indices, mask), mask 0 on the fill."""
   positions = np.arange(start, start + size)
@@ -156,15 +210,27 @@ def _padded_slice(order: np.ndarray, start: int, size: int) -> tuple[np.ndarray,
   return idx[by_index], mask[by_index]
 
 
-def epochs_of_batches(split, batch_size: int, seed: int, epochs: range, shards,
-                      steps_per_epoch: int, first_index: int = 0, first_step: int = 0):
+def epochs_of_batches(
+  split,
+  batch_size: int,
+  seed: int,
+  epochs: range,
+  shards,
+  steps_per_epoch: int,
+  first_index: int = 0,
+  first_step: int = 0,
+):
   """The training batches of `epochs`, from step `first_step` of the first, as one stream
   (EpochsPlan): the loop takes steps_per_epoch of them per epoch. Close it when done."""
-  plan = EpochsPlan(len(split), batch_size, seed, epochs, shards, steps_per_epoch, first_index)
+  plan = EpochsPlan(
+    len(split), batch_size, seed, epochs, shards, steps_per_epoch, first_index
+  )
   return batches(split, plan, first_step)
 
 
-def eval_batches(split, batch_size: int, num_batches: int | None = None) -> Iterator[dict]:
+def eval_batches(
+  split, batch_size: int, num_batches: int | None = None
+) -> Iterator[dict]:
   """Every example once, then fully padded batches up to `num_batches` (EvalPlan); `mask`
   is 0 on the padding (zero images)."""
   return batches(split, EvalPlan(len(split), batch_size, num_batches))
@@ -177,4 +243,3 @@ def images_of(split, batch_size: int = 256) -> Iterator[np.ndarray]:
   plan = EvalPlan(len(split), batch_size)
   for i, batch in enumerate(batches(split, plan)):
     yield batch['image'][plan[i]['rows'] >= 0]
-

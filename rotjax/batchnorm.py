@@ -18,6 +18,7 @@ the input's dtype.
 On the CPU, `BatchNorm` hands its training-mode work to oneDNN where it can
 (rotjax/cpu/onednn_batchnorm.py: model.norm), the ReLU after it fused in.
 """
+
 import functools
 from typing import Any, Callable
 
@@ -64,7 +65,9 @@ def _forward(x, scale, bias, epsilon, axis_name, dtype):
 def _backward(epsilon, axis_name, dtype, residuals, cotangents):
   del epsilon, dtype
   x, mean, inv_std, scale = residuals
-  g = cotangents[0].astype(jnp.float32)   # mean and var only feed the running averages
+  g = cotangents[0].astype(
+    jnp.float32
+  )  # mean and var only feed the running averages
   axes = _reduce_axes(x)
   xhat = (x.astype(jnp.float32) - mean) * inv_std
   sum_g, sum_gx = jnp.sum(g, axes), jnp.sum(g * xhat, axes)
@@ -104,8 +107,10 @@ def pooled_moments(mean, var, axis_name):
 
 def _onednn_covers(axis_name) -> bool:
   """Whether oneDNN can compute statistics over `axis_name` (its own rows, or one device)."""
-  return onednn_batchnorm.covers(1 if axis_name is None else lax.axis_size(axis_name),
-                                 synced=axis_name is not None)
+  return onednn_batchnorm.covers(
+    1 if axis_name is None else lax.axis_size(axis_name),
+    synced=axis_name is not None,
+  )
 
 
 class BatchNorm(nn.Module):
@@ -118,6 +123,7 @@ class BatchNorm(nn.Module):
   model.sync_bn=False) pools the running statistics' update over that axis, so every
   device keeps the statistics of the global batch (pooled_moments).
   """
+
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -130,25 +136,41 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
-    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    running_mean = self.variable(
+      'batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32)
+    )
+    running_var = self.variable(
+      'batch_stats', 'var', lambda: jnp.ones(features, jnp.float32)
+    )
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
     activation = nn.relu if self.relu else (lambda y: y)
     if self.use_running_average:
-      return activation(_normalize(x, running_mean.value,
-                                   lax.rsqrt(running_var.value + self.epsilon), scale, bias,
-                                   self.dtype))
+      return activation(
+        _normalize(
+          x,
+          running_mean.value,
+          lax.rsqrt(running_var.value + self.epsilon),
+          scale,
+          bias,
+          self.dtype,
+        )
+      )
     # Like flax, no cross-device mean while initialising (init runs outside pmap).
     axis_name = None if self.is_initializing() else self.axis_name
     fused = None
-    if (self.onednn is not None and _onednn_covers(axis_name)
-        and jnp.dtype(self.dtype or x.dtype) == x.dtype):
+    if (
+      self.onednn is not None
+      and _onednn_covers(axis_name)
+      and jnp.dtype(self.dtype or x.dtype) == x.dtype
+    ):
       fused = self.onednn(x, scale, bias, self.epsilon, self.relu)
     if fused is not None:
       y, mean, var = fused
     else:
-      y, mean, var = batch_norm(x, scale, bias, self.epsilon, axis_name, self.dtype)
+      y, mean, var = batch_norm(
+        x, scale, bias, self.epsilon, axis_name, self.dtype
+      )
       y = activation(y)
     if not self.is_initializing():
       if axis_name is None and self.stats_axis_name is not None:

@@ -8,6 +8,7 @@ gives the chosen BatchNorm layers the mean and variance of those images (the uni
 pass's batches, as "precise BN" does, not a momentum average); gamma, beta and every weight
 stay as they are.
 """
+
 import time
 from typing import Callable, Iterable
 
@@ -28,21 +29,31 @@ def moments_step(variables, batch, batch_number, *, module, prepare_fn):
   the global batch (the model's axis_name, or pooled over stats_axis_name).
   """
   images = prepare_fn(batch, batch_number)
-  _, state = module.apply(variables, images, train=True,
-                          mutable=['batch_stats', batchnorm.MOMENTS])
+  _, state = module.apply(
+    variables, images, train=True, mutable=['batch_stats', batchnorm.MOMENTS]
+  )
   flat = traverse_util.flatten_dict(state[batchnorm.MOMENTS])
   # sow keeps a tuple of the values sown: one call per layer, so one (mean, var) each.
-  return {'/'.join(path[:-1]): (mean, var + jnp.square(mean))
-          for path, ((mean, var),) in flat.items()}
+  return {
+    '/'.join(path[:-1]): (mean, var + jnp.square(mean))
+    for path, ((mean, var),) in flat.items()
+  }
 
 
 def union_moments(batch_moments: list[dict]) -> dict:
   """{path: (mean, var)} of the union of equal-sized batches from each batch's (mean, E[x^2])."""
   out = {}
   for path in batch_moments[0]:
-    mean = np.mean([np.asarray(m[path][0], np.float64) for m in batch_moments], 0)
-    mean_sq = np.mean([np.asarray(m[path][1], np.float64) for m in batch_moments], 0)
-    out[path] = (mean.astype(np.float32), np.maximum(mean_sq - mean ** 2, 0).astype(np.float32))
+    mean = np.mean(
+      [np.asarray(m[path][0], np.float64) for m in batch_moments], 0
+    )
+    mean_sq = np.mean(
+      [np.asarray(m[path][1], np.float64) for m in batch_moments], 0
+    )
+    out[path] = (
+      mean.astype(np.float32),
+      np.maximum(mean_sq - mean**2, 0).astype(np.float32),
+    )
   return out
 
 
@@ -57,8 +68,9 @@ def replace_stats(batch_stats, moments: dict, keep: Callable[[str], bool]):
   return traverse_util.unflatten_dict(flat)
 
 
-def reestimate(p_moments, variables, batches: Iterable, keep: Callable[[str], bool],
-               devices) -> tuple[dict, dict]:
+def reestimate(
+  p_moments, variables, batches: Iterable, keep: Callable[[str], bool], devices
+) -> tuple[dict, dict]:
   """(batch_stats re-estimated over `batches`, a record for run_info.json).
 
   `p_moments` is `moments_step` pmapped over `devices` ('batch'); `variables` are host
@@ -66,16 +78,23 @@ def reestimate(p_moments, variables, batches: Iterable, keep: Callable[[str], bo
   """
   t0 = time.time()
   replicated = parallel.replicate(variables, devices)
-  pending = [p_moments(replicated, batch, parallel.replicate(jnp.int32(i), devices))
-             for i, batch in enumerate(batches)]
+  pending = [
+    p_moments(replicated, batch, parallel.replicate(jnp.int32(i), devices))
+    for i, batch in enumerate(batches)
+  ]
   if not pending:
-    raise ValueError('re-estimating BatchNorm statistics needs at least one batch of images')
+    raise ValueError(
+      're-estimating BatchNorm statistics needs at least one batch of images'
+    )
   # One host sync for the whole pass; the moments are the global batch's on every device.
   fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
   moments = union_moments(fetched)
   stats = replace_stats(variables['batch_stats'], moments, keep)
   layers = sorted(p for p in moments if keep(p))
-  return stats, {'batches': len(fetched), 'layers': len(layers),
-                 'first_layer': layers[0] if layers else None,
-                 'last_layer': layers[-1] if layers else None,
-                 'seconds': round(time.time() - t0, 2)}
+  return stats, {
+    'batches': len(fetched),
+    'layers': len(layers),
+    'first_layer': layers[0] if layers else None,
+    'last_layer': layers[-1] if layers else None,
+    'seconds': round(time.time() - t0, 2),
+  }

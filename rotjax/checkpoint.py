@@ -8,6 +8,7 @@ whole one (the leftover `<step>.orbax-checkpoint-tmp-*` is ignored, then cleaned
 Each latest step also carries its epoch's metrics row, so a run killed between the
 commit and the metrics.jsonl append loses no row on resume (rundir.commit_epoch).
 """
+
 import hashlib
 import json
 import logging
@@ -19,7 +20,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rotjax import rundir
-
 
 
 class CheckpointWriteError(OSError):
@@ -34,8 +34,14 @@ class Checkpoints:
     self.latest = _manager(rundir.path(workdir, rundir.LATEST), keep)
     self.best = _manager(rundir.path(workdir, rundir.BEST), 1)
 
-  def save(self, step: int, state, is_best: bool, row: dict | None = None,
-           partial_epoch: dict | None = None) -> None:
+  def save(
+    self,
+    step: int,
+    state,
+    is_best: bool,
+    row: dict | None = None,
+    partial_epoch: dict | None = None,
+  ) -> None:
     """Writes `step` and returns once it is committed; an error names the step and path.
 
     `row` is a finished epoch's metrics row; `partial_epoch` is what a step inside an epoch
@@ -48,21 +54,33 @@ class Checkpoints:
     if partial_epoch is not None:
       meta = {'partial_epoch': partial_epoch}
     try:
-      self.latest.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
+      self.latest.save(
+        step, args=ocp.args.StandardSave(item), custom_metadata=meta
+      )
       if is_best:
-        self.best.save(step, args=ocp.args.StandardSave(item), custom_metadata=meta)
+        self.best.save(
+          step, args=ocp.args.StandardSave(item), custom_metadata=meta
+        )
       self.wait()
-    except Exception as e:  # Disk full reaches here as tensorstore's ValueError, not OSError.
+    except (
+      Exception
+    ) as e:  # Disk full reaches here as tensorstore's ValueError, not OSError.
       raise CheckpointWriteError(
-          f'cannot write checkpoint step {step} under '
-          f'{os.path.dirname(str(self.latest.directory))} ({type(e).__name__}: {e}); the '
-          'earlier checkpoints are intact: free space or fix permissions and rerun') from e
+        f'cannot write checkpoint step {step} under '
+        f'{os.path.dirname(str(self.latest.directory))} ({type(e).__name__}: {e}); the '
+        'earlier checkpoints are intact: free space or fix permissions and rerun'
+      ) from e
 
   def ensure_best(self, step: int, state) -> None:
     """Writes `state` (the restored, best step) to best/ if a kill fell between the two saves."""
     if (self.best.latest_step() or -1) < step:
-      logging.info('best/ lacks step %d (interrupted save): writing it again', step)
-      self.best.save(step, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+      logging.info(
+        'best/ lacks step %d (interrupted save): writing it again', step
+      )
+      self.best.save(
+        step,
+        args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+      )
       self.best.wait_until_finished()
 
   def has_steps(self) -> bool:
@@ -82,15 +100,18 @@ class Checkpoints:
     step = self.latest.latest_step()
     if step is None:
       return None
-    return (self.latest.metadata(step).custom_metadata or {}).get('partial_epoch')
+    return (self.latest.metadata(step).custom_metadata or {}).get(
+      'partial_epoch'
+    )
 
   def restore_latest(self, state):
     """`state` restored from the latest complete step, or None if there is none."""
     step = self.latest.latest_step()
     if step is None:
       return None
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          flax.serialization.to_state_dict(state))
+    target = jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, flax.serialization.to_state_dict(state)
+    )
     restored = self.latest.restore(step, args=ocp.args.StandardRestore(target))
     return flax.serialization.from_state_dict(state, restored)
 
@@ -108,11 +129,16 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
   # saving at once otherwise meet in the same Orbax barrier and fail
   # ("Barrier ThreadSaveMultiHostValueHolder:set_value_start is already ongoing").
   return ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix=os.path.basename(directory))))
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=os.path.basename(directory)
+      ),
+    ),
+  )
 
 
 def restore_variables(step_dir: str) -> dict:
@@ -120,10 +146,16 @@ def restore_variables(step_dir: str) -> dict:
   directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
   with ocp.CheckpointManager(directory) as manager:
     if step not in manager.all_steps():
-      raise FileNotFoundError(f'{step_dir} is not a complete checkpoint (interrupted save?)')
+      raise FileNotFoundError(
+        f'{step_dir} is not a complete checkpoint (interrupted save?)'
+      )
     restored = manager.restore(step, args=ocp.args.StandardRestore())
-  return jax.device_get({'params': restored['params'],
-                         'batch_stats': restored.get('batch_stats', {})})
+  return jax.device_get(
+    {
+      'params': restored['params'],
+      'batch_stats': restored.get('batch_stats', {}),
+    }
+  )
 
 
 def load_variables(workdir: str) -> dict:
@@ -132,8 +164,13 @@ def load_variables(workdir: str) -> dict:
   workdir, step_dir = rundir.find_checkpoint(workdir, 'init_from')
   variables = restore_variables(step_dir)
   logging.info('init_from: loaded %s', step_dir)
-  return {**variables, 'step': int(os.path.basename(step_dir)), 'path': step_dir,
-          'workdir': workdir, 'config': rundir.read(workdir, rundir.CONFIG, {})}
+  return {
+    **variables,
+    'step': int(os.path.basename(step_dir)),
+    'path': step_dir,
+    'workdir': workdir,
+    'config': rundir.read(workdir, rundir.CONFIG, {}),
+  }
 
 
 def source_record(loaded: dict, workdir: str) -> dict:
@@ -141,11 +178,16 @@ def source_record(loaded: dict, workdir: str) -> dict:
   run's folder relative to this run's `workdir` (so a study folder can move), its step, and
   digests of its config.json and of the arrays loaded. Two records differ iff the run
   would start from another pretext, even one retrained in the same folder."""
-  return {'run': os.path.relpath(loaded['workdir'], rundir.absolute(workdir)),
-          'step': loaded['step'],
-          'config_sha256': _sha256(json.dumps(loaded['config'], sort_keys=True).encode()),
-          'arrays_sha256': arrays_digest({'params': loaded['params'],
-                                          'batch_stats': loaded['batch_stats']})}
+  return {
+    'run': os.path.relpath(loaded['workdir'], rundir.absolute(workdir)),
+    'step': loaded['step'],
+    'config_sha256': _sha256(
+      json.dumps(loaded['config'], sort_keys=True).encode()
+    ),
+    'arrays_sha256': arrays_digest(
+      {'params': loaded['params'], 'batch_stats': loaded['batch_stats']}
+    ),
+  }
 
 
 def arrays_digest(tree) -> str:
@@ -165,8 +207,10 @@ def _sha256(data: bytes) -> str:
 
 def describe_source(record: dict) -> str:
   """One line naming a source_record (for messages)."""
-  return (f'{record["run"]} step {record["step"]} (config {record["config_sha256"][:12]}, '
-          f'arrays {record["arrays_sha256"][:12]})')
+  return (
+    f'{record["run"]} step {record["step"]} (config {record["config_sha256"][:12]}, '
+    f'arrays {record["arrays_sha256"][:12]})'
+  )
 
 
 def merge_params(init, loaded, head=('fc',), what='params', reinit_head=False):
@@ -179,26 +223,38 @@ def merge_params(init, loaded, head=('fc',), what='params', reinit_head=False):
   parameters. Returns (merged, names_loaded, names_kept_at_init).
   """
   init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init), sep='/')
-  loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep='/')
-  extra = sorted(n for n in loaded_flat if n not in init_flat and not _under(n, head))
+  loaded_flat = flax.traverse_util.flatten_dict(
+    flax.core.unfreeze(loaded), sep='/'
+  )
+  extra = sorted(
+    n for n in loaded_flat if n not in init_flat and not _under(n, head)
+  )
   if extra:
-    raise ValueError(f'init_from has {len(extra)} {what} arrays this model lacks, e.g. '
-                     f'{extra[:3]}: was it trained with the same model.name, model.stem and '
-                     'model.width?')
+    raise ValueError(
+      f'init_from has {len(extra)} {what} arrays this model lacks, e.g. '
+      f'{extra[:3]}: was it trained with the same model.name, model.stem and '
+      'model.width?'
+    )
   merged, kept = {}, []
   for name, value in init_flat.items():
-    if _under(name, head) and (reinit_head or (
-        name in loaded_flat and np.shape(loaded_flat[name]) != value.shape)):
+    if _under(name, head) and (
+      reinit_head
+      or (name in loaded_flat and np.shape(loaded_flat[name]) != value.shape)
+    ):
       merged[name] = value
       kept.append(name)
       continue
     if name not in loaded_flat:
-      raise ValueError(f'init_from has no {what} {name!r}: was it trained with the same '
-                       'model.name, model.stem and model.width?')
+      raise ValueError(
+        f'init_from has no {what} {name!r}: was it trained with the same '
+        'model.name, model.stem and model.width?'
+      )
     source = np.asarray(loaded_flat[name])
     if source.shape != value.shape:
-      raise ValueError(f'init_from {what} {name!r} has shape {source.shape}, '
-                       f'this model needs {value.shape}')
+      raise ValueError(
+        f'init_from {what} {name!r} has shape {source.shape}, '
+        f'this model needs {value.shape}'
+      )
     merged[name] = source.astype(value.dtype)
   loaded_names = [n for n in init_flat if n not in kept]
   return flax.traverse_util.unflatten_dict(merged, sep='/'), loaded_names, kept

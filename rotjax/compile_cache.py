@@ -15,6 +15,7 @@ shared home directory mixes, such as the CPU's instruction sets (XLA compiles fo
 host CPU: a program built with AVX-512 dies with SIGILL on an AVX2-only machine).
 A folder that cannot be written is a warning and the run compiles as before.
 """
+
 import collections
 import contextlib
 import functools
@@ -34,12 +35,14 @@ MIN_COMPILE_SECONDS = 0.5
 _HIT = '/jax/compilation_cache/cache_hits'
 _MISS = '/jax/compilation_cache/cache_misses'
 
-_enabled = {}   # 'path': the folder this process uses (None: off), 'reason'
+_enabled = {}  # 'path': the folder this process uses (None: off), 'reason'
 
 
 def cache_root() -> str:
   """rotjax's cache folder ($ROTJAX_CACHE or ~/.cache/rotjax), shared with the oneDNN build."""
-  return os.environ.get('ROTJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'rotjax'))
+  return os.environ.get(
+    'ROTJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'rotjax')
+  )
 
 
 def _slug(text: str) -> str:
@@ -65,9 +68,14 @@ def machine_key() -> str:
   and a digest of its features (a GPU program is compiled for the device kind)."""
   import jaxlib
   from rotjax.cpu import isa
+
   backend = jax.default_backend()
-  parts = [f'jax{jax.__version__}', f'jaxlib{jaxlib.__version__}', backend,
-           _slug(jax.devices()[0].device_kind)]
+  parts = [
+    f'jax{jax.__version__}',
+    f'jaxlib{jaxlib.__version__}',
+    backend,
+    _slug(jax.devices()[0].device_kind),
+  ]
   if backend == 'cpu':
     # On x86 the digest of `flags`, as before (existing caches stay valid); on aarch64, of
     # `Features`: without it every ARM CPU shared one folder, and an SVE program could
@@ -83,7 +91,11 @@ def resolve(setting: str) -> str | None:
   value = '' if value is None else str(value).strip()
   if value.lower() in _OFF:
     return None
-  root = os.path.join(cache_root(), 'jit') if value == 'auto' else os.path.expanduser(value)
+  root = (
+    os.path.join(cache_root(), 'jit')
+    if value == 'auto'
+    else os.path.expanduser(value)
+  )
   return os.path.join(os.path.abspath(root), machine_key())
 
 
@@ -115,19 +127,31 @@ def enable(setting: str = 'auto') -> str | None:
     return current
   path = resolve(setting)
   if path is None:
-    _enabled.update(path=None, reason=f'off (compile_cache={setting!r}, {ENV}='
-                                      f'{os.environ.get(ENV, "<unset>")!r})')
+    _enabled.update(
+      path=None,
+      reason=f'off (compile_cache={setting!r}, {ENV}='
+      f'{os.environ.get(ENV, "<unset>")!r})',
+    )
     return None
   problem = _writable(path)
   if problem:
-    logging.warning('compilation cache %s cannot be written (%s): every program is compiled '
-                    'afresh; set %s or config.compile_cache to another folder, or 0 to turn '
-                    'it off', path, problem, ENV)
+    logging.warning(
+      'compilation cache %s cannot be written (%s): every program is compiled '
+      'afresh; set %s or config.compile_cache to another folder, or 0 to turn '
+      'it off',
+      path,
+      problem,
+      ENV,
+    )
     _enabled.update(path=None, reason=f'not writable: {problem}')
     return None
   jax.config.update('jax_compilation_cache_dir', path)
-  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:   # JAX's own switch wins
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
+  if (
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ
+  ):  # JAX's own switch wins
+    jax.config.update(
+      'jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS
+    )
   _enabled.update(path=path, reason='on')
   logging.info('compilation cache: %s', path)
   return path
@@ -135,7 +159,10 @@ def enable(setting: str = 'auto') -> str | None:
 
 def status() -> dict:
   """{'path': folder or None, 'reason': why} (for run_info.json)."""
-  return dict(_enabled) or {'path': None, 'reason': 'not enabled in this process'}
+  return dict(_enabled) or {
+    'path': None,
+    'reason': 'not enabled in this process',
+  }
 
 
 class Watch:
@@ -164,13 +191,25 @@ class Watch:
     """Where the block's programs came from."""
     hits, misses = self.counts[_HIT], self.counts[_MISS]
     if misses:
-      where = 'saved to the compilation cache' if status().get('path') else 'cache off'
-      return f'compiled ({where})' if not hits else f'{hits} loaded from the cache, {misses} compiled'
+      where = (
+        'saved to the compilation cache'
+        if status().get('path')
+        else 'cache off'
+      )
+      return (
+        f'compiled ({where})'
+        if not hits
+        else f'{hits} loaded from the cache, {misses} compiled'
+      )
     if hits:
       return 'loaded from the compilation cache'
     # No lookup at all: the cache is off, or JAX did not consult it (a program this process
     # had compiled already, or one JAX keeps out of the cache).
-    return 'compiled, not cached' if not status().get('path') else 'compiled without a cache lookup'
+    return (
+      'compiled, not cached'
+      if not status().get('path')
+      else 'compiled without a cache lookup'
+    )
 
 
 def log_first_call(fn, name: str, since: float | None = None):
@@ -187,10 +226,20 @@ def log_first_call(fn, name: str, since: float | None = None):
       out = fn(*args, **kwargs)
       jax.block_until_ready(out)
     done.append(watch)
-    after = f'; done {time.time() - since:.1f} s after the data was loaded' if since else ''
-    logging.info('%s: %s in %.1f s (first call, one step included%s)', name, watch.source,
-                 watch.seconds, after)
+    after = (
+      f'; done {time.time() - since:.1f} s after the data was loaded'
+      if since
+      else ''
+    )
+    logging.info(
+      '%s: %s in %.1f s (first call, one step included%s)',
+      name,
+      watch.source,
+      watch.seconds,
+      after,
+    )
     return out
+
   wrapper.first_call = done
   return wrapper
 

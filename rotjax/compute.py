@@ -20,6 +20,7 @@ The rules, from scripts/benchmark.py on each CPU class (README, Performance):
 - Predicting (`fallback`): a run trained with model.conv or model.norm = onednn still loads
   where oneDNN cannot run; its weights do not depend on the kernels' code.
 """
+
 import dataclasses
 import logging
 import re
@@ -32,7 +33,7 @@ from rotjax.cpu.isa import NATIVE_BF16_CLASSES, cpu_model, isa_class
 from rotjax.cpu.onednn_errors import OneDNNConvError, OneDNNNormError
 
 DTYPES = ('auto', 'float32', 'bfloat16')
-IMPLS = ('auto', 'xla', 'onednn')   # model.conv and model.norm
+IMPLS = ('auto', 'xla', 'onednn')  # model.conv and model.norm
 # NVIDIA GPUs with bf16 matrix units (tensor cores): Ampere (compute capability 8.0) and
 # later. V100 (7.0), T4 (7.5) and P100 (6.0) run bf16 through float32 (XLA converts around
 # every matmul and convolution): slower than float32 itself, so `auto` picks float32 there.
@@ -47,9 +48,10 @@ class Compute:
   declines is an error rather than XLA's. `reasons` and `machine` say why and where (the
   record); they do not take part in equality or hashing (a Flax module holds this).
   """
-  dtype: str = 'float32'   # float32 | bfloat16 (params and BatchNorm statistics stay float32)
-  conv: str = 'xla'        # xla | onednn
-  norm: str = 'xla'        # xla | onednn: training BatchNorm (+ the ReLU after it)
+
+  dtype: str = 'float32'  # float32 | bfloat16 (params and BatchNorm statistics stay float32)
+  conv: str = 'xla'  # xla | onednn
+  norm: str = 'xla'  # xla | onednn: training BatchNorm (+ the ReLU after it)
   conv_strict: bool = False
   norm_strict: bool = False
   reasons: dict = dataclasses.field(default_factory=dict, compare=False)
@@ -59,34 +61,54 @@ class Compute:
     """What nn.Conv computes with: oneDNN's drop-in, or None for XLA's own."""
     if self.conv == 'xla':
       return None
-    return (onednn_conv.conv_general_dilated_strict if self.conv_strict
-            else onednn_conv.conv_general_dilated)
+    return (
+      onednn_conv.conv_general_dilated_strict
+      if self.conv_strict
+      else onednn_conv.conv_general_dilated
+    )
 
   def batchnorm(self):
     """What batchnorm.BatchNorm hands a training BatchNorm to (None: XLA's)."""
     if self.norm == 'xla':
       return None
-    return onednn_batchnorm.apply_strict if self.norm_strict else onednn_batchnorm.apply
+    return (
+      onednn_batchnorm.apply_strict
+      if self.norm_strict
+      else onednn_batchnorm.apply
+    )
 
   def record(self) -> dict:
     """run_info.json's `compute`: the choices, their reasons, and the machine."""
     machine = dict(self.machine)
-    return {'backend': machine.pop('backend', None),
-            'device_kind': machine.pop('device_kind', None),
-            'dtype': self.dtype, 'dtype_reason': self.reasons.get('dtype'),
-            'conv': self.conv, 'conv_reason': self.reasons.get('conv'),
-            'norm': self.norm, 'norm_reason': self.reasons.get('norm'), **machine}
+    return {
+      'backend': machine.pop('backend', None),
+      'device_kind': machine.pop('device_kind', None),
+      'dtype': self.dtype,
+      'dtype_reason': self.reasons.get('dtype'),
+      'conv': self.conv,
+      'conv_reason': self.reasons.get('conv'),
+      'norm': self.norm,
+      'norm_reason': self.reasons.get('norm'),
+      **machine,
+    }
 
 
 def check_names(model_config) -> None:
   """model.dtype, model.conv and model.norm are known values (no machine is asked)."""
   for field, allowed in (('dtype', DTYPES), ('conv', IMPLS), ('norm', IMPLS)):
     if model_config[field] not in allowed:
-      raise ValueError(f'model.{field}={model_config[field]!r} is unknown; allowed: {allowed}')
+      raise ValueError(
+        f'model.{field}={model_config[field]!r} is unknown; allowed: {allowed}'
+      )
 
 
-def resolve(model_config, num_devices: int = 1, recorded: dict | None = None, *,
-            fallback: bool = False) -> Compute:
+def resolve(
+  model_config,
+  num_devices: int = 1,
+  recorded: dict | None = None,
+  *,
+  fallback: bool = False,
+) -> Compute:
   """The Compute of `model_config` on this machine, for a run over `num_devices`.
 
   recorded: run_info.json's `compute` of the run's first start, for a resumed run: what
@@ -95,25 +117,48 @@ def resolve(model_config, num_devices: int = 1, recorded: dict | None = None, *,
   only if the run may use it.
   """
   check_names(model_config)
-  dtype_name, conv_impl, norm_impl, continue_onednn = _asked(model_config, recorded)
+  dtype_name, conv_impl, norm_impl, continue_onednn = _asked(
+    model_config, recorded
+  )
   dtype = _dtype(dtype_name)
   conv_impl, (conv_on, conv_reason) = _decide(
-      conv_impl, lambda impl: onednn_conv.uses_onednn(impl, dtype), OneDNNConvError,
-      'model.conv', fallback)
+    conv_impl,
+    lambda impl: onednn_conv.uses_onednn(impl, dtype),
+    OneDNNConvError,
+    'model.conv',
+    fallback,
+  )
   if continue_onednn and not conv_on:
     _refuse_resume(recorded, dtype, conv_reason)
   norm_impl, (norm_on, norm_reason) = _decide(
-      norm_impl, lambda impl: _norm_onednn(impl, dtype, conv_on, conv_reason), OneDNNNormError,
-      'model.norm', fallback)
+    norm_impl,
+    lambda impl: _norm_onednn(impl, dtype, conv_on, conv_reason),
+    OneDNNNormError,
+    'model.norm',
+    fallback,
+  )
   if norm_on and not onednn_batchnorm.covers(num_devices, model_config.sync_bn):
-    norm_on, norm_reason = False, (f'statistics synced over {num_devices} devices '
-                                   '(model.sync_bn): XLA\'s cross-device sums')
+    norm_on, norm_reason = (
+      False,
+      (
+        f'statistics synced over {num_devices} devices '
+        "(model.sync_bn): XLA's cross-device sums"
+      ),
+    )
   machine = hardware.facts(onednn=conv_on or norm_on or conv_impl != 'xla')
-  return Compute(dtype=dtype, conv='onednn' if conv_on else 'xla',
-                 norm='onednn' if norm_on else 'xla', conv_strict=conv_impl == 'onednn',
-                 norm_strict=norm_impl == 'onednn',
-                 reasons={'dtype': _dtype_reason(dtype_name), 'conv': conv_reason,
-                          'norm': norm_reason}, machine=machine)
+  return Compute(
+    dtype=dtype,
+    conv='onednn' if conv_on else 'xla',
+    norm='onednn' if norm_on else 'xla',
+    conv_strict=conv_impl == 'onednn',
+    norm_strict=norm_impl == 'onednn',
+    reasons={
+      'dtype': _dtype_reason(dtype_name),
+      'conv': conv_reason,
+      'norm': norm_reason,
+    },
+    machine=machine,
+  )
 
 
 def _asked(model_config, recorded):
@@ -159,15 +204,17 @@ def _norm_onednn(impl, dtype, conv_on, conv_reason):
 def _refuse_resume(recorded, dtype, reason):
   first = recorded.get('cpu', recorded.get('device_kind', '?'))
   raise ValueError(
-      f'this run started with model.dtype=auto -> {dtype} on oneDNN convolutions ({first}, '
-      f'class {recorded.get("cpu_isa_class", "?")}; run_info.json) and this machine '
-      f'({cpu_model()}, class {isa_class()}) cannot continue it so: {reason}. Resume it on '
-      'a machine of the first class, or choose explicitly (--config.model.conv=xla and/or '
-      '--config.model.dtype=float32): the metrics rows then record each epoch\'s dtype and '
-      'convolutions')
+    f'this run started with model.dtype=auto -> {dtype} on oneDNN convolutions ({first}, '
+    f'class {recorded.get("cpu_isa_class", "?")}; run_info.json) and this machine '
+    f'({cpu_model()}, class {isa_class()}) cannot continue it so: {reason}. Resume it on '
+    'a machine of the first class, or choose explicitly (--config.model.conv=xla and/or '
+    "--config.model.dtype=float32): the metrics rows then record each epoch's dtype and "
+    'convolutions'
+  )
 
 
 # ---------------------------------------------------------------- the dtype
+
 
 def cuda_capability(device) -> tuple | None:
   """(major, minor) of an NVIDIA GPU, None where the device does not say (not CUDA)."""
@@ -181,10 +228,12 @@ def native_bf16(backend: str | None = None, device=None) -> bool:
   backend = backend or jax.default_backend()
   if backend == 'cpu':
     return isa_class() in NATIVE_BF16_CLASSES
-  capability = cuda_capability(device if device is not None else jax.devices()[0])
+  capability = cuda_capability(
+    device if device is not None else jax.devices()[0]
+  )
   if capability is not None:
     return capability >= MIN_BF16_CUDA_CAPABILITY
-  return True   # TPUs, and GPUs that report no CUDA capability (ROCm: MI200 and later)
+  return True  # TPUs, and GPUs that report no CUDA capability (ROCm: MI200 and later)
 
 
 def _dtype(name: str) -> str:
@@ -206,8 +255,10 @@ def _dtype_reason(name: str, backend: str | None = None, device=None) -> str:
     need = '.'.join(map(str, MIN_BF16_CUDA_CAPABILITY))
     if capability >= MIN_BF16_CUDA_CAPABILITY:
       return f'auto: {device.device_kind} (compute capability {cc}) has bfloat16 tensor cores'
-    return (f'auto: {device.device_kind} (compute capability {cc}) has no bfloat16 tensor cores '
-            f'(they need {need} or later), so float32')
+    return (
+      f'auto: {device.device_kind} (compute capability {cc}) has no bfloat16 tensor cores '
+      f'(they need {need} or later), so float32'
+    )
   cls = isa_class()
   native = 'native' if cls in NATIVE_BF16_CLASSES else 'not native (emulated)'
   return f'auto: CPU class {cls}, where bfloat16 is {native}'
@@ -215,19 +266,30 @@ def _dtype_reason(name: str, backend: str | None = None, device=None) -> str:
 
 # ---------------------------------------------------------------- the log line
 
+
 def summary_line(info: dict) -> str:
   """One log line of a record (Compute.record): the choice and its reasons."""
   where = info.get('cpu', info['device_kind'])
   extra = ''
   if 'onednn_version' in info:
-    loaded = (f'{info["onednn_version"]} ({info["onednn_source"]})' if info['onednn_version']
-              else 'unavailable')
-    extra = (f'; oneDNN {loaded}, optimized dtypes '
-             f'{info["onednn_dtypes"] or "none"}')
+    loaded = (
+      f'{info["onednn_version"]} ({info["onednn_source"]})'
+      if info['onednn_version']
+      else 'unavailable'
+    )
+    extra = (
+      f'; oneDNN {loaded}, optimized dtypes {info["onednn_dtypes"] or "none"}'
+    )
   isa = f' (class {info["cpu_isa_class"]})' if 'cpu_isa_class' in info else ''
   # BatchNorm's reason only where it parts from the convolutions' path.
-  norm_why = f' [{info["norm_reason"]}]' if info.get('norm', info['conv']) != info['conv'] else ''
-  return (f'compute on {info["backend"]} {where}{isa}: '
-          f'dtype {info["dtype"]} [{info["dtype_reason"]}], '
-          f'convolutions on {info["conv"]} [{info["conv_reason"]}], training BatchNorm on '
-          f'{info.get("norm", "xla")}{norm_why}{extra}')
+  norm_why = (
+    f' [{info["norm_reason"]}]'
+    if info.get('norm', info['conv']) != info['conv']
+    else ''
+  )
+  return (
+    f'compute on {info["backend"]} {where}{isa}: '
+    f'dtype {info["dtype"]} [{info["dtype_reason"]}], '
+    f'convolutions on {info["conv"]} [{info["conv_reason"]}], training BatchNorm on '
+    f'{info.get("norm", "xla")}{norm_why}{extra}'
+  )

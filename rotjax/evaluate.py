@@ -14,6 +14,7 @@ with overrides: --data_source, --loader, --max_images (caps train, val and test)
 Results are printed as JSON and written to --out_dir (default RUN/eval/).
 Features are frozen: extracted once in eval mode, then the probe is trained on them.
 """
+
 import copy
 import itertools
 import json
@@ -33,44 +34,71 @@ from rotjax.study import plots
 
 FLAGS = flags.FLAGS
 # Every command: where the data and the results come from and go.
-flags.DEFINE_string('data_source', '', 'override data.source (tfds:NAME | folder:PATH)')
-flags.DEFINE_enum('loader', None, ('auto', 'memory', 'stream'),
-                  "override data.loader (default: the run's own)")
-flags.DEFINE_integer('max_images', 0, "cap on train/val/test images (0 = the run's own)")
+flags.DEFINE_string(
+  'data_source', '', 'override data.source (tfds:NAME | folder:PATH)'
+)
+flags.DEFINE_enum(
+  'loader',
+  None,
+  ('auto', 'memory', 'stream'),
+  "override data.loader (default: the run's own)",
+)
+flags.DEFINE_integer(
+  'max_images', 0, "cap on train/val/test images (0 = the run's own)"
+)
 flags.DEFINE_string('cache_dir', None, 'override data.cache_dir')
 flags.DEFINE_string('out_dir', '', 'where the JSON/PNG go (default RUN/eval)')
 # One command's or a few commands' own (OPTIONS).
-flags.DEFINE_string('layer', None, 'probe, knn, tsne: the features of this layer: stem, '
-                    'layer1..layer4 or pooled (default: layer3; tsne: pooled)')
+flags.DEFINE_string(
+  'layer',
+  None,
+  'probe, knn, tsne: the features of this layer: stem, '
+  'layer1..layer4 or pooled (default: layer3; tsne: pooled)',
+)
 flags.DEFINE_integer('steps', 500, 'probe: training steps')
 flags.DEFINE_float('learning_rate', 1e-2, 'probe: learning rate')
-flags.DEFINE_enum('bn', 'running', ('running', 'reestimated'),
-                  "probe: BatchNorm statistics: the checkpoint's running ones, or re-estimated "
-                  'on the training images first (one no-gradient pass)')
+flags.DEFINE_enum(
+  'bn',
+  'running',
+  ('running', 'reestimated'),
+  "probe: BatchNorm statistics: the checkpoint's running ones, or re-estimated "
+  'on the training images first (one no-gradient pass)',
+)
 flags.DEFINE_integer('k', 20, 'knn: neighbours')
-flags.DEFINE_enum('split', 'test', ('train', 'val', 'test'), 'confusion, tsne: the split')
+flags.DEFINE_enum(
+  'split', 'test', ('train', 'val', 'test'), 'confusion, tsne: the split'
+)
 flags.DEFINE_string('out', '', 'confusion, tsne: PNG path')
 flags.DEFINE_float('perplexity', 30.0, 'tsne: perplexity')
 
 DATA_FLAGS = ('data_source', 'loader', 'max_images', 'cache_dir', 'out_dir')
 # Each command's own flags; another command's flag is an error, not silently ignored.
-OPTIONS = {'probe': ('layer', 'steps', 'learning_rate', 'bn'), 'knn': ('layer', 'k'),
-           'confusion': ('split', 'out'), 'tsne': ('layer', 'split', 'out', 'perplexity')}
+OPTIONS = {
+  'probe': ('layer', 'steps', 'learning_rate', 'bn'),
+  'knn': ('layer', 'k'),
+  'confusion': ('split', 'out'),
+  'tsne': ('layer', 'split', 'out', 'perplexity'),
+}
 # tsne shows the pooled features.
 DEFAULT_LAYER = {'probe': 'layer3', 'knn': 'layer3', 'tsne': 'pooled'}
 
 
 # ---------------------------------------------------------------- runs and data
 
+
 def load_run(spec: str, reference=None):
   """'PATH', 'NAME=PATH' or 'random' -> (name, RotjaxModel); 'random' copies `reference`'s model."""
   from rotjax import api
+
   name, _, path = spec.rpartition('=')
   if spec == 'random':
     if reference is None:
-      raise ValueError("'random' needs a trained run before it in the list (for the architecture)")
-    return 'random', api.random_init(reference.config, reference.num_classes,
-                                     seed=reference.config.seed + 1000)
+      raise ValueError(
+        "'random' needs a trained run before it in the list (for the architecture)"
+      )
+    return 'random', api.random_init(
+      reference.config, reference.num_classes, seed=reference.config.seed + 1000
+    )
   model = api.load(path)
   return name or os.path.basename(os.path.normpath(path)), model
 
@@ -97,6 +125,7 @@ def load_data(config, **overrides):
 
 # ---------------------------------------------------------------- commands
 
+
 def _run_and_features(args, bn: dict | None = None):
   """(name, model, dataset, {split: features}) of the one run a probe or k-NN command names;
   with --bn=reestimated its BatchNorm statistics first re-estimated (recorded in `bn`)."""
@@ -104,29 +133,54 @@ def _run_and_features(args, bn: dict | None = None):
   dataset = load_data(model.config, **_data_overrides(args))
   if getattr(args, 'bn', 'running') == 'reestimated':
     bn['bn_reestimated'] = probes.reestimate_bn(
-        model, batch_plans.images_of(dataset.train, model.config.batch_size),
-        model.config.batch_size)
+      model,
+      batch_plans.images_of(dataset.train, model.config.batch_size),
+      model.config.batch_size,
+    )
   return name, model, dataset, probes.split_features(model, dataset, args.layer)
 
 
 def cmd_probe(args):
   bn = {'bn': args.bn}
   name, _, dataset, feats = _run_and_features(args, bn)
-  result = probes.linear_probe(feats['train'], dataset.train.labels, feats['val'],
-                               dataset.val.labels, feats['test'], dataset.test.labels,
-                               dataset.num_classes, steps=args.steps,
-                               learning_rate=args.learning_rate)
-  return {'run': name, 'layer': args.layer, 'feature_dim': int(feats['train'].shape[1]),
-          'train_images': len(dataset.train), **bn, **result}
+  result = probes.linear_probe(
+    feats['train'],
+    dataset.train.labels,
+    feats['val'],
+    dataset.val.labels,
+    feats['test'],
+    dataset.test.labels,
+    dataset.num_classes,
+    steps=args.steps,
+    learning_rate=args.learning_rate,
+  )
+  return {
+    'run': name,
+    'layer': args.layer,
+    'feature_dim': int(feats['train'].shape[1]),
+    'train_images': len(dataset.train),
+    **bn,
+    **result,
+  }
 
 
 def cmd_knn(args):
   name, _, dataset, feats = _run_and_features(args)
-  result = {'run': name, 'layer': args.layer, 'k': args.k, 'train_images': len(dataset.train)}
+  result = {
+    'run': name,
+    'layer': args.layer,
+    'k': args.k,
+    'train_images': len(dataset.train),
+  }
   for split in ('val', 'test'):
     result[f'{split}_accuracy'] = probes.knn_accuracy(
-        feats['train'], dataset.train.labels, feats[split], getattr(dataset, split).labels,
-        dataset.num_classes, k=args.k)
+      feats['train'],
+      dataset.train.labels,
+      feats[split],
+      getattr(dataset, split).labels,
+      dataset.num_classes,
+      k=args.k,
+    )
   return result
 
 
@@ -143,11 +197,21 @@ def cmd_confusion(args):
   path = args.out or os.path.join(_out_dir(args), f'confusion_{args.split}.png')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   what = 'rotation' if model.config.stage == 'pretext' else 'class'
-  plots.plot_confusion(counts, names, f'{name} ({model.config.stage}): {what} accuracy on '
-                 f'{args.split} {accuracy:.3f}, n={counts.sum()}', path)
-  return {'run': name, 'split': args.split, 'accuracy': accuracy,
-          'per_class_accuracy': dict(zip(names, per_class)), 'confusion': counts.tolist(),
-          'figure': path}
+  plots.plot_confusion(
+    counts,
+    names,
+    f'{name} ({model.config.stage}): {what} accuracy on '
+    f'{args.split} {accuracy:.3f}, n={counts.sum()}',
+    path,
+  )
+  return {
+    'run': name,
+    'split': args.split,
+    'accuracy': accuracy,
+    'per_class_accuracy': dict(zip(names, per_class)),
+    'confusion': counts.tolist(),
+    'figure': path,
+  }
 
 
 def cmd_tsne(args):
@@ -160,24 +224,49 @@ def cmd_tsne(args):
   split = getattr(dataset, args.split)
   embeddings, titles = [], []
   for name, model in runs:
-    features = np.concatenate([model.features(chunk, layer=args.layer)
-                               for chunk in batch_plans.images_of(split)])
-    embeddings.append(probes.tsne_embed(features,
-                                 perplexity=args.perplexity))
-    titles.append(f'{name} ({model.config.stage if name != "random" else "random init"})')
+    features = np.concatenate(
+      [
+        model.features(chunk, layer=args.layer)
+        for chunk in batch_plans.images_of(split)
+      ]
+    )
+    embeddings.append(probes.tsne_embed(features, perplexity=args.perplexity))
+    titles.append(
+      f'{name} ({model.config.stage if name != "random" else "random init"})'
+    )
   path = args.out or os.path.join(_out_dir(args), f'tsne_{args.layer}.png')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  plots.plot_tsne(embeddings, split.labels, dataset.class_names, titles, path,
-            suptitle=f't-SNE of {args.layer} features, {len(split)} {args.split} images')
-  return {'runs': [n for n, _ in runs], 'layer': args.layer, 'images': len(split), 'figure': path}
+  plots.plot_tsne(
+    embeddings,
+    split.labels,
+    dataset.class_names,
+    titles,
+    path,
+    suptitle=f't-SNE of {args.layer} features, {len(split)} {args.split} images',
+  )
+  return {
+    'runs': [n for n, _ in runs],
+    'layer': args.layer,
+    'images': len(split),
+    'figure': path,
+  }
 
 
-COMMANDS = {'probe': cmd_probe, 'knn': cmd_knn, 'confusion': cmd_confusion, 'tsne': cmd_tsne}
+COMMANDS = {
+  'probe': cmd_probe,
+  'knn': cmd_knn,
+  'confusion': cmd_confusion,
+  'tsne': cmd_tsne,
+}
 
 
 def _data_overrides(args):
-  return {'source': args.data_source, 'max_images': args.max_images, 'cache_dir': args.cache_dir,
-          'loader': args.loader}
+  return {
+    'source': args.data_source,
+    'max_images': args.max_images,
+    'cache_dir': args.cache_dir,
+    'loader': args.loader,
+  }
 
 
 def _out_dir(args):
@@ -191,6 +280,7 @@ def parse_command(argv) -> types.SimpleNamespace:
   """The command, its run(s) and its flags' values, from what absl leaves of the command
   line (argv[0] the program, then the positional arguments) and FLAGS."""
   from rotjax import models
+
   usage = f'usage: python -m rotjax.evaluate {{{",".join(COMMANDS)}}} RUN... [--flags]'
   if len(argv) < 3 or argv[1] not in COMMANDS:
     raise app.UsageError(usage)
@@ -200,14 +290,21 @@ def parse_command(argv) -> types.SimpleNamespace:
   others = set(itertools.chain(*OPTIONS.values())) - set(OPTIONS[command])
   foreign = [name for name in sorted(others) if FLAGS[name].present]
   if foreign:
-    raise app.UsageError(f'{command} takes no --{", --".join(foreign)}; its flags: '
-                         f'--{", --".join(OPTIONS[command] + DATA_FLAGS)}')
-  args = types.SimpleNamespace(command=command, runs=runs, **{
-      name: FLAGS[name].value for name in DATA_FLAGS + OPTIONS[command]})
+    raise app.UsageError(
+      f'{command} takes no --{", --".join(foreign)}; its flags: '
+      f'--{", --".join(OPTIONS[command] + DATA_FLAGS)}'
+    )
+  args = types.SimpleNamespace(
+    command=command,
+    runs=runs,
+    **{name: FLAGS[name].value for name in DATA_FLAGS + OPTIONS[command]},
+  )
   if 'layer' in OPTIONS[command]:
     args.layer = args.layer or DEFAULT_LAYER[command]
     if args.layer not in models.LAYER_NAMES:
-      raise app.UsageError(f'--layer={args.layer} is unknown; allowed: {models.LAYER_NAMES}')
+      raise app.UsageError(
+        f'--layer={args.layer} is unknown; allowed: {models.LAYER_NAMES}'
+      )
   return args
 
 
@@ -217,17 +314,23 @@ def run(argv) -> dict:
   result = COMMANDS[args.command](args)
   out_dir = _out_dir(args)
   os.makedirs(out_dir, exist_ok=True)
-  tag = args.layer if hasattr(args, 'layer') and args.command != 'tsne' else getattr(args, 'split', '')
+  tag = (
+    args.layer
+    if hasattr(args, 'layer') and args.command != 'tsne'
+    else getattr(args, 'split', '')
+  )
   if getattr(args, 'bn', 'running') != 'running':
     tag = f'{tag}_bn{args.bn}'
   path = os.path.join(out_dir, f'{args.command}_{tag}.json')
   rundir.write_json(path, result)
-  print(json.dumps({k: v for k, v in result.items() if k != 'confusion'}, indent=2))
+  print(
+    json.dumps({k: v for k, v in result.items() if k != 'confusion'}, indent=2)
+  )
   return result
 
 
 def main(argv):
-  run(argv)   # app.run exits with main's return value: the result stays here
+  run(argv)  # app.run exits with main's return value: the result stays here
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ frozen prefixes go to the model, whose BatchNorm layers there use (and keep)
 their running statistics; 'reestimated' too, after replacing those statistics
 by the training images' own (train.reestimate_frozen_bn, bn_stats.py).
 """
+
 from typing import Sequence
 
 import flax
@@ -31,13 +32,17 @@ def check_trainable(params, trainable: Sequence[str]) -> None:
   if tuple(trainable) == ALL:
     return
   if not trainable:
-    raise ValueError('trainable=() would train nothing; use ("all",) or subtree names')
+    raise ValueError(
+      'trainable=() would train nothing; use ("all",) or subtree names'
+    )
   paths = _paths(params)
   top_level = sorted({p.split('/')[0] for p in paths})
   for name in trainable:
     if not any(_matches(p, name) for p in paths):
-      raise ValueError(f'trainable name {name!r} matches no parameter; '
-                       f'top-level subtrees are {top_level}')
+      raise ValueError(
+        f'trainable name {name!r} matches no parameter; '
+        f'top-level subtrees are {top_level}'
+      )
 
 
 def trainable_mask(params, trainable: Sequence[str]):
@@ -59,14 +64,20 @@ def frozen_prefixes(params, trainable: Sequence[str]) -> tuple[str, ...]:
   frozen = []
 
   def visit(prefix):
-    below = [v for k, v in labels.items() if k[:len(prefix)] == prefix]
+    below = [v for k, v in labels.items() if k[: len(prefix)] == prefix]
     if all(v == 'frozen' for v in below):
       frozen.append('/'.join(prefix))
       return
-    children = sorted({k[len(prefix)] for k in labels if k[:len(prefix)] == prefix
-                       and len(k) > len(prefix) + 1})
+    children = sorted(
+      {
+        k[len(prefix)]
+        for k in labels
+        if k[: len(prefix)] == prefix and len(k) > len(prefix) + 1
+      }
+    )
     for child in children:
       visit(prefix + (child,))
+
   for top in sorted({k[0] for k in labels}):
     visit((top,))
   return tuple(frozen)

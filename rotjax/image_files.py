@@ -4,13 +4,23 @@ Both loaders decode through `decode_image`, so the memory loader's cached arrays
 streaming loader's batches hold the very same pixels. Nothing here imports JAX or Grain:
 the streaming loader's worker processes import this module and nothing heavier.
 """
+
 import io
 import os
 
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = (
+  '.jpg',
+  '.jpeg',
+  '.png',
+  '.bmp',
+  '.gif',
+  '.webp',
+  '.tif',
+  '.tiff',
+)
 # tfds calls ImageNette's held-out split 'validation'; image-folder copies call it 'val'.
 SPLIT_ALIASES = {'validation': 'val', 'val': 'validation'}
 
@@ -22,7 +32,9 @@ class BadImageError(ValueError):
 def decode_image(path: str, size: int) -> np.ndarray:
   """One file -> uint8 [size, size, 3]: RGB-converted, shorter side resized, centre-cropped."""
   with Image.open(path) as image:
-    return fit_square(image.convert('RGB'), size)   # grayscale, palette, RGBA -> RGB
+    return fit_square(
+      image.convert('RGB'), size
+    )  # grayscale, palette, RGBA -> RGB
 
 
 def decode_bytes(data: bytes, size: int) -> np.ndarray:
@@ -37,8 +49,10 @@ def read_image(path: str, size: int) -> np.ndarray:
   try:
     return decode_image(path, size)
   except Exception as e:
-    raise BadImageError(f'cannot read image {path}: {e} '
-                        '(set data.skip_bad_files=True to skip such files)') from e
+    raise BadImageError(
+      f'cannot read image {path}: {e} '
+      '(set data.skip_bad_files=True to skip such files)'
+    ) from e
 
 
 def fit_square(image: Image.Image, size: int) -> np.ndarray:
@@ -46,7 +60,10 @@ def fit_square(image: Image.Image, size: int) -> np.ndarray:
   width, height = image.size
   if (width, height) != (size, size):
     scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    new_w, new_h = (
+      max(size, round(width * scale)),
+      max(size, round(height * scale)),
+    )
     image = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     image = image.crop((left, top, left + size, top + size))
@@ -59,11 +76,15 @@ def split_folder(root: str, split: str) -> str:
   if not os.path.isdir(split_dir) and split in SPLIT_ALIASES:
     split_dir = os.path.join(root, SPLIT_ALIASES[split])
   if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f'data.source folder has no split {split!r}: {split_dir} does not exist')
+    raise FileNotFoundError(
+      f'data.source folder has no split {split!r}: {split_dir} does not exist'
+    )
   return split_dir
 
 
-def list_folder_split(root: str, split: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+def list_folder_split(
+  root: str, split: str
+) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
   """Files, integer labels and sorted class names of ROOT/SPLIT/CLASS/IMAGE (no file is
   opened: listing 200,000 files takes a second)."""
   split_dir = split_folder(root, split)

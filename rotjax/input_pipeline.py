@@ -17,6 +17,7 @@ batch_plans.py.
 Sources: `tfds:NAME` (tfds_source.py, needs internet the first time) and
 `folder:PATH` (PATH/SPLIT/CLASS/IMAGE, image_files.py).
 """
+
 import dataclasses
 import logging
 import os
@@ -45,6 +46,7 @@ class Dataset:
   with several processes, process p holds shard p and every p-th val and test
   example, and `sizes` keeps the whole-dataset counts.
   """
+
   train: 'memory_loader.Split | streaming.FileSplit'
   val: 'memory_loader.Split | streaming.FileSplit'
   test: 'memory_loader.Split | streaming.FileSplit'
@@ -52,8 +54,10 @@ class Dataset:
   num_shards: int = 1
   process_index: int = 0
   process_count: int = 1
-  sizes: dict | None = None   # whole-dataset {'train', 'val', 'test'} counts (None: these splits)
-  loader: str = 'memory'      # 'memory' or 'stream' (what data.loader resolved to)
+  sizes: dict | None = (
+    None  # whole-dataset {'train', 'val', 'test'} counts (None: these splits)
+  )
+  loader: str = 'memory'  # 'memory' or 'stream' (what data.loader resolved to)
   loader_reason: str = ''
 
   @property
@@ -97,11 +101,12 @@ def storage_size(data_config) -> int:
   return data_config.image_size
 
 
-
 def parse_source(source: str) -> tuple[str, str]:
   kind, _, arg = source.partition(':')
   if kind not in ('tfds', 'folder') or not arg:
-    raise ValueError(f'data.source={source!r} is unknown; allowed: "tfds:NAME" or "folder:PATH"')
+    raise ValueError(
+      f'data.source={source!r} is unknown; allowed: "tfds:NAME" or "folder:PATH"'
+    )
   return kind, os.path.expanduser(arg) if kind == 'folder' else arg
 
 
@@ -109,9 +114,17 @@ def load_split(data_config, split: str):
   kind, arg = parse_source(data_config.source)
   size = storage_size(data_config)
   if kind == 'tfds':
-    return tfds_source.load_split(arg, split, size, data_config.get('data_dir', ''))
-  return memory_loader.load_folder_split(arg, split, size, data_config.cache_dir,
-                                         data_config.skip_bad_files, data_config.get('workers', 0))
+    return tfds_source.load_split(
+      arg, split, size, data_config.get('data_dir', '')
+    )
+  return memory_loader.load_folder_split(
+    arg,
+    split,
+    size,
+    data_config.cache_dir,
+    data_config.skip_bad_files,
+    data_config.get('workers', 0),
+  )
 
 
 def balanced_subset(labels, per_class, order) -> np.ndarray:
@@ -120,8 +133,10 @@ def balanced_subset(labels, per_class, order) -> np.ndarray:
   for c in np.unique(labels):
     in_class = order[labels[order] == c]
     if per_class > len(in_class):
-      raise ValueError(f'data.samples_per_class={per_class} is larger than class {c} has '
-                       f'({len(in_class)} training images after the validation split)')
+      raise ValueError(
+        f'data.samples_per_class={per_class} is larger than class {c} has '
+        f'({len(in_class)} training images after the validation split)'
+      )
     chosen.append(in_class[:per_class])
   return np.sort(np.concatenate(chosen))
 
@@ -134,15 +149,17 @@ def select_examples(train_labels, num_test: int, data_config):
   num_val = int(round(len(order) * data_config.val_fraction))
   val_idx, train_order = order[:num_val], order[num_val:]
   if data_config.max_train_images:
-    train_order = train_order[:data_config.max_train_images]
+    train_order = train_order[: data_config.max_train_images]
   if data_config.samples_per_class:
-    train_idx = balanced_subset(train_labels, data_config.samples_per_class, train_order)
+    train_idx = balanced_subset(
+      train_labels, data_config.samples_per_class, train_order
+    )
   else:
     train_idx = np.sort(train_order)
   test_idx = np.arange(num_test)
   if data_config.max_eval_images:
-    val_idx = val_idx[:data_config.max_eval_images]
-    test_idx = rng.permutation(test_idx)[:data_config.max_eval_images]
+    val_idx = val_idx[: data_config.max_eval_images]
+    test_idx = rng.permutation(test_idx)[: data_config.max_eval_images]
   return train_idx, np.sort(val_idx), np.sort(test_idx)
 
 
@@ -150,8 +167,10 @@ def num_data_shards(data_config, process_count: int = 1) -> int:
   """data.num_shards, where 0 means one shard per process."""
   num_shards = data_config.get('num_shards', 0) or process_count
   if process_count > 1 and num_shards != process_count:
-    raise ValueError(f'data.num_shards={num_shards} with {process_count} processes: each process '
-                     'reads one shard, so leave it 0 (or set it to the process count)')
+    raise ValueError(
+      f'data.num_shards={num_shards} with {process_count} processes: each process '
+      'reads one shard, so leave it 0 (or set it to the process count)'
+    )
   return num_shards
 
 
@@ -167,17 +186,22 @@ def available_memory() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
 
 
-def choose_loader(requested: str, num_images: int, size: int,
-                  memory: int | None = None) -> tuple[str, str]:
+def choose_loader(
+  requested: str, num_images: int, size: int, memory: int | None = None
+) -> tuple[str, str]:
   """(loader, why): data.loader resolved for `num_images` images kept at size x size.
 
   'auto' keeps them in memory while their decoded bytes (images x size^2 x 3) are at most
   MEMORY_SHARE of the memory available now, and streams them otherwise.
   """
   if requested not in LOADERS:
-    raise ValueError(f'data.loader={requested!r} is unknown; allowed: {LOADERS}')
+    raise ValueError(
+      f'data.loader={requested!r} is unknown; allowed: {LOADERS}'
+    )
   decoded = num_images * size * size * 3
-  need = f'{num_images} images at {size} px take {decoded / 2**30:.1f} GiB decoded'
+  need = (
+    f'{num_images} images at {size} px take {decoded / 2**30:.1f} GiB decoded'
+  )
   if requested != 'auto':
     return requested, f'data.loader={requested} ({need})'
   memory = available_memory() if memory is None else memory
@@ -187,146 +211,281 @@ def choose_loader(requested: str, num_images: int, size: int,
   return 'stream', f'auto: {need}, more than {MEMORY_SHARE:.0%} of the {have}'
 
 
-def load_dataset(data_config, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_dataset(
+  data_config, process_index: int = 0, process_count: int = 1
+) -> Dataset:
   """Train / val / test splits: all of them with one process, this process's shard of
   each with several, in memory or as files to stream (data.loader). The val split is
   carved from train with `split_seed`, so it is the same on every device, process, loader
   and rerun."""
   if data_config.dataset not in DATASETS:
-    raise ValueError(f'data.dataset={data_config.dataset!r} is unknown; allowed: {DATASETS}')
+    raise ValueError(
+      f'data.dataset={data_config.dataset!r} is unknown; allowed: {DATASETS}'
+    )
   num_shards = num_data_shards(data_config, process_count)
   kind, root = parse_source(data_config.source)
   requested = data_config.get('loader', 'auto')
   if kind == 'folder':
     # Listing is cheap (no file is opened): the split and the loader are decided from it.
     size = storage_size(data_config)
-    train_files, train_labels, classes = image_files.list_folder_split(root, data_config.train_split)
-    test_files, test_labels, test_classes = image_files.list_folder_split(root, data_config.test_split)
+    train_files, train_labels, classes = image_files.list_folder_split(
+      root, data_config.train_split
+    )
+    test_files, test_labels, test_classes = image_files.list_folder_split(
+      root, data_config.test_split
+    )
     _check_same_classes(data_config, classes, test_classes)
-    own, sizes = _own_examples(train_labels, len(test_labels), data_config, process_index,
-                               process_count)
+    own, sizes = _own_examples(
+      train_labels, len(test_labels), data_config, process_index, process_count
+    )
     # What this process would hold: its part of the (capped, subset) splits, not the folder.
     used = len(np.union1d(own[0], own[1])) + len(own[2])
     loader, why = choose_loader(requested, used, size)
     lists = ((train_files, train_labels), (test_files, test_labels))
     if loader == 'stream':
-      dataset = _stream_folder(data_config, root, *lists, classes, own, sizes, process_index,
-                               process_count)
+      dataset = _stream_folder(
+        data_config,
+        root,
+        *lists,
+        classes,
+        own,
+        sizes,
+        process_index,
+        process_count,
+      )
     elif process_count > 1 or not data_config.skip_bad_files:
-      dataset = _load_folder_part(data_config, root, *lists, classes, own, sizes, process_index,
-                                  process_count)
-    else:   # skip_bad_files drops files: the split is drawn from what the whole folder keeps
+      dataset = _load_folder_part(
+        data_config,
+        root,
+        *lists,
+        classes,
+        own,
+        sizes,
+        process_index,
+        process_count,
+      )
+    else:  # skip_bad_files drops files: the split is drawn from what the whole folder keeps
       dataset = None
     if dataset is not None:
       logging.info('data loader: %s (%s)', loader, why)
       return dataclasses.replace(dataset, loader=loader, loader_reason=why)
   else:
     data_dir = data_config.get('data_dir', '')
-    count = tfds_source.num_examples(root, (data_config.train_split, data_config.test_split),
-                                     data_dir)
+    count = tfds_source.num_examples(
+      root, (data_config.train_split, data_config.test_split), data_dir
+    )
     if count is None and requested != 'stream':
-      loader, why = 'memory', f'tfds:{root} is not prepared here: tfds.load fetches it'
+      loader, why = (
+        'memory',
+        f'tfds:{root} is not prepared here: tfds.load fetches it',
+      )
     else:
-      loader, why = choose_loader(requested, (count or 0) // process_count,
-                                  storage_size(data_config))
+      loader, why = choose_loader(
+        requested, (count or 0) // process_count, storage_size(data_config)
+      )
     if loader == 'stream':
       logging.info('data loader: stream (%s)', why)
       dataset = _stream_tfds(data_config, root, process_index, process_count)
       return dataclasses.replace(dataset, loader=loader, loader_reason=why)
   # One process in memory, or tfds (which has no cheap way to read labels alone): load
   # every example, then keep this process's part.
-  train_images, train_labels, classes = load_split(data_config, data_config.train_split)
-  test_images, test_labels, test_classes = load_split(data_config, data_config.test_split)
+  train_images, train_labels, classes = load_split(
+    data_config, data_config.train_split
+  )
+  test_images, test_labels, test_classes = load_split(
+    data_config, data_config.test_split
+  )
   _check_same_classes(data_config, classes, test_classes)
-  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
-                                                        process_index, process_count)
+  (own_train, own_val, own_test), sizes = _own_examples(
+    train_labels, len(test_labels), data_config, process_index, process_count
+  )
   train = memory_loader.Split(train_images, train_labels)
   test = memory_loader.Split(test_images, test_labels)
   logging.info('data loader: memory (%s)', why)
-  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
-                 num_shards, process_index, process_count, sizes, 'memory', why)
+  return Dataset(
+    train.take(own_train),
+    train.take(own_val),
+    test.take(own_test),
+    classes,
+    num_shards,
+    process_index,
+    process_count,
+    sizes,
+    'memory',
+    why,
+  )
 
 
-def _stream_folder(data_config, root, train_list, test_list, classes, own, sizes, process_index,
-                   process_count) -> Dataset:
+def _stream_folder(
+  data_config,
+  root,
+  train_list,
+  test_list,
+  classes,
+  own,
+  sizes,
+  process_index,
+  process_count,
+) -> Dataset:
   """This process's part of an image folder as FileSplits: nothing is decoded before a
   batch needs it. Files that turn out unreadable are masked where they fall
   (data.skip_bad_files), so every process keeps the same file lists and split."""
   (train_files, train_labels), (test_files, test_labels) = train_list, test_list
   own_train, own_val, own_test = own
   size, workers = storage_size(data_config), data_config.get('workers', 0)
-  train = streaming.FileSplit(train_files, train_labels, size, data_config.skip_bad_files, workers,
-                              f'{root}/{data_config.train_split}')
-  test = streaming.FileSplit(test_files, test_labels, size, data_config.skip_bad_files, workers,
-                             f'{root}/{data_config.test_split}')
-  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
-                 num_data_shards(data_config, process_count), process_index, process_count, sizes)
+  train = streaming.FileSplit(
+    train_files,
+    train_labels,
+    size,
+    data_config.skip_bad_files,
+    workers,
+    f'{root}/{data_config.train_split}',
+  )
+  test = streaming.FileSplit(
+    test_files,
+    test_labels,
+    size,
+    data_config.skip_bad_files,
+    workers,
+    f'{root}/{data_config.test_split}',
+  )
+  return Dataset(
+    train.take(own_train),
+    train.take(own_val),
+    test.take(own_test),
+    classes,
+    num_data_shards(data_config, process_count),
+    process_index,
+    process_count,
+    sizes,
+  )
 
 
 def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
   """This process's part of a prepared tfds dataset, its records read on demand through
   tfds.data_source by the decoding workers (streaming.TfdsReader)."""
   data_dir, cache_dir = data_config.get('data_dir', ''), data_config.cache_dir
-  train_labels, classes = tfds_source.read_labels(name, data_config.train_split, data_dir,
-                                                  cache_dir)
-  test_labels, test_classes = tfds_source.read_labels(name, data_config.test_split, data_dir,
-                                                      cache_dir)
+  train_labels, classes = tfds_source.read_labels(
+    name, data_config.train_split, data_dir, cache_dir
+  )
+  test_labels, test_classes = tfds_source.read_labels(
+    name, data_config.test_split, data_dir, cache_dir
+  )
   _check_same_classes(data_config, classes, test_classes)
-  (own_train, own_val, own_test), sizes = _own_examples(train_labels, len(test_labels), data_config,
-                                                        process_index, process_count)
+  (own_train, own_val, own_test), sizes = _own_examples(
+    train_labels, len(test_labels), data_config, process_index, process_count
+  )
   size, workers = storage_size(data_config), data_config.get('workers', 0)
 
   def split(which, labels):
-    return streaming.FileSplit(list(range(len(labels))), labels, size, data_config.skip_bad_files,
-                               workers, f'tfds:{name} {which}',
-                               streaming.TfdsReader(name, which, data_dir))
+    return streaming.FileSplit(
+      list(range(len(labels))),
+      labels,
+      size,
+      data_config.skip_bad_files,
+      workers,
+      f'tfds:{name} {which}',
+      streaming.TfdsReader(name, which, data_dir),
+    )
+
   train = split(data_config.train_split, train_labels)
   test = split(data_config.test_split, test_labels)
-  return Dataset(train.take(own_train), train.take(own_val), test.take(own_test), classes,
-                 num_data_shards(data_config, process_count), process_index, process_count, sizes)
+  return Dataset(
+    train.take(own_train),
+    train.take(own_val),
+    test.take(own_test),
+    classes,
+    num_data_shards(data_config, process_count),
+    process_index,
+    process_count,
+    sizes,
+  )
 
 
-def _load_folder_part(data_config, root, train_list, test_list, classes, own, sizes,
-                      process_index, process_count) -> Dataset:
+def _load_folder_part(
+  data_config,
+  root,
+  train_list,
+  test_list,
+  classes,
+  own,
+  sizes,
+  process_index,
+  process_count,
+) -> Dataset:
   """This process's part of an image folder in memory: the file lists decide the split for
   every process alike, and only the images this process holds are decoded (a capped or
   labels-per-class run on a large folder decodes its few images, not the folder; the whole
   split, where it is all used, has the cache entry it always had)."""
   if data_config.skip_bad_files:
-    raise ValueError('data.skip_bad_files=True with data.loader=memory needs one process: with '
-                     'several, every process must see the same file list; use '
-                     'data.loader=stream (it masks unreadable files where they fall) or remove '
-                     'the unreadable files')
+    raise ValueError(
+      'data.skip_bad_files=True with data.loader=memory needs one process: with '
+      'several, every process must see the same file list; use '
+      'data.loader=stream (it masks unreadable files where they fall) or remove '
+      'the unreadable files'
+    )
   size = storage_size(data_config)
   (train_files, train_labels), (test_files, test_labels) = train_list, test_list
   own_train, own_val, own_test = own
   parts = {}
   for split, files, labels, wanted in (
-      (data_config.train_split, train_files, train_labels, (own_train, own_val)),
-      (data_config.test_split, test_files, test_labels, (own_test,))):
+    (data_config.train_split, train_files, train_labels, (own_train, own_val)),
+    (data_config.test_split, test_files, test_labels, (own_test,)),
+  ):
     rows = np.unique(np.concatenate(wanted))
-    images, kept_labels = memory_loader.load_files([files[i] for i in rows], labels[rows],
-                                     f'{root}/{split}', size, data_config.cache_dir,
-                                     workers=data_config.get('workers', 0))
+    images, kept_labels = memory_loader.load_files(
+      [files[i] for i in rows],
+      labels[rows],
+      f'{root}/{split}',
+      size,
+      data_config.cache_dir,
+      workers=data_config.get('workers', 0),
+    )
     local = memory_loader.Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
-  (train, val), (test,) = parts[data_config.train_split], parts[data_config.test_split]
-  return Dataset(train, val, test, classes, num_data_shards(data_config, process_count),
-                 process_index, process_count, sizes)
+  (train, val), (test,) = (
+    parts[data_config.train_split],
+    parts[data_config.test_split],
+  )
+  return Dataset(
+    train,
+    val,
+    test,
+    classes,
+    num_data_shards(data_config, process_count),
+    process_index,
+    process_count,
+    sizes,
+  )
 
 
-def _own_examples(train_labels, num_test: int, data_config, process_index: int,
-                  process_count: int):
+def _own_examples(
+  train_labels,
+  num_test: int,
+  data_config,
+  process_index: int,
+  process_count: int,
+):
   """((train, val, test) indices this process holds, {split: size of the whole split}).
 
   The split is decided from the labels alone, the same in every process; process p then
   holds every process_count-th example of each split from p on."""
-  train_idx, val_idx, test_idx = select_examples(train_labels, num_test, data_config)
-  own = tuple(i[process_index::process_count] for i in (train_idx, val_idx, test_idx))
-  return own, {'train': len(train_idx), 'val': len(val_idx), 'test': len(test_idx)}
+  train_idx, val_idx, test_idx = select_examples(
+    train_labels, num_test, data_config
+  )
+  own = tuple(
+    i[process_index::process_count] for i in (train_idx, val_idx, test_idx)
+  )
+  return own, {
+    'train': len(train_idx),
+    'val': len(val_idx),
+    'test': len(test_idx),
+  }
 
 
 def _check_same_classes(data_config, classes, test_classes):
   if classes != test_classes:
-    raise ValueError(f'class names differ between splits {data_config.train_split!r} {classes} '
-                     f'and {data_config.test_split!r} {test_classes}')
+    raise ValueError(
+      f'class names differ between splits {data_config.train_split!r} {classes} '
+      f'and {data_config.test_split!r} {test_classes}'
+    )

@@ -1,4 +1,5 @@
 """Command line: python -m rotjax.main --config configs/STAGE.py --config.workdir=DIR."""
+
 import sys
 
 from absl import app
@@ -10,7 +11,11 @@ from rotjax.cpu import platform
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Stage config file, e.g. configs/finetune.py[:smoke|:cpu].', lock_config=True)
+  'config',
+  None,
+  'Stage config file, e.g. configs/finetune.py[:smoke|:cpu].',
+  lock_config=True,
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -20,12 +25,18 @@ def main(argv):
   platform.quiet_library_logs()
   import jax  # After platform.configure(): XLA flags must be set before jax starts.
   from rotjax import parallel
-  parallel.initialize_distributed(FLAGS.config.distributed)  # Before anything touches devices.
+
+  parallel.initialize_distributed(
+    FLAGS.config.distributed
+  )  # Before anything touches devices.
   from rotjax import train
+
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   try:
     summary = train.train_and_evaluate(FLAGS.config)
-  except train.Stopped as e:   # SIGTERM or SIGINT: a clean stop, exit status as the shell's
+  except (
+    train.Stopped
+  ) as e:  # SIGTERM or SIGINT: a clean stop, exit status as the shell's
     logging.error('%s', e)
     sys.exit(128 + e.signum)
   logging.info('summary: %s', summary)

@@ -5,6 +5,7 @@ A split's files are decoded once, in parallel, and cached as .npy under data.cac
 keyed on the file list, so a second run (or stage) reads them back instead of decoding.
 Each image goes through image_files.decode_image, as the streaming loader's do.
 """
+
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -22,8 +23,9 @@ from rotjax import streaming
 @dataclasses.dataclass
 class Split:
   """A split in memory: its images decoded, row for row with their labels."""
-  images: np.ndarray   # uint8 [N, H, W, 3]
-  labels: np.ndarray   # int32 [N]
+
+  images: np.ndarray  # uint8 [N, H, W, 3]
+  labels: np.ndarray  # int32 [N]
 
   def __len__(self):
     return len(self.labels)
@@ -35,12 +37,18 @@ class Split:
     """One batch of a plan (rows: indices into this split, -1 = padding: zero images)."""
     rows = plan['rows']
     real = rows >= 0
-    images, labels = self.images[np.maximum(rows, 0)], self.labels[np.maximum(rows, 0)]
+    images, labels = (
+      self.images[np.maximum(rows, 0)],
+      self.labels[np.maximum(rows, 0)],
+    )
     if not real.all():
       images[~real] = 0
       labels = np.where(real, labels, 0).astype(np.int32)
-    return {'image': images, 'label': labels,
-            **{k: v for k, v in plan.items() if k != 'rows'}}
+    return {
+      'image': images,
+      'label': labels,
+      **{k: v for k, v in plan.items() if k != 'rows'},
+    }
 
 
 # Below this many files a split is decoded in this process: starting worker processes
@@ -62,21 +70,34 @@ def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
   """(images, labels) of `files`, decoded in parallel (threads or worker processes, one per
   core: THREADS_FROM_PIXELS says which). A bad file is an error naming it, or, with
   skip_bad_files, is dropped with a warning and a count."""
-  split = streaming.FileSplit(list(files), np.asarray(labels, np.int32), size, skip_bad_files,
-                              workers, name)
-  if len(split) < MIN_FILES_FOR_WORKERS or _source_pixels(files[0]) >= THREADS_FROM_PIXELS:
+  split = streaming.FileSplit(
+    list(files),
+    np.asarray(labels, np.int32),
+    size,
+    skip_bad_files,
+    workers,
+    name,
+  )
+  if (
+    len(split) < MIN_FILES_FOR_WORKERS
+    or _source_pixels(files[0]) >= THREADS_FROM_PIXELS
+  ):
     images, keep = _decode_in_threads(split)
   else:
     images, keep = _decode_in_workers(split)
   if not keep.any():
-    raise ValueError(f'no readable images among {len(files)} files, e.g. {list(files)[:3]}')
+    raise ValueError(
+      f'no readable images among {len(files)} files, e.g. {list(files)[:3]}'
+    )
   labels = np.asarray(labels)
   emptied = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
   if emptied:
     # A class with no images left would still get an output unit and never be seen.
     folder = os.path.dirname(files[labels.tolist().index(emptied[0])])
     raise ValueError(f'every image of class folder {folder} is unreadable')
-  if keep.all():   # no copy of the whole split (gigabytes for ImageNette at 256 px)
+  if (
+    keep.all()
+  ):  # no copy of the whole split (gigabytes for ImageNette at 256 px)
     return images, labels
   return images[keep], labels[keep]
 
@@ -103,12 +124,18 @@ def _decode_in_threads(split):
       images[i], keep[i] = 0, False
     else:
       images[i] = image
-  with concurrent.futures.ThreadPoolExecutor(split.workers or streaming.available_cores()) as pool:
+
+  with concurrent.futures.ThreadPoolExecutor(
+    split.workers or streaming.available_cores()
+  ) as pool:
     list(pool.map(read, range(len(split)), chunksize=64))
   if not keep.all():
     bad = [f for f, ok in zip(split.files, keep) if not ok]
-    logging.warning('skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
-                    len(bad), bad[:3])
+    logging.warning(
+      'skipped %d unreadable files (data.skip_bad_files=True), e.g. %s',
+      len(bad),
+      bad[:3],
+    )
   return images, keep
 
 
@@ -122,8 +149,8 @@ def _decode_in_workers(split):
     # buffer straight into the split's array.
     start = i * plan.batch_size
     count = min(plan.batch_size, len(split) - start)
-    images[start:start + count] = batch['image'][:count]
-    keep[start:start + count] = batch['mask'][:count] > 0
+    images[start : start + count] = batch['image'][:count]
+    keep[start : start + count] = batch['mask'][:count] > 0
   return images, keep
 
 
@@ -136,25 +163,34 @@ def _cache_key(files, size) -> str:
   return digest.hexdigest()[:16]
 
 
-def load_folder_split(root, split, size, cache_dir='', skip_bad_files=False, workers=0):
+def load_folder_split(
+  root, split, size, cache_dir='', skip_bad_files=False, workers=0
+):
   """A split of an image folder as (images, labels, class_names), via a decoded cache."""
   files, labels, classes = image_files.list_folder_split(root, split)
-  images, labels = load_files(files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files,
-                              workers)
+  images, labels = load_files(
+    files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files, workers
+  )
   return images, labels, classes
 
 
-def load_files(files, labels, name, size, cache_dir='', skip_bad_files=False, workers=0):
+def load_files(
+  files, labels, name, size, cache_dir='', skip_bad_files=False, workers=0
+):
   """Decoded (images, labels) of `files`, cached under cache_dir keyed on the file list."""
   cache = None
   if cache_dir:
     cache_dir = os.path.expanduser(cache_dir)
     split = os.path.basename(name)
-    cache = os.path.join(cache_dir, 'decoded', f'{split}-{size}px-{_cache_key(files, size)}')
+    cache = os.path.join(
+      cache_dir, 'decoded', f'{split}-{size}px-{_cache_key(files, size)}'
+    )
     if os.path.exists(cache + '.labels.npy'):
       return np.load(cache + '.images.npy'), np.load(cache + '.labels.npy')
   logging.info('decoding %d images of %s at %dpx', len(files), name, size)
-  images, labels = decode_files(files, labels, size, skip_bad_files, workers, name)
+  images, labels = decode_files(
+    files, labels, size, skip_bad_files, workers, name
+  )
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     # Write-then-rename, labels last: a killed run never leaves a cache that looks whole.

@@ -1,5 +1,6 @@
 """Per-epoch metrics: metrics.jsonl in the workdir (what report and plots read), and
 the same scalars as TensorBoard event files beside it (`tensorboard --logdir WORKDIR`)."""
+
 import json
 import logging
 import os
@@ -20,7 +21,9 @@ def _plain(value):
 class MetricsLog:
   """Appends one JSON object per epoch; on resume, drops rows from epochs not checkpointed."""
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(
+    self, workdir: str, enabled: bool = True, tensorboard: bool = True
+  ):
     self.path = rundir.path(workdir, rundir.METRICS)
     self.enabled = enabled
     self.writer = create_writer(workdir) if enabled and tensorboard else None
@@ -48,7 +51,6 @@ class MetricsLog:
       self.writer.write_scalars(int(row['step']), tensorboard_scalars(row))
       self.writer.flush()
 
-
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
@@ -66,18 +68,28 @@ class EventWriter:
   def __init__(self, workdir: str):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer import record_writer
+
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self._file = open(os.path.join(workdir, name), 'wb')
     self._records = record_writer.RecordWriter(self._file)
-    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._write(
+      self._event(wall_time=time.time(), file_version='brain.Event:2')
+    )
 
   def _write(self, event) -> None:
     self._records.write(event.SerializeToString())
 
   def write_scalars(self, step: int, scalars: dict) -> None:
-    values = [self._summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
-    self._write(self._event(wall_time=time.time(), step=step, summary=self._summary(value=values)))
+    values = [
+      self._summary.Value(tag=tag, simple_value=float(v))
+      for tag, v in scalars.items()
+    ]
+    self._write(
+      self._event(
+        wall_time=time.time(), step=step, summary=self._summary(value=values)
+      )
+    )
 
   def flush(self) -> None:
     self._file.flush()
@@ -91,7 +103,9 @@ def create_writer(workdir: str):
   try:
     return EventWriter(workdir)
   except ImportError as e:
-    logging.warning('no TensorBoard event files (%s); metrics.jsonl is still written', e)
+    logging.warning(
+      'no TensorBoard event files (%s); metrics.jsonl is still written', e
+    )
     return None
 
 
@@ -100,10 +114,16 @@ def tensorboard_scalars(row: dict) -> dict:
   scalars = {}
   for key, value in row.items():
     value = _plain(value)
-    if key in ('epoch', 'step') or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if (
+      key in ('epoch', 'step')
+      or isinstance(value, bool)
+      or not isinstance(value, (int, float))
+    ):
       continue
     prefix, _, rest = key.partition('_')
-    scalars[f'{prefix}/{rest}' if prefix in ('train', 'val', 'test') else key] = value
+    scalars[
+      f'{prefix}/{rest}' if prefix in ('train', 'val', 'test') else key
+    ] = value
   return scalars
 
 

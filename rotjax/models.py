@@ -15,6 +15,7 @@ keeps its gamma and beta fixed.
 `compute` (rotjax/compute.py) is the run's dtype and kernels, resolved once before the
 model is built: each layer reads it, none decides. The default is float32 on XLA.
 """
+
 import functools
 from typing import Any, Sequence
 
@@ -34,6 +35,7 @@ def is_frozen(path: str, frozen: Sequence[str]) -> bool:
 
 class _Block(nn.Module):
   """Shared plumbing: a BatchNorm that knows whether it sits in a frozen subtree."""
+
   frozen: Sequence[str] = ()
   axis_name: str | None = None
   # Where per-device statistics (axis_name None) are pooled into the running ones.
@@ -49,16 +51,29 @@ class _Block(nn.Module):
     # statistics synced over `axis_name` otherwise. `relu`: the ReLU after it (fused on oneDNN).
     frozen = not train or is_frozen('/'.join((*self.path, name)), self.frozen)
     return batchnorm.BatchNorm(
-        use_running_average=frozen, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-        axis_name=None if frozen else self.axis_name, stats_axis_name=self.stats_axis_name,
-        relu=relu, onednn=self.compute.batchnorm(),
-        name=name)
+      use_running_average=frozen,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      axis_name=None if frozen else self.axis_name,
+      stats_axis_name=self.stats_axis_name,
+      relu=relu,
+      onednn=self.compute.batchnorm(),
+      name=name,
+    )
 
   def conv(self, features, kernel, strides=1, name=None):
-    return nn.Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2,
-                   use_bias=False, dtype=self.dtype, name=name,
-                   conv_general_dilated=self.compute.conv_general_dilated(),
-                   kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+    return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=strides,
+      padding=kernel // 2,
+      use_bias=False,
+      dtype=self.dtype,
+      name=name,
+      conv_general_dilated=self.compute.conv_general_dilated(),
+      kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    )
 
 
 class BasicBlock(_Block):
@@ -74,7 +89,9 @@ class BasicBlock(_Block):
     y = self.conv(self.features, 3, name='conv2')(y)
     y = self.norm('bn2', train)(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.features, 1, self.strides, name='downsample_conv')(residual)
+      residual = self.conv(
+        self.features, 1, self.strides, name='downsample_conv'
+      )(residual)
       residual = self.norm('downsample_bn', train)(residual)
     return nn.relu(residual + y)
 
@@ -87,18 +104,25 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x, train):
     residual = x
-    y = self.norm('bn1', train, relu=True)(self.conv(self.features, 1, name='conv1')(x))
+    y = self.norm('bn1', train, relu=True)(
+      self.conv(self.features, 1, name='conv1')(x)
+    )
     y = self.conv(self.features, 3, self.strides, name='conv2')(y)
     y = self.norm('bn2', train, relu=True)(y)
-    y = self.norm('bn3', train)(self.conv(self.features * 4, 1, name='conv3')(y))
+    y = self.norm('bn3', train)(
+      self.conv(self.features * 4, 1, name='conv3')(y)
+    )
     if residual.shape != y.shape:
-      residual = self.conv(self.features * 4, 1, self.strides, name='downsample_conv')(residual)
+      residual = self.conv(
+        self.features * 4, 1, self.strides, name='downsample_conv'
+      )(residual)
       residual = self.norm('downsample_bn', train)(residual)
     return nn.relu(residual + y)
 
 
 class ResLayer(_Block):
   """torchvision's `layerN`: a stack of blocks named '0', '1', ..."""
+
   block: Any = BasicBlock
   features: int = 64
   num_blocks: int = 2
@@ -107,10 +131,15 @@ class ResLayer(_Block):
   @nn.compact
   def __call__(self, x, train):
     for i in range(self.num_blocks):
-      x = self.block(features=self.features, strides=self.strides if i == 0 else 1,
-                     frozen=self.frozen, axis_name=self.axis_name,
-                     stats_axis_name=self.stats_axis_name, compute=self.compute,
-                     name=str(i))(x, train)
+      x = self.block(
+        features=self.features,
+        strides=self.strides if i == 0 else 1,
+        frozen=self.frozen,
+        axis_name=self.axis_name,
+        stats_axis_name=self.stats_axis_name,
+        compute=self.compute,
+        name=str(i),
+      )(x, train)
     return x
 
 
@@ -126,22 +155,31 @@ class ResNet(_Block):
     if self.stem not in STEMS:
       raise ValueError(f'model.stem={self.stem!r} is unknown; allowed: {STEMS}')
     if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f'ResNet expects images [batch, height, width, 3]; got shape {x.shape}')
+      raise ValueError(
+        f'ResNet expects images [batch, height, width, 3]; got shape {x.shape}'
+      )
     x = x.astype(self.dtype)
-    if self.stem == 'cifar':   # 32x32 inputs: 3x3 stride 1, no max-pool.
+    if self.stem == 'cifar':  # 32x32 inputs: 3x3 stride 1, no max-pool.
       x = self.conv(self.width, 3, name='conv1')(x)
       x = self.norm('bn1', train, relu=True)(x)
-    else:                      # ImageNet: 7x7 stride 2, then 3x3/2 max-pool.
+    else:  # ImageNet: 7x7 stride 2, then 3x3/2 max-pool.
       x = self.conv(self.width, 7, 2, name='conv1')(x)
       x = self.norm('bn1', train, relu=True)(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     feats = {'stem': x}
     for i, num_blocks in enumerate(self.stage_sizes):
       name = f'layer{i + 1}'
-      x = ResLayer(block=self.block, features=self.width * 2 ** i, num_blocks=num_blocks,
-                   strides=1 if i == 0 else 2, frozen=self.frozen, axis_name=self.axis_name,
-                   stats_axis_name=self.stats_axis_name, compute=self.compute,
-                   name=name)(x, train)
+      x = ResLayer(
+        block=self.block,
+        features=self.width * 2**i,
+        num_blocks=num_blocks,
+        strides=1 if i == 0 else 2,
+        frozen=self.frozen,
+        axis_name=self.axis_name,
+        stats_axis_name=self.stats_axis_name,
+        compute=self.compute,
+        name=name,
+      )(x, train)
       feats[name] = x
     # Pooled and classified in float32: bf16 logits would round the loss and the argmax.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -160,5 +198,7 @@ LAYER_NAMES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'pooled')
 def create_model(name: str, **kwargs) -> ResNet:
   """A ResNet by name ('resnet18' | 'resnet34' | 'resnet50')."""
   if name not in MODELS:
-    raise ValueError(f'model.name={name!r} is unknown; allowed: {tuple(MODELS)}')
+    raise ValueError(
+      f'model.name={name!r} is unknown; allowed: {tuple(MODELS)}'
+    )
   return MODELS[name](**kwargs)

@@ -5,6 +5,7 @@ Multi-host: every process runs the same program; pmap spans the devices of all
 processes, and each process feeds its local devices with its own data shard's part
 of every global batch (input_pipeline.load_dataset / batch_plans.train_batches).
 """
+
 import logging
 
 import jax
@@ -18,19 +19,26 @@ def initialize_distributed(dist_config) -> bool:
     return False
   if dist_config.cpu_collectives:
     # Without a CPU collectives backend, cross-process pmap on CPU hosts cannot all-reduce.
-    jax.config.update('jax_cpu_collectives_implementation', dist_config.cpu_collectives)
+    jax.config.update(
+      'jax_cpu_collectives_implementation', dist_config.cpu_collectives
+    )
   if dist_config.auto:
     jax.distributed.initialize()
   else:
     jax.distributed.initialize(
-        coordinator_address=dist_config.coordinator_address,
-        num_processes=dist_config.num_processes or None,
-        process_id=None if dist_config.process_id < 0 else dist_config.process_id)
+      coordinator_address=dist_config.coordinator_address,
+      num_processes=dist_config.num_processes or None,
+      process_id=None if dist_config.process_id < 0 else dist_config.process_id,
+    )
   if jax.process_count() > 1:
     connect_all_devices()
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'jax.distributed: process %d of %d, %d local / %d global devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -45,8 +53,12 @@ def connect_all_devices() -> None:
   """
   devices = jax.devices()
   ones = np.ones((jax.local_device_count(), 1), np.float32)
-  total = jax.pmap(lambda x: jax.lax.psum(x, 'all'), axis_name='all', devices=devices)(ones)
-  if float(np.asarray(total.addressable_shards[0].data).ravel()[0]) != len(devices):
+  total = jax.pmap(
+    lambda x: jax.lax.psum(x, 'all'), axis_name='all', devices=devices
+  )(ones)
+  if float(np.asarray(total.addressable_shards[0].data).ravel()[0]) != len(
+    devices
+  ):
     raise RuntimeError(f'all-reduce over {len(devices)} devices gave {total}')
 
 
@@ -64,12 +76,16 @@ def select_devices(num_devices: int = 0):
   """The first `num_devices` local devices (0 = all); every process's devices when multi-host."""
   if jax.process_count() > 1:
     if num_devices:
-      raise ValueError(f'num_devices={num_devices}: with {jax.process_count()} processes every '
-                       'device of every process is used; leave num_devices=0')
+      raise ValueError(
+        f'num_devices={num_devices}: with {jax.process_count()} processes every '
+        'device of every process is used; leave num_devices=0'
+      )
     return jax.devices()
   devices = jax.local_devices()
   if num_devices > len(devices):
-    raise ValueError(f'num_devices={num_devices} but only {len(devices)} local devices exist')
+    raise ValueError(
+      f'num_devices={num_devices} but only {len(devices)} local devices exist'
+    )
   return devices[:num_devices] if num_devices else devices
 
 
@@ -87,14 +103,23 @@ def replicate(tree, devices=None, axis_name: str = 'batch'):
   step 1 returned and the step was compiled a second time at step 2.
   """
   devices = local(devices) if devices is not None else jax.local_devices()
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis_name,)),
-                                        jax.sharding.PartitionSpec(axis_name))
+  sharding = jax.sharding.NamedSharding(
+    jax.sharding.Mesh(np.array(devices), (axis_name,)),
+    jax.sharding.PartitionSpec(axis_name),
+  )
 
   def put(x):
-    if jnp.issubdtype(getattr(x, 'dtype', None), jax.dtypes.prng_key):   # typed PRNG keys
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if jnp.issubdtype(
+      getattr(x, 'dtype', None), jax.dtypes.prng_key
+    ):  # typed PRNG keys
+      return jax.random.wrap_key_data(
+        put(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+      )
     x = np.asarray(x)  # stacked on the host: one transfer, no per-shape compile
-    return jax.device_put(np.broadcast_to(x, (len(devices), *x.shape)), sharding)
+    return jax.device_put(
+      np.broadcast_to(x, (len(devices), *x.shape)), sharding
+    )
+
   return jax.tree.map(put, tree)
 
 
@@ -104,18 +129,24 @@ def unreplicate(tree):
   flax's unreplicate returns the [1, ...] array unchanged when pmap runs on a
   subset of one device, so it is done here from the first shard directly.
   """
+
   def one(x):
     if getattr(x, 'ndim', 0) == 0:
       return x
     data = x.addressable_shards[0].data
     return data[0] if data.ndim == x.ndim else data
+
   return jax.tree.map(one, tree)
 
 
 def shard(batch: dict, num_devices: int) -> dict:
   """[global, ...] -> [devices, per_device, ...], for pmap."""
+
   def reshape(x):
     if x.shape[0] % num_devices:
-      raise ValueError(f'batch of {x.shape[0]} does not split over {num_devices} devices')
+      raise ValueError(
+        f'batch of {x.shape[0]} does not split over {num_devices} devices'
+      )
     return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+
   return {k: reshape(v) for k, v in batch.items()}

@@ -13,6 +13,7 @@ a square resized crop (an aspect-ratio stretch along the axes would turn too).
 Random numbers come one key per example (`rng` of shape [B]; a single key is
 split), so an example's crop and flip do not depend on its place in the batch.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +32,9 @@ def normalize(images_BHWC, mean, std):
 
 def example_keys(rng, batch: int):
   """One key per example: `rng` itself if it holds `batch` keys already, else split from it."""
-  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == (batch,):
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == (
+    batch,
+  ):
     return rng
   return jax.random.split(rng, batch)
 
@@ -48,27 +51,43 @@ def _per_example(draw, rng, batch: int):
 
 
 def random_flip(images_BHWC, rng):
-  flip_B = _per_example(lambda key: jax.random.bernoulli(key, 0.5), rng, images_BHWC.shape[0])
-  return jnp.where(flip_B[:, None, None, None], images_BHWC[:, :, ::-1], images_BHWC)
+  flip_B = _per_example(
+    lambda key: jax.random.bernoulli(key, 0.5), rng, images_BHWC.shape[0]
+  )
+  return jnp.where(
+    flip_B[:, None, None, None], images_BHWC[:, :, ::-1], images_BHWC
+  )
 
 
 def random_pad_crop(images_BHWC, rng, pad: int = 4):
   """Zero-pad by `pad` and take a random crop of the original size from each image."""
   batch, height, width, channels = images_BHWC.shape
   padded = jnp.pad(images_BHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  offsets_B2 = _per_example(lambda key: jax.random.randint(key, (2,), 0, 2 * pad + 1), rng, batch)
+  offsets_B2 = _per_example(
+    lambda key: jax.random.randint(key, (2,), 0, 2 * pad + 1), rng, batch
+  )
   crop = lambda image, off: jax.lax.dynamic_slice(
-      image, (off[0], off[1], 0), (height, width, channels))
+    image, (off[0], off[1], 0), (height, width, channels)
+  )
   return jax.vmap(crop)(padded, offsets_B2)
 
 
-def random_resized_crop(images_BHWC, rng, size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(
+  images_BHWC, rng, size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)
+):
   """Inception-style crop: a random area fraction and aspect ratio, resized to `size`."""
   batch, height, width, _ = images_BHWC.shape
   area_rng, ratio_rng, pos_rng = split_each(example_keys(rng, batch), 3)
-  area = jax.vmap(lambda key: jax.random.uniform(key, minval=scale[0], maxval=scale[1]))(area_rng)
-  aspect = jnp.exp(jax.vmap(lambda key: jax.random.uniform(
-      key, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1])))(ratio_rng))
+  area = jax.vmap(
+    lambda key: jax.random.uniform(key, minval=scale[0], maxval=scale[1])
+  )(area_rng)
+  aspect = jnp.exp(
+    jax.vmap(
+      lambda key: jax.random.uniform(
+        key, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1])
+      )
+    )(ratio_rng)
+  )
   crop_w = jnp.clip(jnp.sqrt(area * aspect) * width, 1, width)
   crop_h = jnp.clip(jnp.sqrt(area / aspect) * height, 1, height)
   pos = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(pos_rng)
@@ -78,19 +97,33 @@ def random_resized_crop(images_BHWC, rng, size: int, scale=(0.25, 1.0), ratio=(3
     scale_hw = jnp.stack([size / crop_h, size / crop_w])
     translation = -jnp.stack([top, left]) * scale_hw
     return jax.image.scale_and_translate(
-        image.astype(jnp.float32), (size, size, image.shape[-1]), (0, 1), scale_hw,
-        translation, method='linear', antialias=True)
+      image.astype(jnp.float32),
+      (size, size, image.shape[-1]),
+      (0, 1),
+      scale_hw,
+      translation,
+      method='linear',
+      antialias=True,
+    )
+
   return jax.vmap(crop_one)(images_BHWC, top, left, crop_h, crop_w)
 
 
 def center_crop(images_BHWC, size: int):
   _, height, width, _ = images_BHWC.shape
   top, left = (height - size) // 2, (width - size) // 2
-  return images_BHWC[:, top:top + size, left:left + size]
+  return images_BHWC[:, top : top + size, left : left + size]
 
 
-def preprocess(images_BHWC, rng, *, train: bool, style: str = 'cifar', image_size: int = 32,
-               isotropic: bool = False):
+def preprocess(
+  images_BHWC,
+  rng,
+  *,
+  train: bool,
+  style: str = 'cifar',
+  image_size: int = 32,
+  isotropic: bool = False,
+):
   """uint8 [B, H, W, 3] -> float32 normalised [B, image_size, image_size, 3].
 
   `isotropic`: no augmentation that leaves a direction in the image (module doc).
@@ -100,13 +133,17 @@ def preprocess(images_BHWC, rng, *, train: bool, style: str = 'cifar', image_siz
   crop_rng, flip_rng = split_each(example_keys(rng, images_BHWC.shape[0]), 2)
   if style == 'cifar':
     if train:
-      cropped = images_BHWC if isotropic else random_pad_crop(images_BHWC, crop_rng)
+      cropped = (
+        images_BHWC if isotropic else random_pad_crop(images_BHWC, crop_rng)
+      )
       images_BHWC = random_flip(cropped, flip_rng)
     return normalize(images_BHWC, CIFAR_MEAN, CIFAR_STD)
   if train:
     ratio = (1.0, 1.0) if isotropic else (3 / 4, 4 / 3)
-    images_BHWC = random_flip(random_resized_crop(images_BHWC, crop_rng, image_size, ratio=ratio),
-                              flip_rng)
+    images_BHWC = random_flip(
+      random_resized_crop(images_BHWC, crop_rng, image_size, ratio=ratio),
+      flip_rng,
+    )
   else:
     images_BHWC = center_crop(images_BHWC, image_size)
   return normalize(images_BHWC, IMAGENET_MEAN, IMAGENET_STD)

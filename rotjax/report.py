@@ -2,6 +2,7 @@
 
 The report itself is rotjax/study/report.py; this is its command line.
 """
+
 from absl import app
 
 from rotjax.study import report

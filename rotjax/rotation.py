@@ -16,6 +16,7 @@ or 60 degrees is the pixel grid itself, in the finest texture (docs/design.md).
 Random numbers come one key per example (`rng` of shape [B]), so that an example's
 shift does not depend on where in which device's batch it sits (steps.make_prepare_fn).
 """
+
 import math
 
 import jax
@@ -25,22 +26,26 @@ from rotjax import preprocess
 
 SUPPORTED = (4, 6, 8)
 GEOMETRIES = ('disc', 'square')
-MAX_SHIFT = 0.5   # the sub-pixel shift, per axis, in pixels
+MAX_SHIFT = 0.5  # the sub-pixel shift, per axis, in pixels
 
 
 def check_num_rotations(num_rotations: int) -> None:
   if num_rotations not in SUPPORTED:
     raise ValueError(
-        f'rotation.num_rotations={num_rotations} is not supported; allowed: {SUPPORTED}')
+      f'rotation.num_rotations={num_rotations} is not supported; allowed: {SUPPORTED}'
+    )
 
 
 def check_geometry(geometry: str, num_rotations: int) -> None:
   if geometry not in GEOMETRIES:
-    raise ValueError(f'rotation.geometry={geometry!r} is unknown; allowed: {GEOMETRIES}')
+    raise ValueError(
+      f'rotation.geometry={geometry!r} is unknown; allowed: {GEOMETRIES}'
+    )
   if geometry == 'square' and num_rotations != 4:
     raise ValueError(
-        f"rotation.geometry='square' needs num_rotations=4 (got {num_rotations}): a square "
-        "turned by other angles has corners that give the angle away; use geometry='disc'")
+      f"rotation.geometry='square' needs num_rotations=4 (got {num_rotations}): a square "
+      "turned by other angles has corners that give the angle away; use geometry='disc'"
+    )
 
 
 def disc_radius(height: int, width: int) -> float:
@@ -57,7 +62,9 @@ def circle_mask(height: int, width: int) -> jnp.ndarray:
   """1 on the pixels every direction keeps (disc_radius), 0 elsewhere; shape [H, W, 1]."""
   y = jnp.arange(height) - (height - 1) / 2
   x = jnp.arange(width) - (width - 1) / 2
-  inside = (y[:, None] ** 2 + x[None, :] ** 2) <= disc_radius(height, width) ** 2
+  inside = (y[:, None] ** 2 + x[None, :] ** 2) <= disc_radius(
+    height, width
+  ) ** 2
   return inside[..., None].astype(jnp.float32)
 
 
@@ -71,8 +78,11 @@ def resample_rotate(image_HWC, angle, shift):
   """
   height, width, _ = image_HWC.shape
   cy, cx = (height - 1) / 2, (width - 1) / 2
-  yy, xx = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                        jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  yy, xx = jnp.meshgrid(
+    jnp.arange(height, dtype=jnp.float32),
+    jnp.arange(width, dtype=jnp.float32),
+    indexing='ij',
+  )
   yy, xx = yy - cy + shift[0], xx - cx + shift[1]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   # Inverse map: output pixel (y, x) reads the input at the point rotated by -angle.
@@ -87,13 +97,19 @@ def resample_rotate(image_HWC, angle, shift):
   col = lambda x: jnp.clip(x, 0, width - 1).astype(jnp.int32)
   image = image_HWC.astype(jnp.float32)
   top = image[row(y0), col(x0)] * (1 - wx) + image[row(y0), col(x0 + 1)] * wx
-  bottom = image[row(y0 + 1), col(x0)] * (1 - wx) + image[row(y0 + 1), col(x0 + 1)] * wx
+  bottom = (
+    image[row(y0 + 1), col(x0)] * (1 - wx)
+    + image[row(y0 + 1), col(x0 + 1)] * wx
+  )
   return (top * (1 - wy) + bottom * wy) * circle_mask(height, width)
 
 
 def _shifts(keys_B):
-  return jax.vmap(lambda key: jax.random.uniform(key, (2,), minval=-MAX_SHIFT,
-                                                 maxval=MAX_SHIFT))(keys_B)
+  return jax.vmap(
+    lambda key: jax.random.uniform(
+      key, (2,), minval=-MAX_SHIFT, maxval=MAX_SHIFT
+    )
+  )(keys_B)
 
 
 def rotate(images_BHWC, k_B, num_rotations: int, rng, geometry: str = 'disc'):
@@ -105,7 +121,9 @@ def rotate(images_BHWC, k_B, num_rotations: int, rng, geometry: str = 'disc'):
   check_geometry(geometry, num_rotations)
   if geometry == 'square':
     # Exact: all four quarter turns, then pick one per image (a select, no gather).
-    candidates = jnp.stack([jnp.rot90(images_BHWC, k, axes=(1, 2)) for k in range(4)])
+    candidates = jnp.stack(
+      [jnp.rot90(images_BHWC, k, axes=(1, 2)) for k in range(4)]
+    )
     onehot = jax.nn.one_hot(k_B, 4, dtype=jnp.bool_)
     picked = jnp.where(onehot.T[:, :, None, None, None], candidates, 0).sum(0)
     return picked.astype(jnp.float32)
@@ -129,14 +147,26 @@ def rotate_all(images_BHWC, num_rotations: int, rng, geometry: str = 'disc'):
     rotated = [jnp.rot90(images_BHWC, k, axes=(1, 2)) for k in range(4)]
     return jnp.concatenate(rotated).astype(jnp.float32), labels_NB
   keys_B = preprocess.example_keys(rng, batch)
-  keys_NB = jnp.concatenate([jax.vmap(jax.random.fold_in, (0, None))(keys_B, k)
-                             for k in range(num_rotations)])
+  keys_NB = jnp.concatenate(
+    [
+      jax.vmap(jax.random.fold_in, (0, None))(keys_B, k)
+      for k in range(num_rotations)
+    ]
+  )
   images_NBHWC = jnp.tile(images_BHWC, (num_rotations, 1, 1, 1))
-  return rotate(images_NBHWC, labels_NB, num_rotations, keys_NB, geometry), labels_NB
+  return rotate(
+    images_NBHWC, labels_NB, num_rotations, keys_NB, geometry
+  ), labels_NB
 
 
 def rotate_random(images_BHWC, num_rotations: int, rng, geometry: str = 'disc'):
   """One random direction per image: ([B, H, W, C], labels [B]). `rng`: as rotate_all."""
-  keys_B2 = jax.vmap(jax.random.split)(preprocess.example_keys(rng, images_BHWC.shape[0]))
-  labels_B = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_rotations))(keys_B2[:, 0])
-  return rotate(images_BHWC, labels_B, num_rotations, keys_B2[:, 1], geometry), labels_B
+  keys_B2 = jax.vmap(jax.random.split)(
+    preprocess.example_keys(rng, images_BHWC.shape[0])
+  )
+  labels_B = jax.vmap(
+    lambda key: jax.random.randint(key, (), 0, num_rotations)
+  )(keys_B2[:, 0])
+  return rotate(
+    images_BHWC, labels_B, num_rotations, keys_B2[:, 1], geometry
+  ), labels_B

@@ -17,6 +17,7 @@ this module; nothing else spells out a file name of a run.
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so
 a step folder named by its number alone is a whole checkpoint (`step_dirs`).
 """
+
 import json
 import os
 
@@ -67,14 +68,18 @@ def write(workdir: str, name: str, obj) -> None:
 
 # ---------------------------------------------------------------- an old run's config
 
+
 def before_they_existed(config: dict) -> dict:
   """{setting: what a run ran with before it existed} for settings added since a run's
   config.json may have been written: model.norm's `auto` (a kernel choice; run_info.json
   says where its BatchNorm ran), freeze_bn's 'running' (frozen BatchNorm used the running
   statistics), and rotation.geometry: exact rot90 for N = 4, the disc for N = 6 and 8."""
   num_rotations = config.get('rotation', {}).get('num_rotations', 4)
-  return {'model.norm': 'auto', 'freeze_bn': 'running',
-          'rotation.geometry': 'square' if num_rotations == 4 else 'disc'}
+  return {
+    'model.norm': 'auto',
+    'freeze_bn': 'running',
+    'rotation.geometry': 'square' if num_rotations == 4 else 'disc',
+  }
 
 
 def complete(config: dict):
@@ -83,6 +88,7 @@ def complete(config: dict):
   one place an old run's config is filled in, so readers access every setting plainly."""
   import ml_collections
   from configs import common
+
   filled = common.get_config().to_dict()
   for key, value in before_they_existed(config).items():
     *parents, leaf = key.split('.')
@@ -129,7 +135,10 @@ def find_checkpoint(where: str, what: str = 'path') -> tuple[str, str]:
   if not os.path.exists(where_abs):
     raise FileNotFoundError(f'{what}={where} does not exist')
   parent = os.path.dirname(where_abs)
-  if os.path.basename(where_abs).isdigit() and os.path.basename(parent) in (LATEST, BEST):
+  if os.path.basename(where_abs).isdigit() and os.path.basename(parent) in (
+    LATEST,
+    BEST,
+  ):
     return os.path.dirname(parent), where_abs
   for sub in (BEST, LATEST):
     steps = step_dirs(where_abs, sub)
@@ -137,36 +146,63 @@ def find_checkpoint(where: str, what: str = 'path') -> tuple[str, str]:
       return where_abs, steps[-1]
   if not is_run(where_abs):
     raise FileNotFoundError(
-        f'{what}={where} is not a rotjax run: it has no {CONFIG} and no complete checkpoint '
-        f'under {LATEST}/ or {BEST}/ (pass the workdir of a finished stage, or '
-        f'WORKDIR/{LATEST}/<step>)')
-  raise FileNotFoundError(f'{what}={where} has no complete checkpoint under {BEST}/ or '
-                          f'{LATEST}/ (did the run finish its first epoch?)')
+      f'{what}={where} is not a rotjax run: it has no {CONFIG} and no complete checkpoint '
+      f'under {LATEST}/ or {BEST}/ (pass the workdir of a finished stage, or '
+      f'WORKDIR/{LATEST}/<step>)'
+    )
+  raise FileNotFoundError(
+    f'{what}={where} has no complete checkpoint under {BEST}/ or '
+    f'{LATEST}/ (did the run finish its first epoch?)'
+  )
 
 
 # ---------------------------------------------------------------- the log and the checkpoints
 
-def commit_epoch(checkpoints, log, step: int, state, is_best: bool, row: dict) -> None:
+
+def commit_epoch(
+  checkpoints, log, step: int, state, is_best: bool, row: dict
+) -> None:
   """Saves the epoch's checkpoint (its metrics row inside it) and only once it is committed
   appends the row to metrics.jsonl: the log never claims an epoch a rerun would redo."""
   checkpoints.save(step, state, is_best, row)
   log.write(row)
 
 
-def save_partial_epoch(checkpoints, step: int, state, *, epoch: int, steps_done: int,
-                       steps_per_epoch: int, data: dict, step_metrics: list[dict]) -> None:
+def save_partial_epoch(
+  checkpoints,
+  step: int,
+  state,
+  *,
+  epoch: int,
+  steps_done: int,
+  steps_per_epoch: int,
+  data: dict,
+  step_metrics: list[dict],
+) -> None:
   """A checkpoint inside an epoch (checkpoint_every_steps): the state after `steps_done` of
   its steps, with the data loader's state (its position, epoch and steps_done, and `data`:
   what fixes the epoch's batches) and the epoch's step metrics so far, so that a resumed run trains the epoch's
   remaining batches and writes the very metrics row an uninterrupted run would. No row
   goes to metrics.jsonl: the epoch is not finished."""
-  checkpoints.save(step, state, False, partial_epoch={
-      'epoch': epoch, 'steps_done': steps_done, 'steps_per_epoch': steps_per_epoch,
-      'data': data, 'step_metrics': [{k: float(v) for k, v in m.items()}
-                                     for m in step_metrics]})
+  checkpoints.save(
+    step,
+    state,
+    False,
+    partial_epoch={
+      'epoch': epoch,
+      'steps_done': steps_done,
+      'steps_per_epoch': steps_per_epoch,
+      'data': data,
+      'step_metrics': [
+        {k: float(v) for k, v in m.items()} for m in step_metrics
+      ],
+    },
+  )
 
 
-def resume(checkpoints, log, state, steps_per_epoch: int, data: dict | None = None):
+def resume(
+  checkpoints, log, state, steps_per_epoch: int, data: dict | None = None
+):
   """(state, first epoch to train, metrics rows so far, partial epoch or None) of a run
   starting in its workdir.
 
@@ -183,38 +219,56 @@ def resume(checkpoints, log, state, steps_per_epoch: int, data: dict | None = No
   if restored is not None:
     state = restored
     if partial is None:
-      _check_epoch_length(checkpoints.latest_row(), steps_per_epoch, checkpoints.workdir)
+      _check_epoch_length(
+        checkpoints.latest_row(), steps_per_epoch, checkpoints.workdir
+      )
     else:
       _check_partial_epoch(partial, steps_per_epoch, data, checkpoints.workdir)
   start_epoch = int(state.step) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
   history = log.read()
-  if start_epoch and partial is None and (not history or history[-1]['epoch'] < start_epoch):
+  if (
+    start_epoch
+    and partial is None
+    and (not history or history[-1]['epoch'] < start_epoch)
+  ):
     row = checkpoints.latest_row()
     if row is not None and row.get('epoch') == start_epoch:
       log.write(row)
       history.append(row)
-  if restored is not None and partial is None and history and max(
-      history, key=lambda r: r['val_accuracy'])['epoch'] == start_epoch:
+  if (
+    restored is not None
+    and partial is None
+    and history
+    and max(history, key=lambda r: r['val_accuracy'])['epoch'] == start_epoch
+  ):
     checkpoints.ensure_best(int(state.step), state)
   return state, start_epoch, history, partial
 
 
-def _check_partial_epoch(partial: dict, steps_per_epoch: int, data: dict | None,
-                         workdir: str) -> None:
+def _check_partial_epoch(
+  partial: dict, steps_per_epoch: int, data: dict | None, workdir: str
+) -> None:
   """A run resumed inside an epoch must draw that epoch's batches as its first start did."""
   if partial['steps_per_epoch'] != steps_per_epoch:
     raise ValueError(
-        f'{workdir} was trained with {partial["steps_per_epoch"]} steps per epoch, this run has '
-        f'{steps_per_epoch} (another batch_size or training set): resume with its settings or '
-        'use a new workdir')
-  saved = {k: v for k, v in partial.get('data', {}).items() if k in (data or {})}
+      f'{workdir} was trained with {partial["steps_per_epoch"]} steps per epoch, this run has '
+      f'{steps_per_epoch} (another batch_size or training set): resume with its settings or '
+      'use a new workdir'
+    )
+  saved = {
+    k: v for k, v in partial.get('data', {}).items() if k in (data or {})
+  }
   changed = {k: (v, data[k]) for k, v in saved.items() if v != data[k]}
   if changed:
-    what = ', '.join(f'{k} {old} then, {new} now' for k, (old, new) in changed.items())
-    raise ValueError(f'{workdir} stopped inside epoch {partial["epoch"]} with batches fixed by '
-                     f'{what}: the epoch would continue with other images; resume with its '
-                     'settings or use a new workdir')
+    what = ', '.join(
+      f'{k} {old} then, {new} now' for k, (old, new) in changed.items()
+    )
+    raise ValueError(
+      f'{workdir} stopped inside epoch {partial["epoch"]} with batches fixed by '
+      f'{what}: the epoch would continue with other images; resume with its '
+      'settings or use a new workdir'
+    )
 
 
 def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:
@@ -222,6 +276,7 @@ def _check_epoch_length(row, steps_per_epoch: int, workdir: str) -> None:
   its learning-rate schedule are all counted in them."""
   if row and row['step'] != row['epoch'] * steps_per_epoch:
     raise ValueError(
-        f'{workdir} was trained with {row["step"] // row["epoch"]} steps per epoch, this run '
-        f'has {steps_per_epoch} (another batch_size or training set, or a rotjax that dropped '
-        "each epoch's last partial batch): resume with its settings or use a new workdir")
+      f'{workdir} was trained with {row["step"] // row["epoch"]} steps per epoch, this run '
+      f'has {steps_per_epoch} (another batch_size or training set, or a rotjax that dropped '
+      "each epoch's last partial batch): resume with its settings or use a new workdir"
+    )

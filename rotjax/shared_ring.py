@@ -3,6 +3,7 @@ its names in /dev/shm, and removing what a killed run left there.
 
 Worker processes import this module too (no JAX).
 """
+
 import logging
 import multiprocessing
 import os
@@ -39,12 +40,16 @@ class Ring:
 
   def __init__(self, slots: int, shape: tuple):
     from multiprocessing import shared_memory
+
     self.slots, self.shape = slots, tuple(shape)
     self.slot_bytes = int(np.prod(shape))
     size = HEADER + slots * self.slot_bytes
     check_shared_memory(size, slots)
     self.shm = shared_memory.SharedMemory(
-        name=f'{ring_prefix()}{os.getpid()}-{secrets.token_hex(4)}', create=True, size=size)
+      name=f'{ring_prefix()}{os.getpid()}-{secrets.token_hex(4)}',
+      create=True,
+      size=size,
+    )
     self.name = self.shm.name
     self.header = np.ndarray((2,), np.int64, self.shm.buf)
     self.consumed = self.header[:1]
@@ -96,7 +101,7 @@ def alive(pid: int) -> bool:
   except ProcessLookupError:
     return False
   except PermissionError:
-    pass   # another user's
+    pass  # another user's
   return True
 
 
@@ -119,8 +124,8 @@ def mapped_inodes(pids=None) -> dict:
 
 def maker(name: str, prefix: str) -> int | None:
   """PID in a ring's name (rotjax-NS-PID-*) or a semaphore's (sem.rotjax-NS-PID-mp-*)."""
-  name = name[len('sem.'):] if name.startswith('sem.') else name
-  pid = name[len(prefix):].split('-')[0] if name.startswith(prefix) else ''
+  name = name[len('sem.') :] if name.startswith('sem.') else name
+  pid = name[len(prefix) :].split('-')[0] if name.startswith(prefix) else ''
   return int(pid) if pid.isdigit() else None
 
 
@@ -136,8 +141,11 @@ def remove_leftovers(folder: str = SHM_FOLDER) -> list[str]:
   """
   prefix = ring_prefix()
   try:
-    dead = [e for e in os.scandir(folder)
-            if (pid := maker(e.name, prefix)) is not None and not alive(pid)]
+    dead = [
+      e
+      for e in os.scandir(folder)
+      if (pid := maker(e.name, prefix)) is not None and not alive(pid)
+    ]
   except OSError:
     return []
   if not dead:
@@ -148,35 +156,46 @@ def remove_leftovers(folder: str = SHM_FOLDER) -> list[str]:
     try:
       if entry.inode() in in_use:
         pids = ' '.join(map(str, sorted(set(in_use[entry.inode()]))))
-        logging.warning('%s, left by a killed run, is still open by processes %s (orphaned '
-                        'decoding workers?): end them with `kill %s`, and the next run '
-                        'removes it (or: rm %s)', entry.path, pids, pids, entry.path)
+        logging.warning(
+          '%s, left by a killed run, is still open by processes %s (orphaned '
+          'decoding workers?): end them with `kill %s`, and the next run '
+          'removes it (or: rm %s)',
+          entry.path,
+          pids,
+          pids,
+          entry.path,
+        )
         continue
       os.remove(entry.path)
       removed.append(entry.path)
     except OSError:
       continue
   if removed:
-    logging.info('removed %d files that streams of killed processes left in %s: %s',
-                 len(removed), folder, removed[:3])
+    logging.info(
+      'removed %d files that streams of killed processes left in %s: %s',
+      len(removed),
+      folder,
+      removed[:3],
+    )
   return removed
 
 
-def check_shared_memory(size: int, slots: int, folder: str = SHM_FOLDER) -> None:
+def check_shared_memory(
+  size: int, slots: int, folder: str = SHM_FOLDER
+) -> None:
   """The ring lives in /dev/shm; a block larger than its free space would not fail here but
   kill a worker (SIGBUS) when it writes past the limit. Docker gives containers 64 MiB."""
   try:
     stat = os.statvfs(folder)
   except OSError:
-    return   # not Linux: multiprocessing.shared_memory knows its own limits
+    return  # not Linux: multiprocessing.shared_memory knows its own limits
   free = stat.f_bavail * stat.f_frsize
   if size > free:
     raise MemoryError(
-        f'data.loader=stream needs {size / 2**20:.0f} MiB of shared memory for {slots} batches '
-        f'in flight and {folder} has {free / 2**20:.0f} MiB free: lower data.workers or '
-        'batch_size, enlarge it (docker run --shm-size=8g), or use data.loader=memory')
-
-
+      f'data.loader=stream needs {size / 2**20:.0f} MiB of shared memory for {slots} batches '
+      f'in flight and {folder} has {free / 2**20:.0f} MiB free: lower data.workers or '
+      'batch_size, enlarge it (docker run --shm-size=8g), or use data.loader=memory'
+    )
 
 
 def wait_for_slot(header: np.ndarray, number: int, slots: int) -> bool:

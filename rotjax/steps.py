@@ -5,6 +5,7 @@ otherwise) and in the freeze mask (freeze.py). One code path for one or many dev
 single device is a pmap of one. No config reads inside a step, no side effects: the loop
 around them (train.py) holds the state, the data and the checkpoints.
 """
+
 import functools
 from typing import Callable
 
@@ -30,14 +31,20 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
 
   def prepare(batch, rng):
     count = batch['image'].shape[0]
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, batch.get('index', jnp.arange(count)))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      rng, batch.get('index', jnp.arange(count))
+    )
     aug_keys, rot_keys = preprocess.split_each(keys, 2)
     # The 'disc' pretext augments without pad-crop fill or stretch: their edges would
     # turn with the image and give N = 6 or 8 directions away (preprocess.py).
-    images = preprocess.preprocess(batch['image'], aug_keys, train=train,
-                                   style=config.data.preprocess,
-                                   image_size=config.data.image_size,
-                                   isotropic=geometry == 'disc')
+    images = preprocess.preprocess(
+      batch['image'],
+      aug_keys,
+      train=train,
+      style=config.data.preprocess,
+      image_size=config.data.image_size,
+      isotropic=geometry == 'disc',
+    )
     weights = batch.get('mask', jnp.ones(count, jnp.float32))
     if not pretext:
       return images, batch['label'], weights
@@ -48,6 +55,7 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
     # Eval always scores every direction of every image.
     images, labels = rotation.rotate_all(images, num, rot_keys, geometry)
     return images, labels, jnp.tile(weights, num)
+
   return prepare
 
 
@@ -58,7 +66,10 @@ def with_index(batch, axis_name='batch'):
   if 'index' in batch:
     return batch
   count = batch['image'].shape[0]
-  return {**batch, 'index': jax.lax.axis_index(axis_name) * count + jnp.arange(count)}
+  return {
+    **batch,
+    'index': jax.lax.axis_index(axis_name) * count + jnp.arange(count),
+  }
 
 
 def eval_key(seed: int):
@@ -66,8 +77,12 @@ def eval_key(seed: int):
   return jax.random.key(seed + 1)
 
 
-def split_index(batch_number: int, local_batch: int, process_index: int = 0,
-                process_count: int = 1) -> np.ndarray:
+def split_index(
+  batch_number: int,
+  local_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> np.ndarray:
   """Places in the whole split of an eval batch's examples: process p holds its every
   process_count-th example from p on (input_pipeline.load_dataset), padding past the end."""
   local = batch_number * local_batch + np.arange(local_batch)
@@ -76,11 +91,15 @@ def split_index(batch_number: int, local_batch: int, process_index: int = 0,
 
 def cross_entropy(logits, labels, smoothing: float):
   """Per-example softmax cross-entropy against label-smoothed one-hot targets."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  targets = optax.smooth_labels(
+    jax.nn.one_hot(labels, logits.shape[-1]), smoothing
+  )
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'):
+def train_step(
+  state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'
+):
   """(state, batch, rng) -> (state, metrics). Pure; gradients and statistics pmean'd."""
   # Keyed on the step, not on the device: prepare_fn keys each example on its place in
   # the global batch, so one device or several draw the same augmentation.
@@ -93,21 +112,38 @@ def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='bat
 
   def loss_fn(params):
     # Frozen leaves are constants to autodiff: no backward pass is built for them.
-    params = jax.tree.map(lambda p, m: p if m == 'trainable' else jax.lax.stop_gradient(p),
-                          params, mask)
+    params = jax.tree.map(
+      lambda p, m: p if m == 'trainable' else jax.lax.stop_gradient(p),
+      params,
+      mask,
+    )
     (logits, _), updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+      {'params': params, 'batch_stats': state.batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
     loss = jnp.sum(cross_entropy(logits, labels, smoothing) * weights)
     return loss, (logits, updates['batch_stats'])
 
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state.params
+  )
   grads = jax.lax.pmean(grads, axis_name)
-  state = state.apply_gradients(grads=grads, batch_stats=jax.lax.pmean(stats, axis_name))
-  metrics = {'loss': loss, 'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights)}
+  state = state.apply_gradients(
+    grads=grads, batch_stats=jax.lax.pmean(stats, axis_name)
+  )
+  metrics = {
+    'loss': loss,
+    'accuracy': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+  }
   metrics = jax.lax.pmean(metrics, axis_name)
   # The step's real rows (over all devices): the epoch mean weighs each step by them.
-  real = batch['mask'] if 'mask' in batch else jnp.ones(batch['image'].shape[0], jnp.float32)
+  real = (
+    batch['mask']
+    if 'mask' in batch
+    else jnp.ones(batch['image'].shape[0], jnp.float32)
+  )
   metrics['count'] = jax.lax.psum(jnp.sum(real), axis_name)
   return state, metrics
 
@@ -115,27 +151,44 @@ def train_step(state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='bat
 def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
   """Sums of loss and correct predictions over the real (unpadded) examples."""
   images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
-  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                             images, train=False)
-  sums = {'loss': jnp.sum(cross_entropy(logits, labels, smoothing) * weights),
-          'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
-          'count': jnp.sum(weights)}
+  logits, _ = state.apply_fn(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    images,
+    train=False,
+  )
+  sums = {
+    'loss': jnp.sum(cross_entropy(logits, labels, smoothing) * weights),
+    'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+    'count': jnp.sum(weights),
+  }
   return jax.lax.psum(sums, axis_name)
 
 
-def pmapped_train_step(config, mask, devices, *, smoothing=None, prepare_fn=None,
-                       donate: bool = True):
+def pmapped_train_step(
+  config, mask, devices, *, smoothing=None, prepare_fn=None, donate: bool = True
+):
   """train_step for `config`, pmapped over `devices` (the one place a train step is built:
   train, scripts/benchmark.py and the tests call this). The state is donated: each step's
   output state replaces its input's buffers."""
   step = functools.partial(
-      train_step, prepare_fn=prepare_fn or make_prepare_fn(config, train=True), mask=mask,
-      smoothing=config.label_smoothing if smoothing is None else smoothing)
-  return jax.pmap(step, axis_name='batch', donate_argnums=(0,) if donate else (), devices=devices)
+    train_step,
+    prepare_fn=prepare_fn or make_prepare_fn(config, train=True),
+    mask=mask,
+    smoothing=config.label_smoothing if smoothing is None else smoothing,
+  )
+  return jax.pmap(
+    step,
+    axis_name='batch',
+    donate_argnums=(0,) if donate else (),
+    devices=devices,
+  )
 
 
 def pmapped_eval_step(config, devices, *, smoothing=None):
   """eval_step for `config`, pmapped over `devices`."""
-  step = functools.partial(eval_step, prepare_fn=make_prepare_fn(config, train=False),
-                           smoothing=config.label_smoothing if smoothing is None else smoothing)
+  step = functools.partial(
+    eval_step,
+    prepare_fn=make_prepare_fn(config, train=False),
+    smoothing=config.label_smoothing if smoothing is None else smoothing,
+  )
   return jax.pmap(step, axis_name='batch', devices=devices)

@@ -9,6 +9,7 @@ loader's do: for the same plan the two loaders give identical batches.
 
 Where it runs: worker processes import this module, image_files, numpy and PIL (no JAX).
 """
+
 import dataclasses
 import gc
 import inspect
@@ -56,43 +57,55 @@ class TfdsReader:
       return image_files.decode_bytes(self.source()[int(index)]['image'], size)
     except Exception as e:
       raise image_files.BadImageError(
-          f'cannot read image of record {index} of tfds:{self.name} split {self.split!r}: '
-          f'{e} (set data.skip_bad_files=True to skip such records)') from e
+        f'cannot read image of record {index} of tfds:{self.name} split {self.split!r}: '
+        f'{e} (set data.skip_bad_files=True to skip such records)'
+      ) from e
 
 
 def open_tfds_source(name: str, split: str, data_dir: str = ''):
   """tfds.data_source of a prepared split, images left encoded (PIL decodes them)."""
   import tensorflow_datasets as tfds
+
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    return tfds.data_source(
+      name,
+      split=split,
+      data_dir=data_dir or None,
+      download=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
   except Exception as e:
     raise ValueError(
-        f'data.loader=stream reads tfds:{name} through tfds.data_source, which needs the '
-        f'dataset prepared in ArrayRecord format ({type(e).__name__}: {e}); prepare it with '
-        f'`tfds build {name} --file_format=array_record` (or '
-        'builder.download_and_prepare(file_format="array_record")), point data.data_dir at '
-        'it, or use data.loader=memory') from e
+      f'data.loader=stream reads tfds:{name} through tfds.data_source, which needs the '
+      f'dataset prepared in ArrayRecord format ({type(e).__name__}: {e}); prepare it with '
+      f'`tfds build {name} --file_format=array_record` (or '
+      'builder.download_and_prepare(file_format="array_record")), point data.data_dir at '
+      'it, or use data.loader=memory'
+    ) from e
 
 
 @dataclasses.dataclass
 class FileSplit:
   """A split as files (or tfds record numbers) and labels; images are decoded when a
   batch needs them."""
-  files: list             # paths; record numbers where `reader` is a TfdsReader
-  labels: np.ndarray      # int32 [N]
-  size: int               # side of the decoded square (input_pipeline.storage_size)
+
+  files: list  # paths; record numbers where `reader` is a TfdsReader
+  labels: np.ndarray  # int32 [N]
+  size: int  # side of the decoded square (input_pipeline.storage_size)
   skip_bad_files: bool = False
-  workers: int = 0        # decoding processes (0: one per core this process may use)
-  name: str = ''          # for messages: ROOT/SPLIT
-  reader: object = None   # (file, size) -> uint8 square; None: image_files.read_image
+  workers: int = 0  # decoding processes (0: one per core this process may use)
+  name: str = ''  # for messages: ROOT/SPLIT
+  reader: object = (
+    None  # (file, size) -> uint8 square; None: image_files.read_image
+  )
 
   def __len__(self):
     return len(self.labels)
 
   def take(self, indices) -> 'FileSplit':
-    return dataclasses.replace(self, files=[self.files[i] for i in indices],
-                               labels=self.labels[indices])
+    return dataclasses.replace(
+      self, files=[self.files[i] for i in indices], labels=self.labels[indices]
+    )
 
   def read(self, row: int) -> np.ndarray | None:
     """Row `row` decoded to a uint8 square; None where the file is unreadable and
@@ -120,7 +133,7 @@ class FileSplit:
     for j, row in enumerate(rows):
       if row < 0:
         if out is not None:
-          images[j] = 0   # a reused buffer holds an earlier batch's pixels
+          images[j] = 0  # a reused buffer holds an earlier batch's pixels
         continue
       image = self.read(row)
       if image is None:
@@ -133,10 +146,17 @@ class FileSplit:
         mask[j] = 0.0
         if len(good):
           images[j] = images[good[0]]
-    labels = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(np.int32)
+    labels = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(
+      np.int32
+    )
     extra = {k: v for k, v in plan.items() if k not in ('rows', 'mask')}
-    return {'image': images, 'label': labels, 'mask': mask, **extra,
-            'skipped': tuple(str(self.files[rows[j]]) for j in bad)}
+    return {
+      'image': images,
+      'label': labels,
+      'mask': mask,
+      **extra,
+      'skipped': tuple(str(self.files[rows[j]]) for j in bad),
+    }
 
 
 _watching_parent = False
@@ -151,13 +171,18 @@ def _exit_with_parent() -> None:
   if _watching_parent or parent is None:
     return
   _watching_parent = True
-  parent_pid = parent.pid   # not getppid(): the parent may already be gone (reparented)
+  parent_pid = (
+    parent.pid
+  )  # not getppid(): the parent may already be gone (reparented)
 
   def watch():
     while os.getppid() == parent_pid:
       time.sleep(1.0)
     os._exit(1)
-  threading.Thread(target=watch, daemon=True, name='rotjax-exit-with-parent').start()
+
+  threading.Thread(
+    target=watch, daemon=True, name='rotjax-exit-with-parent'
+  ).start()
 
 
 def _init_worker(index: int, count: int) -> None:
@@ -178,7 +203,7 @@ def available_cores() -> int:
   """Cores this process may run on (its affinity mask: a container or taskset limit counts)."""
   try:
     return len(os.sched_getaffinity(0))
-  except AttributeError:   # macOS
+  except AttributeError:  # macOS
     return os.cpu_count() or 1
 
 
@@ -188,7 +213,7 @@ def num_workers(requested: int, num_batches: int) -> int:
   return max(1, min(requested or available_cores(), num_batches))
 
 
-_attached = {}   # in a worker: ring name -> (SharedMemory, header)
+_attached = {}  # in a worker: ring name -> (SharedMemory, header)
 
 
 class _DecodeIntoRing:
@@ -201,15 +226,24 @@ class _DecodeIntoRing:
     number, plan = item
     if self.name not in _attached:
       from multiprocessing import shared_memory
+
       # Attaching registers the block with the resource tracker this worker shares with
       # the training process; that process unlinks it (and unregisters it) when done.
       shm = shared_memory.SharedMemory(name=self.name)
       _attached[self.name] = (shm, np.ndarray((2,), np.int64, shm.buf))
     shm, header = _attached[self.name]
     if not shared_ring.wait_for_slot(header, number, self.slots):
-      return {'number': number, 'stopped': True}   # nobody reads it: the stream is closing
+      return {
+        'number': number,
+        'stopped': True,
+      }  # nobody reads it: the stream is closing
     slot_bytes = int(np.prod(self.shape))
-    out = np.ndarray(self.shape, np.uint8, shm.buf, shared_ring.HEADER + (number % self.slots) * slot_bytes)
+    out = np.ndarray(
+      self.shape,
+      np.uint8,
+      shm.buf,
+      shared_ring.HEADER + (number % self.slots) * slot_bytes,
+    )
     batch = self.split.gather(plan, out=out)
     del batch['image'], out
     return {**batch, 'number': number}
@@ -236,8 +270,13 @@ class _Numbered:
     return i, self.plan[i]
 
 
-def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
-           workers: int | None = None, own_images: bool = True) -> Iterator[dict]:
+def stream(
+  split: FileSplit,
+  plan: Sequence[dict],
+  start: int = 0,
+  workers: int | None = None,
+  own_images: bool = True,
+) -> Iterator[dict]:
   """The batches plan[start:], in order, decoded by `workers` processes (split.workers by
   default; 0 here: decoded in this process, for small jobs where starting processes costs
   more than it saves). Skipped files are counted and logged; a dead worker is a
@@ -250,14 +289,16 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
   own_images=False: a batch's images are a view of the workers' buffer, valid until the
   next batch is asked for (for a caller that copies them at once into its own array: one
   copy fewer of every pixel)."""
-  import grain   # Imported here: the memory loader never needs it.
+  import grain  # Imported here: the memory loader never needs it.
+
   _allow_grain_flags()
   count = len(plan) - start
   if count <= 0:
     return
   workers = num_workers(split.workers, count) if workers is None else workers
   from multiprocessing import util
-  resources = {}   # the ring and Grain's iterator, once made
+
+  resources = {}  # the ring and Grain's iterator, once made
   end = util.Finalize(None, _end_stream, args=(resources,), exitpriority=10)
   try:
     dataset = grain.MapDataset.source(_Numbered(plan))
@@ -268,13 +309,16 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       shared_ring.name_semaphores_after_this_process()
       shape = (len(plan[start]['rows']), split.size, split.size, 3)
       # Each worker: the batch it decodes and one decoded ahead; more would only wait.
-      ring = resources['ring'] = shared_ring.Ring(workers * PER_WORKER_BUFFER + 1, shape)
+      ring = resources['ring'] = shared_ring.Ring(
+        workers * PER_WORKER_BUFFER + 1, shape
+      )
       ring.consumed[0] = start
       decode = _DecodeIntoRing(split, ring.name, ring.slots, shape)
     else:
       ring, decode = None, _Gather(split)
     dataset = dataset.map(decode).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+    )
     if workers:
       # Labels, masks and indices (up to 2048 rows) go pickled through Grain's queues, not
       # in a shared-memory block each that a group SIGKILL would leave behind unnamed (the
@@ -282,15 +326,19 @@ def stream(split: FileSplit, plan: Sequence[dict], start: int = 0,
       # have in flight fit in its pipe (64 KiB): a worker killed mid-message cannot leave
       # half of one there, which this process would wait for forever.
       dataset = grain.experimental.WithOptionsIterDataset(
-          dataset, grain.experimental.DatasetOptions(min_shm_size=8 << 10))
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER),
-          worker_init_fn=_init_worker)
+        dataset, grain.experimental.DatasetOptions(min_shm_size=8 << 10)
+      )
+      dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=PER_WORKER_BUFFER
+        ),
+        worker_init_fn=_init_worker,
+      )
     resources['iterator'] = iter(dataset)
     del dataset
     yield from _batches(resources, split, ring, own_images, workers)
   finally:
-    end()   # _end_stream(resources), once
+    end()  # _end_stream(resources), once
 
 
 def _end_stream(resources: dict) -> None:
@@ -300,7 +348,7 @@ def _end_stream(resources: dict) -> None:
   up to 25 s and the interpreter's teardown would leave the rest to the resource tracker."""
   ring, iterator = resources.pop('ring', None), resources.pop('iterator', None)
   if ring is not None:
-    ring.release()   # first: ends the workers' waits, so that closing Grain's iterator returns
+    ring.release()  # first: ends the workers' waits, so that closing Grain's iterator returns
   try:
     if iterator is not None:
       iterator.close()
@@ -322,7 +370,9 @@ def _next(iterator):
     raise
 
 
-_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_SUSPENDABLE = (
+  inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+)
 
 
 def _drop_frames(error: BaseException) -> None:
@@ -341,14 +391,15 @@ def _drop_frames(error: BaseException) -> None:
         try:
           frame.clear()
         except RuntimeError:
-          break   # running: so are its callers
+          break  # running: so are its callers
         frame = frame.f_back
       tb = tb.tb_next
     error = error.__cause__ or error.__context__
 
 
-def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
-             workers: int) -> Iterator[dict]:
+def _batches(
+  resources: dict, split: FileSplit, ring, own_images: bool, workers: int
+) -> Iterator[dict]:
   """stream's loop: Grain's batches, their images taken from the ring. Grain's iterator is
   looked up in `resources` each time, so that no frame here keeps it past the stream's end."""
   skipped = 0
@@ -362,12 +413,15 @@ def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
       if 'Worker process' not in str(e):
         raise
       died = str(e)
-    if died is not None:   # raised out here: Grain's error (and its frames) can go at once
+    if (
+      died is not None
+    ):  # raised out here: Grain's error (and its frames) can go at once
       raise DataWorkerError(
-          f'a data loader worker process died while decoding {split.name or "a split"} '
-          f'({died}); nothing was trained on a partial batch. If the machine ran out of '
-          'memory, lower data.workers or batch_size; rerun to resume from the last '
-          'checkpoint')
+        f'a data loader worker process died while decoding {split.name or "a split"} '
+        f'({died}); nothing was trained on a partial batch. If the machine ran out of '
+        'memory, lower data.workers or batch_size; rerun to resume from the last '
+        'checkpoint'
+      )
     # Out of Grain's shared memory at once: what the loop keeps (device prefetch, the
     # last batch) then holds no shared-memory block, and each block is freed as soon as
     # its batch has arrived rather than when the last reference to it goes.
@@ -375,27 +429,34 @@ def _batches(resources: dict, split: FileSplit, ring, own_images: bool,
     batch = {k: np.array(v) for k, v in batch.items()}
     if len(names):
       skipped += len(names)
-      logging.warning('skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
-                      'this pass of %s), e.g. %s', len(names), skipped, split.name,
-                      list(names)[:3])
+      logging.warning(
+        'skipped %d unreadable files (data.skip_bad_files=True; %d so far in '
+        'this pass of %s), e.g. %s',
+        len(names),
+        skipped,
+        split.name,
+        list(names)[:3],
+      )
     if ring is None:
       yield batch
       continue
     number = int(batch.pop('number'))
     if own_images:
       batch['image'] = np.array(ring.slot(number))
-      ring.consumed[0] = number + 1   # its slot may now take batch number + slots
+      ring.consumed[0] = (
+        number + 1
+      )  # its slot may now take batch number + slots
       yield batch
     else:
       batch['image'] = ring.slot(number)
       yield batch
-      ring.consumed[0] = number + 1   # the caller has asked for the next batch
+      ring.consumed[0] = number + 1  # the caller has asked for the next batch
 
 
 def _allow_grain_flags() -> None:
   """Grain reads absl flags of its own; outside an absl app (the Python API, the tests)
   nothing parsed them, and reading an unparsed flag raises. Their defaults are what we want."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-

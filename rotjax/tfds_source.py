@@ -4,6 +4,7 @@ tensorflow_datasets is imported inside each function: only this source needs Ten
 The records' images stay encoded here and are decoded by PIL (image_files), as a folder's
 files are; the streaming loader reads the same records through streaming.TfdsReader.
 """
+
 import concurrent.futures
 import logging
 import os
@@ -19,15 +20,25 @@ def load_split(name, split, size, data_dir=''):
   encoded by tfds and decoded by PIL here, as a folder's files and the streaming loader's
   records are: one resampling (image_files.fit_square) for every source and loader."""
   import tensorflow_datasets as tfds
-  try:   # prepared as ArrayRecord (tfds.load cannot read those): its random-access source
+
+  try:  # prepared as ArrayRecord (tfds.load cannot read those): its random-access source
     source = streaming.open_tfds_source(name, split, data_dir)
     records, info = [source[i] for i in range(len(source))], source.dataset_info
-  except ValueError:   # TFRecord, or not here yet: tfds.load prepares it
-    ds, info = tfds.load(name, split=split, with_info=True, data_dir=data_dir or None,
-                         decoders={'image': tfds.decode.SkipDecoding()})
+  except ValueError:  # TFRecord, or not here yet: tfds.load prepares it
+    ds, info = tfds.load(
+      name,
+      split=split,
+      with_info=True,
+      data_dir=data_dir or None,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
     records = list(tfds.as_numpy(ds))
-  with concurrent.futures.ThreadPoolExecutor(streaming.available_cores()) as pool:
-    images = list(pool.map(lambda r: image_files.decode_bytes(r['image'], size), records))
+  with concurrent.futures.ThreadPoolExecutor(
+    streaming.available_cores()
+  ) as pool:
+    images = list(
+      pool.map(lambda r: image_files.decode_bytes(r['image'], size), records)
+    )
   labels = np.asarray([r['label'] for r in records], np.int32)
   return np.stack(images), labels, tuple(info.features['label'].names)
 
@@ -39,17 +50,28 @@ def read_labels(name, split, data_dir='', cache_dir=''):
   classes = tuple(source.dataset_info.features['label'].names)
   cache = ''
   if cache_dir:
-    cache = os.path.join(os.path.expanduser(cache_dir), 'tfds-labels',
-                         f'{name.replace("/", "_")}-{split}-{len(source)}.npy')
+    cache = os.path.join(
+      os.path.expanduser(cache_dir),
+      'tfds-labels',
+      f'{name.replace("/", "_")}-{split}-{len(source)}.npy',
+    )
     if os.path.exists(cache):
       return np.load(cache), classes
-  logging.info('reading the labels of tfds:%s %s (%d records, once)', name, split, len(source))
+  logging.info(
+    'reading the labels of tfds:%s %s (%d records, once)',
+    name,
+    split,
+    len(source),
+  )
   labels = np.empty(len(source), np.int32)
   for start in range(0, len(source), 1024):
     chunk = range(start, min(start + 1024, len(source)))
-    records = source.__getitems__(list(chunk)) if hasattr(source, '__getitems__') else [
-        source[i] for i in chunk]
-    labels[start:start + len(chunk)] = [r['label'] for r in records]
+    records = (
+      source.__getitems__(list(chunk))
+      if hasattr(source, '__getitems__')
+      else [source[i] for i in chunk]
+    )
+    labels[start : start + len(chunk)] = [r['label'] for r in records]
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = f'{cache}.{os.getpid()}.tmp.npy'
@@ -62,7 +84,8 @@ def num_examples(name, splits, data_dir='') -> int | None:
   """Examples in `splits` of a tfds dataset where its metadata is on this machine, else None."""
   try:
     import tensorflow_datasets as tfds
+
     info = tfds.builder(name, data_dir=data_dir or None).info
     return sum(info.splits[split].num_examples for split in splits)
-  except Exception:   # not prepared here (tfds.load would download it)
+  except Exception:  # not prepared here (tfds.load would download it)
     return None

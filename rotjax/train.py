@@ -4,6 +4,7 @@ steps (steps.py): data, evaluation, checkpoints, metrics, resume.
 A run resumes from its latest checkpoint, inside an epoch too (checkpoint_every_steps),
 and gives the numbers an unbroken run gives.
 """
+
 import contextlib
 import copy
 import functools
@@ -62,7 +63,10 @@ class Stopped(KeyboardInterrupt):
 
 # ---------------------------------------------------------------- state
 
-def create_train_state(config, num_classes: int, steps_per_epoch: int, compute=None):
+
+def create_train_state(
+  config, num_classes: int, steps_per_epoch: int, compute=None
+):
   """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule.
 
   compute: the run's (compute.resolve, once per start); None resolves config.model for
@@ -70,36 +74,63 @@ def create_train_state(config, num_classes: int, steps_per_epoch: int, compute=N
   if compute is None:
     compute = compute_lib.resolve(config.model)
   probe = model_factory.build_model(config, num_classes, compute)
-  variables = model_factory.init_variables(probe, jax.random.key(config.seed),
-                                           config.data.image_size)
+  variables = model_factory.init_variables(
+    probe, jax.random.key(config.seed), config.data.image_size
+  )
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   mask = freeze.trainable_mask(params, config.trainable)
   # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
   # BatchNorm like any other in training; only 'running' and 'reestimated' tell the model
   # which subtrees normalise with their running statistics instead.
-  running = (freeze.frozen_prefixes(params, config.trainable)
-             if config.freeze_bn in RUNNING_STATS else ())
-  model = model_factory.build_model(config, num_classes, compute, frozen=running)
+  running = (
+    freeze.frozen_prefixes(params, config.trainable)
+    if config.freeze_bn in RUNNING_STATS
+    else ()
+  )
+  model = model_factory.build_model(
+    config, num_classes, compute, frozen=running
+  )
   init_info = {}
   if config.init_from:
     loaded = checkpoint_lib.load_variables(config.init_from)
     # Another stage's head answers another question (rotations, not classes) even where the
     # shapes agree: a 4-class dataset from an N = 4 pretext must not start from its head.
     reinit_head = loaded['config'].get('stage') != config.stage
-    params, names, kept = checkpoint_lib.merge_params(params, loaded['params'], config.head,
-                                                      reinit_head=reinit_head)
-    batch_stats, _, _ = checkpoint_lib.merge_params(batch_stats, loaded['batch_stats'],
-                                                    config.head, what='batch_stats',
-                                                    reinit_head=reinit_head)
-    logging.info('init_from %s: loaded %d parameter arrays; re-initialised %s',
-                 loaded['path'], len(names), kept or 'nothing')
-    init_info = {'init_from': loaded['path'], 'loaded': len(names), 'reinitialised': kept,
-                 'init_from_source': checkpoint_lib.source_record(loaded, config.workdir)}
-  tx, schedule = optim.create_optimizer(config.optim, mask, steps_per_epoch, config.num_epochs)
+    params, names, kept = checkpoint_lib.merge_params(
+      params, loaded['params'], config.head, reinit_head=reinit_head
+    )
+    batch_stats, _, _ = checkpoint_lib.merge_params(
+      batch_stats,
+      loaded['batch_stats'],
+      config.head,
+      what='batch_stats',
+      reinit_head=reinit_head,
+    )
+    logging.info(
+      'init_from %s: loaded %d parameter arrays; re-initialised %s',
+      loaded['path'],
+      len(names),
+      kept or 'nothing',
+    )
+    init_info = {
+      'init_from': loaded['path'],
+      'loaded': len(names),
+      'reinitialised': kept,
+      'init_from_source': checkpoint_lib.source_record(loaded, config.workdir),
+    }
+  tx, schedule = optim.create_optimizer(
+    config.optim, mask, steps_per_epoch, config.num_epochs
+  )
   # tx.init as one program: run eagerly it is a few hundred one-op programs (Adam's zeros
   # per leaf, masked), each compiled afresh in every process (2 s of a run's start).
-  state = TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
-                     opt_state=jax.jit(tx.init)(params), batch_stats=batch_stats)
+  state = TrainState(
+    step=0,
+    apply_fn=model.apply,
+    params=params,
+    tx=tx,
+    opt_state=jax.jit(tx.init)(params),
+    batch_stats=batch_stats,
+  )
   return state, mask, schedule, init_info
 
 
@@ -120,52 +151,90 @@ def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
   synced.model.sync_bn = True
   if compute is None:
     compute = compute_lib.resolve(config.model)
-  module = model_factory.build_model(synced, model_factory.num_outputs(config, dataset), compute)
+  module = model_factory.build_model(
+    synced, model_factory.num_outputs(config, dataset), compute
+  )
   prepare = steps.make_prepare_fn(config, train=True)
-  key = jax.random.key(config.seed + 2)   # eval_key is seed + 1
+  key = jax.random.key(config.seed + 2)  # eval_key is seed + 1
 
   def prepare_images(batch, batch_number):
-    return prepare(steps.with_index(batch), jax.random.fold_in(key, batch_number))[0]
-  p_moments = jax.pmap(functools.partial(bn_stats.moments_step, module=module,
-                                         prepare_fn=prepare_images),
-                       axis_name='batch', devices=devices)
+    return prepare(
+      steps.with_index(batch), jax.random.fold_in(key, batch_number)
+    )[0]
+
+  p_moments = jax.pmap(
+    functools.partial(
+      bn_stats.moments_step, module=module, prepare_fn=prepare_images
+    ),
+    axis_name='batch',
+    devices=devices,
+  )
   local_batch = dataset.local_batch(config.batch_size)
   num_steps = max(1, dataset.size('train') // config.batch_size)
-  batches = batch_plans.train_batches(dataset.train, local_batch, config.seed, 0,
-                                      dataset.shards, num_steps,
-                                      first_index=dataset.process_index * local_batch)
+  batches = batch_plans.train_batches(
+    dataset.train,
+    local_batch,
+    config.seed,
+    0,
+    dataset.shards,
+    num_steps,
+    first_index=dataset.process_index * local_batch,
+  )
   batches = (parallel.shard(b, len(parallel.local(devices))) for b in batches)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  stats, record = bn_stats.reestimate(p_moments, variables, batches,
-                                      lambda path: models.is_frozen(path, prefixes), devices)
-  record = {**record, 'images': num_steps * config.batch_size, 'augmentation': 'train'}
-  logging.info('freeze_bn=reestimated: %d BatchNorm layers (%s .. %s) re-estimated on %d '
-               'training images in %.1f s', record['layers'], record['first_layer'],
-               record['last_layer'], record['images'], record['seconds'])
+  stats, record = bn_stats.reestimate(
+    p_moments,
+    variables,
+    batches,
+    lambda path: models.is_frozen(path, prefixes),
+    devices,
+  )
+  record = {
+    **record,
+    'images': num_steps * config.batch_size,
+    'augmentation': 'train',
+  }
+  logging.info(
+    'freeze_bn=reestimated: %d BatchNorm layers (%s .. %s) re-estimated on %d '
+    'training images in %.1f s',
+    record['layers'],
+    record['first_layer'],
+    record['last_layer'],
+    record['images'],
+    record['seconds'],
+  )
   return state.replace(batch_stats=stats), record
 
 
 # ---------------------------------------------------------------- the loop
 
-def evaluate(p_eval_step, state, dataset, split, batch_size, num_local_devices, rng):
+
+def evaluate(
+  p_eval_step, state, dataset, split, batch_size, num_local_devices, rng
+):
   """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
   local_batch = dataset.local_batch(batch_size)
-  batches = batch_plans.eval_batches(getattr(dataset, split), local_batch,
-                                     dataset.eval_steps(split, batch_size))
+  batches = batch_plans.eval_batches(
+    getattr(dataset, split), local_batch, dataset.eval_steps(split, batch_size)
+  )
   # Closed on an error or a signal too: a traceback that keeps this frame would keep a
   # streaming loader's workers waiting.
   with contextlib.closing(batches):
     for i, batch in enumerate(batches):
       # Random numbers (the pretext's sub-pixel shifts) keyed on each example's place in the
       # split: the same metrics on any number of devices and processes.
-      batch['index'] = steps.split_index(i, local_batch, dataset.process_index,
-                                         dataset.process_count)
+      batch['index'] = steps.split_index(
+        i, local_batch, dataset.process_index, dataset.process_count
+      )
       sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(parallel.unreplicate(totals))
   count = max(float(totals['count']), 1.0)
-  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['correct']) / count}
+  return {
+    'loss': float(totals['loss']) / count,
+    'accuracy': float(totals['correct']) / count,
+  }
 
 
 def _stops_on_signals(fn):
@@ -174,6 +243,7 @@ def _stops_on_signals(fn):
   names the checkpoint a rerun resumes from. A second signal gets the previous handler
   (SIGTERM's default ends the process at once). Only in the main thread, and only where
   the handlers are Python's defaults: a caller's own are left alone."""
+
   @functools.wraps(fn)
   def wrapper(config, *args, **kwargs):
     if threading.current_thread() is not threading.main_thread():
@@ -184,6 +254,7 @@ def _stops_on_signals(fn):
       for sig, old in previous.items():
         signal.signal(sig, old)
       raise Stopped(signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
       if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
         previous[sig] = signal.signal(sig, handler)
@@ -192,13 +263,21 @@ def _stops_on_signals(fn):
     except Stopped as e:
       workdir = rundir.absolute(config.workdir)
       saved = rundir.step_dirs(workdir, rundir.LATEST)
-      where = f'step {os.path.basename(saved[-1])}' if saved else 'the start (no checkpoint yet)'
-      raise Stopped(e.signum, f'training in {workdir} stopped by {signal.Signals(e.signum).name}; '
-                    f'its data workers are stopped and its checkpoints intact: the same command '
-                    f'resumes it from {where}') from None
+      where = (
+        f'step {os.path.basename(saved[-1])}'
+        if saved
+        else 'the start (no checkpoint yet)'
+      )
+      raise Stopped(
+        e.signum,
+        f'training in {workdir} stopped by {signal.Signals(e.signum).name}; '
+        f'its data workers are stopped and its checkpoints intact: the same command '
+        f'resumes it from {where}',
+      ) from None
     finally:
       for sig, old in previous.items():
         signal.signal(sig, old)
+
   return wrapper
 
 
@@ -221,64 +300,108 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   compile_cache.enable(config.compile_cache)
   num_shards = input_pipeline.num_data_shards(config.data, jax.process_count())
   config_checks.check_batch(config, num_devices, num_shards)
-  dataset = dataset or input_pipeline.load_dataset(config.data, jax.process_index(),
-                                                   jax.process_count())
+  dataset = dataset or input_pipeline.load_dataset(
+    config.data, jax.process_index(), jax.process_count()
+  )
   config_checks.check_dataset(config, dataset)
   data_loaded = time.time()
   steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
   num_classes = model_factory.num_outputs(config, dataset)
   ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
   with compile_cache.logged('model init'):
-    state, mask, schedule, init_info = create_train_state(config, num_classes, steps_per_epoch,
-                                                          compute)
+    state, mask, schedule, init_info = create_train_state(
+      config, num_classes, steps_per_epoch, compute
+    )
   if ckpt.has_steps():
     _check_same_source(workdir, init_info)
   trainable, total = freeze.count(state.params, mask)
-  logging.info('%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
-               config.stage, config.model.name, trainable, total, num_devices,
-               dataset.size('train'), dataset.size('val'), dataset.size('test'))
+  logging.info(
+    '%s: %s, %d/%d parameters trainable, %d devices, %d train / %d val / %d test images',
+    config.stage,
+    config.model.name,
+    trainable,
+    total,
+    num_devices,
+    dataset.size('train'),
+    dataset.size('val'),
+    dataset.size('test'),
+  )
   log = metrics_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
   # What fixes the training batches (batch_plans.TrainPlan): a run resumed inside an
   # epoch must have the same, so that it continues that epoch's very batches.
-  data_state = {'seed': config.seed, 'num_shards': dataset.num_shards,
-                'train_images': dataset.size('train'), 'batch_size': config.batch_size}
-  state, start_epoch, history, partial = rundir.resume(ckpt, log, state, steps_per_epoch,
-                                                       data_state)
+  data_state = {
+    'seed': config.seed,
+    'num_shards': dataset.num_shards,
+    'train_images': dataset.size('train'),
+    'batch_size': config.batch_size,
+  }
+  state, start_epoch, history, partial = rundir.resume(
+    ckpt, log, state, steps_per_epoch, data_state
+  )
   if int(state.step):
-    logging.info('resuming %s from step %d%s', workdir, int(state.step),
-                 f' (step {partial["steps_done"]} of epoch {partial["epoch"]})' if partial else '')
+    logging.info(
+      'resuming %s from step %d%s',
+      workdir,
+      int(state.step),
+      f' (step {partial["steps_done"]} of epoch {partial["epoch"]})'
+      if partial
+      else '',
+    )
   best_val = max((r['val_accuracy'] for r in history), default=-1.0)
   if config.freeze_bn == 'reestimated':
     # Once, before the first step: a resumed run's checkpoint already holds the statistics
     # (the frozen layers leave them as they are), and its first start's record stays.
     if not int(state.step):
       with compile_cache.logged('BatchNorm re-estimation'):
-        state, record = reestimate_frozen_bn(config, state, dataset, devices, compute)
+        state, record = reestimate_frozen_bn(
+          config, state, dataset, devices, compute
+        )
     else:
       record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
     init_info = {**init_info, 'bn_reestimated': record}
   compute_record = compute.record()
   logging.info('%s', compute_lib.summary_line(compute_record))
-  _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total,
-                  first_compute or compute_record, compute_record)
+  _write_run_info(
+    workdir,
+    config,
+    dataset,
+    init_info,
+    num_devices,
+    trainable,
+    total,
+    first_compute or compute_record,
+    compute_record,
+  )
 
   state = parallel.replicate(state, devices)
-  p_train_step = compile_cache.log_first_call(steps.pmapped_train_step(config, mask, devices),
-                                              'train step', since=data_loaded)
-  p_eval_step = compile_cache.log_first_call(steps.pmapped_eval_step(config, devices),
-                                             'eval step')
+  p_train_step = compile_cache.log_first_call(
+    steps.pmapped_train_step(config, mask, devices),
+    'train step',
+    since=data_loaded,
+  )
+  p_eval_step = compile_cache.log_first_call(
+    steps.pmapped_eval_step(config, devices), 'eval step'
+  )
   rng = jax.random.key(config.seed)
   eval_rng = parallel.replicate(steps.eval_key(config.seed), devices)
   rng = parallel.replicate(rng, devices)
   images_per_step = config.batch_size * (
-      config.rotation.num_rotations if config.stage == 'pretext' and config.rotation.mode == 'all'
-      else 1)
+    config.rotation.num_rotations
+    if config.stage == 'pretext' and config.rotation.mode == 'all'
+    else 1
+  )
 
   def save_partial(step, state, *, epoch, steps_done, step_metrics):
     rundir.save_partial_epoch(
-        ckpt, step, jax.device_get(parallel.unreplicate(state)), epoch=epoch,
-        steps_done=steps_done, steps_per_epoch=steps_per_epoch,
-        data={**data_state, 'loader': dataset.loader}, step_metrics=step_metrics)
+      ckpt,
+      step,
+      jax.device_get(parallel.unreplicate(state)),
+      epoch=epoch,
+      steps_done=steps_done,
+      steps_per_epoch=steps_per_epoch,
+      data={**data_state, 'loader': dataset.loader},
+      step_metrics=step_metrics,
+    )
 
   local_batch = dataset.local_batch(config.batch_size)
   # A run resumed inside an epoch: that epoch's remaining batches, its step metrics so far.
@@ -286,45 +409,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   # Every remaining training batch as one stream (a streaming loader keeps its workers).
   # Processes feed the devices in process order: this one's rows start at p * local_batch.
   train_stream = batch_plans.epochs_of_batches(
-      dataset.train, local_batch, config.seed, range(start_epoch + 1, config.num_epochs + 1),
-      dataset.shards, steps_per_epoch, first_index=dataset.process_index * local_batch,
-      first_step=resumed_step)
+    dataset.train,
+    local_batch,
+    config.seed,
+    range(start_epoch + 1, config.num_epochs + 1),
+    dataset.shards,
+    steps_per_epoch,
+    first_index=dataset.process_index * local_batch,
+    first_step=resumed_step,
+  )
   try:
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       t0 = time.time()
       first_step = resumed_step if epoch == start_epoch + 1 else 0
       batches = itertools.islice(train_stream, steps_per_epoch - first_step)
       batches = jax_utils.prefetch_to_device(
-          (parallel.shard(b, num_local_devices) for b in batches), 2, parallel.local(devices))
-      bar = progress.EpochBar(epoch, config.num_epochs, steps_per_epoch, images_per_step,
-                              enabled=config.progress and jax.process_index() == 0)
+        (parallel.shard(b, num_local_devices) for b in batches),
+        2,
+        parallel.local(devices),
+      )
+      bar = progress.EpochBar(
+        epoch,
+        config.num_epochs,
+        steps_per_epoch,
+        images_per_step,
+        enabled=config.progress and jax.process_index() == 0,
+      )
       state, step_metrics = train_steps(
-          p_train_step, state, batches, rng, epoch=epoch, first_step=first_step,
-          steps_per_epoch=steps_per_epoch, log_every=config.log_every_steps, bar=bar,
-          save_every=config.checkpoint_every_steps, save_partial=save_partial,
-          step_metrics=partial['step_metrics'] if first_step else ())
+        p_train_step,
+        state,
+        batches,
+        rng,
+        epoch=epoch,
+        first_step=first_step,
+        steps_per_epoch=steps_per_epoch,
+        log_every=config.log_every_steps,
+        bar=bar,
+        save_every=config.checkpoint_every_steps,
+        save_partial=save_partial,
+        step_metrics=partial['step_metrics'] if first_step else (),
+      )
       train_time = time.time() - t0
-      val = evaluate(p_eval_step, state, dataset, 'val', config.eval_batch_size,
-                     num_local_devices, eval_rng)
-      test = evaluate(p_eval_step, state, dataset, 'test', config.eval_batch_size,
-                      num_local_devices, eval_rng)
-      row = {'epoch': epoch, 'step': epoch * steps_per_epoch,
-             'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-             **epoch_means(step_metrics),
-             'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-             'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-             'train_seconds': train_time, 'epoch_seconds': time.time() - t0,
-             'images_per_second': steps_per_epoch * images_per_step / max(train_time, 1e-9),
-             # Each epoch's own: an explicit override on resume may differ from run_info's.
-             'dtype': compute.dtype, 'conv': compute.conv, 'norm': compute.norm}
+      val = evaluate(
+        p_eval_step,
+        state,
+        dataset,
+        'val',
+        config.eval_batch_size,
+        num_local_devices,
+        eval_rng,
+      )
+      test = evaluate(
+        p_eval_step,
+        state,
+        dataset,
+        'test',
+        config.eval_batch_size,
+        num_local_devices,
+        eval_rng,
+      )
+      row = {
+        'epoch': epoch,
+        'step': epoch * steps_per_epoch,
+        'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
+        **epoch_means(step_metrics),
+        'val_loss': val['loss'],
+        'val_accuracy': val['accuracy'],
+        'test_loss': test['loss'],
+        'test_accuracy': test['accuracy'],
+        'train_seconds': train_time,
+        'epoch_seconds': time.time() - t0,
+        'images_per_second': steps_per_epoch
+        * images_per_step
+        / max(train_time, 1e-9),
+        # Each epoch's own: an explicit override on resume may differ from run_info's.
+        'dtype': compute.dtype,
+        'conv': compute.conv,
+        'norm': compute.norm,
+      }
       is_best = val['accuracy'] > best_val
       best_val = max(best_val, val['accuracy'])
-      rundir.commit_epoch(ckpt, log, epoch * steps_per_epoch,
-                          jax.device_get(parallel.unreplicate(state)), is_best, row)
+      rundir.commit_epoch(
+        ckpt,
+        log,
+        epoch * steps_per_epoch,
+        jax.device_get(parallel.unreplicate(state)),
+        is_best,
+        row,
+      )
       history.append(row)
       bar.close(row)
   finally:
-    train_stream.close()   # stops a streaming loader's workers, on errors too
+    train_stream.close()  # stops a streaming loader's workers, on errors too
   ckpt.wait()
   ckpt.close()
   log.close()
@@ -334,9 +510,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   return summary
 
 
-def train_steps(p_train_step, state, batches, rng, *, epoch: int, first_step: int,
-                steps_per_epoch: int, log_every: int, bar, save_every: int = 0,
-                save_partial=None, step_metrics=()):
+def train_steps(
+  p_train_step,
+  state,
+  batches,
+  rng,
+  *,
+  epoch: int,
+  first_step: int,
+  steps_per_epoch: int,
+  log_every: int,
+  bar,
+  save_every: int = 0,
+  save_partial=None,
+  step_metrics=(),
+):
   """(state, the epoch's step metrics): a train step per batch, from step first_step + 1
   of `epoch` on; `step_metrics` are those of its steps before (a run resumed inside it).
 
@@ -350,8 +538,14 @@ def train_steps(p_train_step, state, batches, rng, *, epoch: int, first_step: in
     state, metrics = p_train_step(state, batch, rng)
     pending.append(metrics)
     step = (epoch - 1) * steps_per_epoch + step_in_epoch
-    save_now = save_every and step % save_every == 0 and step_in_epoch < steps_per_epoch
-    if step_in_epoch % log_every == 0 or step_in_epoch == steps_per_epoch or save_now:
+    save_now = (
+      save_every and step % save_every == 0 and step_in_epoch < steps_per_epoch
+    )
+    if (
+      step_in_epoch % log_every == 0
+      or step_in_epoch == steps_per_epoch
+      or save_now
+    ):
       # The one host sync: fetch the metrics of the last few steps at once.
       fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
       pending = []
@@ -359,7 +553,13 @@ def train_steps(p_train_step, state, batches, rng, *, epoch: int, first_step: in
       _check_finite(fetched, epoch, step)
       bar.update(step_in_epoch, fetched[-1])
     if save_now:
-      save_partial(step, state, epoch=epoch, steps_done=step_in_epoch, step_metrics=step_metrics)
+      save_partial(
+        step,
+        state,
+        epoch=epoch,
+        steps_done=step_in_epoch,
+        step_metrics=step_metrics,
+      )
   return state, step_metrics
 
 
@@ -369,7 +569,9 @@ def epoch_means(step_metrics: list[dict]) -> dict:
   if not step_metrics:
     return {'train_loss': None, 'train_accuracy': None}
   counts = np.asarray([float(m['count']) for m in step_metrics])
-  mean = lambda key: float(np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts))
+  mean = lambda key: float(
+    np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts)
+  )
   return {'train_loss': mean('loss'), 'train_accuracy': mean('accuracy')}
 
 
@@ -378,21 +580,28 @@ def summarize(history: list[dict]) -> dict:
   if not history:
     return {}
   best = max(history, key=lambda r: r['val_accuracy'])
-  return {'epochs': history[-1]['epoch'], 'best_epoch': best['epoch'],
-          'best_val_accuracy': best['val_accuracy'], 'test_accuracy': best['test_accuracy'],
-          'min_val_loss': min(r['val_loss'] for r in history),
-          'final_test_accuracy': history[-1]['test_accuracy'],
-          'train_seconds': sum(r['train_seconds'] for r in history),
-          'wall_seconds': sum(r['epoch_seconds'] for r in history),
-          'images_per_second': float(np.median([r['images_per_second'] for r in history]))}
+  return {
+    'epochs': history[-1]['epoch'],
+    'best_epoch': best['epoch'],
+    'best_val_accuracy': best['val_accuracy'],
+    'test_accuracy': best['test_accuracy'],
+    'min_val_loss': min(r['val_loss'] for r in history),
+    'final_test_accuracy': history[-1]['test_accuracy'],
+    'train_seconds': sum(r['train_seconds'] for r in history),
+    'wall_seconds': sum(r['epoch_seconds'] for r in history),
+    'images_per_second': float(
+      np.median([r['images_per_second'] for r in history])
+    ),
+  }
 
 
 def _check_finite(fetched, epoch, step):
   for m in fetched:
     if not np.isfinite(m['loss']):
       raise FloatingPointError(
-          f'non-finite loss {m["loss"]} at epoch {epoch}, step <= {step}; the last '
-          'checkpoint is intact: lower optim.learning_rate and rerun to resume from it')
+        f'non-finite loss {m["loss"]} at epoch {epoch}, step <= {step}; the last '
+        'checkpoint is intact: lower optim.learning_rate and rerun to resume from it'
+      )
 
 
 def _first_compute(workdir: str) -> dict | None:
@@ -409,26 +618,51 @@ def _check_same_source(workdir: str, init_info: dict) -> None:
   recorded = rundir.read(workdir, rundir.RUN_INFO, {}).get('init_from_source')
   now = init_info.get('init_from_source')
   if recorded and recorded != now:
-    now_text = checkpoint_lib.describe_source(now) if now else 'nothing (init_from is empty)'
+    now_text = (
+      checkpoint_lib.describe_source(now)
+      if now
+      else 'nothing (init_from is empty)'
+    )
     raise ValueError(
-        f'{workdir} started from {checkpoint_lib.describe_source(recorded)} and init_from now '
-        f'holds {now_text}: its epochs would come from two different sources; delete the '
-        'folder (or use another workdir) to train it from the current one')
+      f'{workdir} started from {checkpoint_lib.describe_source(recorded)} and init_from now '
+      f'holds {now_text}: its epochs would come from two different sources; delete the '
+      'folder (or use another workdir) to train it from the current one'
+    )
 
 
-def _write_run_info(workdir, config, dataset, init_info, num_devices, trainable, total, compute,
-                    compute_now):
+def _write_run_info(
+  workdir,
+  config,
+  dataset,
+  init_info,
+  num_devices,
+  trainable,
+  total,
+  compute,
+  compute_now,
+):
   """config.json and run_info.json; `compute` is the first start's (the run's), `compute_now`
   this start's (they differ only by an explicit override, recorded in the metrics rows)."""
   if jax.process_index() != 0:
     return
   rundir.write(workdir, rundir.CONFIG, config.to_dict())
-  rundir.write(workdir, rundir.RUN_INFO, {
-      'stage': config.stage, 'num_devices': num_devices, 'class_names': dataset.class_names,
-      'train_images': dataset.size('train'), 'val_images': dataset.size('val'),
-      'test_images': dataset.size('test'), 'data_shards': dataset.num_shards,
+  rundir.write(
+    workdir,
+    rundir.RUN_INFO,
+    {
+      'stage': config.stage,
+      'num_devices': num_devices,
+      'class_names': dataset.class_names,
+      'train_images': dataset.size('train'),
+      'val_images': dataset.size('val'),
+      'test_images': dataset.size('test'),
+      'data_shards': dataset.num_shards,
       'data_loader': {'loader': dataset.loader, 'why': dataset.loader_reason},
       'trainable_parameters': trainable,
-      'total_parameters': total, 'compute': compute,
+      'total_parameters': total,
+      'compute': compute,
       'compile_cache': compile_cache.status(),
-      **({'compute_now': compute_now} if compute_now != compute else {}), **init_info})
+      **({'compute_now': compute_now} if compute_now != compute else {}),
+      **init_info,
+    },
+  )

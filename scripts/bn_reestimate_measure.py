@@ -10,6 +10,7 @@ line per run with its summary (test accuracy at the best-validation epoch) and, 
 reestimated, run_info's record of the pass. The linear probe's comparison is two commands:
 `python -m rotjax.evaluate probe PRETEXT --layer=layer3 [--bn=reestimated]`.
 """
+
 import argparse
 import json
 import os
@@ -21,30 +22,54 @@ from rotjax.cpu import platform  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--study', required=True, help='the :cpu study folder holding the pretext')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--study', required=True, help='the :cpu study folder holding the pretext'
+  )
   parser.add_argument('--out', required=True)
-  parser.add_argument('--runs', nargs='+', required=True, help='FREEZE_BN:SEED ...')
+  parser.add_argument(
+    '--runs', nargs='+', required=True, help='FREEZE_BN:SEED ...'
+  )
   args = parser.parse_args(argv)
   platform.configure()
   platform.quiet_library_logs()
   from configs import study
   from rotjax.study import sweep
   from rotjax import train
+
   config = study.get_config('cpu')
   config.workdir = args.study
   for spec in args.runs:
     freeze_bn, seed = spec.split(':')
-    run = sweep.Run(2, 'cifar10', 'resnet18', 4, 0.1, 0, int(seed), freeze_bn=freeze_bn,
-                    pretext_seed=config.pretext_seed)
+    run = sweep.Run(
+      2,
+      'cifar10',
+      'resnet18',
+      4,
+      0.1,
+      0,
+      int(seed),
+      freeze_bn=freeze_bn,
+      pretext_seed=config.pretext_seed,
+    )
     run_config = sweep.run_config(config, run)
     run_config.workdir = os.path.join(args.out, f'seed{seed}-{freeze_bn}')
     summary = train.train_and_evaluate(run_config)
     with open(os.path.join(run_config.workdir, 'run_info.json')) as f:
       record = json.load(f).get('bn_reestimated')
-    print(json.dumps({'freeze_bn': freeze_bn, 'seed': int(seed), **summary,
-                      'bn_reestimated': record}), flush=True)
+    print(
+      json.dumps(
+        {
+          'freeze_bn': freeze_bn,
+          'seed': int(seed),
+          **summary,
+          'bn_reestimated': record,
+        }
+      ),
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

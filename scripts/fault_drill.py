@@ -24,6 +24,7 @@ long after the signal, when its last process (decoding workers, resource tracker
 was gone, its /dev/shm files left then and after the rerun (the next stream removes
 what a group SIGKILL leaves), the step the rerun resumed from, and its metrics.
 """
+
 import argparse
 import glob
 import json
@@ -39,11 +40,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from rotjax import rundir, testing  # noqa: E402  (this checkout's)
 
-SIGNAL_ROWS = (('SIGTERM', 'group'), ('SIGINT', 'group'), ('SIGKILL', 'trainer'),
-               ('SIGKILL', 'group'), ('SIGKILL', 'worker'))
+SIGNAL_ROWS = (
+  ('SIGTERM', 'group'),
+  ('SIGINT', 'group'),
+  ('SIGKILL', 'trainer'),
+  ('SIGKILL', 'group'),
+  ('SIGKILL', 'worker'),
+)
 # What each ending must say on stderr (None: a SIGKILL of the trainer says nothing).
-NAMED = {'SIGTERM': 'stopped by SIGTERM', 'SIGINT': 'stopped by SIGINT',
-         'worker': 'DataWorkerError: a data loader worker process died'}
+NAMED = {
+  'SIGTERM': 'stopped by SIGTERM',
+  'SIGINT': 'stopped by SIGINT',
+  'worker': 'DataWorkerError: a data loader worker process died',
+}
 
 TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
 
@@ -51,11 +60,20 @@ TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
 def command(args, workdir):
   # The tests' tiny settings (rotjax/testing.py), in float32 as there, on args.config.
   tiny = [f'--config.{key}={value}' for key, value in testing.TINY.items()]
-  return [sys.executable, '-m', 'rotjax.main', f'--config={args.config}', *tiny,
-          f'--config.workdir={workdir}', f'--config.data.source={args.source}',
-          f'--config.num_epochs={args.epochs}', '--config.log_every_steps=1',
-          f'--config.data.cache_dir={os.path.join(workdir, "cache")}',
-          f'--config.data.loader={args.loader}', f'--config.checkpoint_every_steps={args.every}']
+  return [
+    sys.executable,
+    '-m',
+    'rotjax.main',
+    f'--config={args.config}',
+    *tiny,
+    f'--config.workdir={workdir}',
+    f'--config.data.source={args.source}',
+    f'--config.num_epochs={args.epochs}',
+    '--config.log_every_steps=1',
+    f'--config.data.cache_dir={os.path.join(workdir, "cache")}',
+    f'--config.data.loader={args.loader}',
+    f'--config.checkpoint_every_steps={args.every}',
+  ]
 
 
 def environment(cache_dir):
@@ -71,9 +89,13 @@ def environment(cache_dir):
 
 def run_to_end(args, workdir, env) -> tuple[float, str]:
   t0 = time.time()
-  proc = subprocess.run(command(args, workdir), cwd=ROOT, env=env, capture_output=True, text=True)
+  proc = subprocess.run(
+    command(args, workdir), cwd=ROOT, env=env, capture_output=True, text=True
+  )
   if proc.returncode:
-    sys.exit(f'run in {workdir} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}')
+    sys.exit(
+      f'run in {workdir} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}'
+    )
   return time.time() - t0, proc.stderr
 
 
@@ -91,11 +113,20 @@ def training_seconds(workdir) -> float:
 def run_and_kill(args, workdir, env, mode, at) -> str:
   """Starts the run and SIGKILLs it `at` seconds into training (time: startup, imports and
   compilation aside), or at the at-th checkpoint write seen (ckpt-write)."""
-  proc = subprocess.Popen(command(args, workdir), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    command(args, workdir),
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   t0, seen, started = time.time(), set(), None
   while proc.poll() is None:
-    if mode == 'time' and started is None and os.path.exists(rundir.path(workdir, rundir.RUN_INFO)):
+    if (
+      mode == 'time'
+      and started is None
+      and os.path.exists(rundir.path(workdir, rundir.RUN_INFO))
+    ):
       started = time.time()
     if mode == 'time' and started is not None and time.time() - started >= at:
       break
@@ -104,18 +135,25 @@ def run_and_kill(args, workdir, env, mode, at) -> str:
       if len(seen) >= at:
         break
     if mode == 'time':
-      time.sleep(0.005)   # A checkpoint write lasts ~0.1 s: poll for it without sleeping.
+      time.sleep(
+        0.005
+      )  # A checkpoint write lasts ~0.1 s: poll for it without sleeping.
   if proc.poll() is not None:
     return f'finished first ({time.time() - t0:.1f}s)'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  what = (f'{at:.2f}s into training' if mode == 'time'
-          else f'write #{at} ({time.time() - t0:.1f}s)')
+  what = (
+    f'{at:.2f}s into training'
+    if mode == 'time'
+    else f'write #{at} ({time.time() - t0:.1f}s)'
+  )
   return f'killed at {what}'
 
 
 def committed_steps(workdir):
-  return [int(os.path.basename(d)) for d in rundir.step_dirs(workdir, rundir.LATEST)]
+  return [
+    int(os.path.basename(d)) for d in rundir.step_dirs(workdir, rundir.LATEST)
+  ]
 
 
 def read_rows(workdir):
@@ -125,7 +163,9 @@ def read_rows(workdir):
   rows = []
   for line in open(path):
     try:
-      rows.append({k: v for k, v in json.loads(line).items() if k not in TIMING})
+      rows.append(
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+      )
     except json.JSONDecodeError:
       rows.append({'torn line': line})
   return rows
@@ -142,7 +182,10 @@ def _workers(pgid):
   pids = []
   for pid in testing.group_processes(pgid):
     try:
-      if pid != pgid and b'spawn_main' in open(f'/proc/{pid}/cmdline', 'rb').read():
+      if (
+        pid != pgid
+        and b'spawn_main' in open(f'/proc/{pid}/cmdline', 'rb').read()
+      ):
         pids.append(pid)
     except OSError:
       pass
@@ -152,17 +195,35 @@ def _workers(pgid):
 def signal_drill(args, workdir, env, name, whom, at) -> dict:
   """Starts the run (a process group of its own), sends signal `name` to `whom` once it
   has trained `at` seconds (for a worker: once one is running), and watches it end."""
-  proc = subprocess.Popen(command(args, workdir), cwd=ROOT, env=env, start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command(args, workdir),
+    cwd=ROOT,
+    env=env,
+    start_new_session=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   started = None
   while proc.poll() is None:
-    if started is None and os.path.exists(rundir.path(workdir, rundir.RUN_INFO)):
+    if started is None and os.path.exists(
+      rundir.path(workdir, rundir.RUN_INFO)
+    ):
       started = time.time()
-    if started is not None and time.time() - started >= at and (whom != 'worker' or _workers(proc.pid)):
+    if (
+      started is not None
+      and time.time() - started >= at
+      and (whom != 'worker' or _workers(proc.pid))
+    ):
       break
     time.sleep(0.005)
   if proc.poll() is not None:
-    return {'ended': f'finished first (rc {proc.returncode})', 'gone': '', 'left': 0, 'named': ''}
+    return {
+      'ended': f'finished first (rc {proc.returncode})',
+      'gone': '',
+      'left': 0,
+      'named': '',
+    }
   files = testing.shm_files(testing.group_processes(proc.pid))
   sig = getattr(signal, name)
   t0 = time.time()
@@ -177,25 +238,39 @@ def signal_drill(args, workdir, env, name, whom, at) -> dict:
   except subprocess.TimeoutExpired:
     os.killpg(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
-    return {'ended': 'HUNG: killed after 300 s', 'gone': '', 'left': 0, 'named': 'no'}
+    return {
+      'ended': 'HUNG: killed after 300 s',
+      'gone': '',
+      'left': 0,
+      'named': 'no',
+    }
   ended = time.time() - t0
   while testing.group_processes(proc.pid) and time.time() - t0 < ended + 60:
     time.sleep(0.02)
   gone = time.time() - t0
-  time.sleep(1.0)   # the resource tracker unlinks what the trainer left once its workers exit
+  time.sleep(
+    1.0
+  )  # the resource tracker unlinks what the trainer left once its workers exit
   expected = NAMED.get(name if whom != 'worker' else 'worker')
-  named = ('yes' if expected and expected in err else 'NO' if expected else '-')
+  named = 'yes' if expected and expected in err else 'NO' if expected else '-'
   if 'leaked' in err:
     named += ' (leak warning)'
-  return {'ended': f'rc {proc.returncode} in {ended:.1f}s',
-          'gone': f'{gone:.1f}s' + (' ORPHANS' if testing.group_processes(proc.pid) else ''),
-          'left': len(testing.still_there(files)), 'files': files, 'named': named}
+  return {
+    'ended': f'rc {proc.returncode} in {ended:.1f}s',
+    'gone': f'{gone:.1f}s'
+    + (' ORPHANS' if testing.group_processes(proc.pid) else ''),
+    'left': len(testing.still_there(files)),
+    'files': files,
+    'named': named,
+  }
 
 
 def run_signal_rows(args, base, env, rng, train_seconds, reference) -> int:
   """The --signals rows; returns how many ended as they must and resumed to the reference."""
-  header = (f'{"run":>3}  {"signal":<16} {"at":>6} {"ended":<16} {"all gone":>9} {"shm left":>9}  '
-            f'{"named":<6} {"resumed from":<12} result')
+  header = (
+    f'{"run":>3}  {"signal":<16} {"at":>6} {"ended":<16} {"all gone":>9} {"shm left":>9}  '
+    f'{"named":<6} {"resumed from":<12} result'
+  )
   print(header)
   print('-' * len(header))
   good = 0
@@ -207,13 +282,23 @@ def run_signal_rows(args, base, env, rng, train_seconds, reference) -> int:
     after = len(testing.still_there(row.get('files', ())))
     rows = read_rows(workdir)
     same = rows == reference
-    ok = same and after == 0 and 'NO' not in row['named'] and 'ORPHANS' not in row['gone']
+    ok = (
+      same
+      and after == 0
+      and 'NO' not in row['named']
+      and 'ORPHANS' not in row['gone']
+    )
     good += ok
     left = f'{row["left"]}->{after}'
-    print(f'{i:>3}  {name + " " + whom:<16} {at:>5.1f}s {row["ended"]:<16} {row["gone"]:>9} '
-          f'{left:>9}  {row["named"]:<6} {resumed_from(log):<12} '
-          f'{"identical" if same else "DIFFERENT"}{"" if ok else "  <- FAILED"}', flush=True)
-  print(f'{good}/{len(SIGNAL_ROWS)} signal rows ended cleanly and resumed identical to the reference')
+    print(
+      f'{i:>3}  {name + " " + whom:<16} {at:>5.1f}s {row["ended"]:<16} {row["gone"]:>9} '
+      f'{left:>9}  {row["named"]:<6} {resumed_from(log):<12} '
+      f'{"identical" if same else "DIFFERENT"}{"" if ok else "  <- FAILED"}',
+      flush=True,
+    )
+  print(
+    f'{good}/{len(SIGNAL_ROWS)} signal rows ended cleanly and resumed identical to the reference'
+  )
   return good
 
 
@@ -223,22 +308,39 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--epochs', type=int, default=3)
   parser.add_argument('--config', default='configs/supervised.py:smoke')
-  parser.add_argument('--source', default='', help='folder:PATH (default: a generated folder)')
-  parser.add_argument('--workdir', default='', help='where the runs go (default: a temp dir)')
-  parser.add_argument('--loader', default='auto', choices=('auto', 'memory', 'stream'),
-                      help='data.loader of every run')
-  parser.add_argument('--every', type=int, default=0,
-                      help='checkpoint_every_steps: also checkpoint inside epochs')
-  parser.add_argument('--signals', action='store_true',
-                      help='then the signal rows (SIGTERM, SIGINT, SIGKILL of the trainer, of '
-                           'the group, of a worker); needs --loader stream')
+  parser.add_argument(
+    '--source', default='', help='folder:PATH (default: a generated folder)'
+  )
+  parser.add_argument(
+    '--workdir', default='', help='where the runs go (default: a temp dir)'
+  )
+  parser.add_argument(
+    '--loader',
+    default='auto',
+    choices=('auto', 'memory', 'stream'),
+    help='data.loader of every run',
+  )
+  parser.add_argument(
+    '--every',
+    type=int,
+    default=0,
+    help='checkpoint_every_steps: also checkpoint inside epochs',
+  )
+  parser.add_argument(
+    '--signals',
+    action='store_true',
+    help='then the signal rows (SIGTERM, SIGINT, SIGKILL of the trainer, of '
+    'the group, of a worker); needs --loader stream',
+  )
   args = parser.parse_args()
   if args.signals and args.loader != 'stream':
     parser.error('--signals drills the streaming loader: add --loader stream')
   base = args.workdir or tempfile.mkdtemp(prefix='rotjax-fault-drill-')
   os.makedirs(base, exist_ok=True)
   if not args.source:
-    args.source = 'folder:' + testing.make_image_folder(os.path.join(base, 'images'))
+    args.source = 'folder:' + testing.make_image_folder(
+      os.path.join(base, 'images')
+    )
   env = environment(os.path.join(base, 'jit-cache'))
   rng = random.Random(args.seed)
 
@@ -248,10 +350,14 @@ def main():
   ref_seconds, _ = run_to_end(args, ref_dir, env)
   train_seconds = training_seconds(ref_dir)
   reference = read_rows(ref_dir)
-  print(f'reference: {len(reference)} epochs in {ref_seconds:.1f}s ({train_seconds:.1f}s '
-        f'training), final val_loss {reference[-1]["val_loss"]:.6f}, workdirs under {base}')
-  header = (f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"tmp":>3} {"rows":>4}  '
-            f'{"resumed from":<12} result')
+  print(
+    f'reference: {len(reference)} epochs in {ref_seconds:.1f}s ({train_seconds:.1f}s '
+    f'training), final val_loss {reference[-1]["val_loss"]:.6f}, workdirs under {base}'
+  )
+  header = (
+    f'{"run":>3}  {"kill":<30} {"at kill: ckpt steps":<20} {"tmp":>3} {"rows":>4}  '
+    f'{"resumed from":<12} result'
+  )
   print(header)
   print('-' * len(header))
   identical = 0
@@ -271,15 +377,22 @@ def main():
     if same:
       result = 'identical'
     else:
-      diff = [k for a, b in zip(rows, reference) for k in a if a.get(k) != b.get(k)]
+      diff = [
+        k for a, b in zip(rows, reference) for k in a if a.get(k) != b.get(k)
+      ]
       result = f'DIFFERENT ({len(rows)} rows; keys {sorted(set(diff))})'
-    print(f'{i:>3}  {killed:<30} {str(steps):<20} {partial:>3} {rows_at_kill:>4}  '
-          f'{resumed_from(log):<12} {result}', flush=True)
+    print(
+      f'{i:>3}  {killed:<30} {str(steps):<20} {partial:>3} {rows_at_kill:>4}  '
+      f'{resumed_from(log):<12} {result}',
+      flush=True,
+    )
   print(f'{identical}/{args.runs} finished identical to the reference')
   ok = identical == args.runs
   if args.signals:
     print()
-    ok &= run_signal_rows(args, base, env, rng, train_seconds, reference) == len(SIGNAL_ROWS)
+    ok &= run_signal_rows(
+      args, base, env, rng, train_seconds, reference
+    ) == len(SIGNAL_ROWS)
   sys.exit(0 if ok else 1)
 
 

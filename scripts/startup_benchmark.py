@@ -15,6 +15,7 @@ and prints, per run, what its log lines say: where the model init, train step an
 programs came from and how long each took, and how long after the data was loaded its
 first train step was done. Also in benchmark-startup.json.
 """
+
 import argparse
 import json
 import os
@@ -25,20 +26,35 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LINE = re.compile(r'\] (model init|train step|eval step): (.+?) in ([0-9.]+) s'
-                  r'(?: \(first call, one step included(?:; done ([0-9.]+) s after the data was loaded)?\))?')
+LINE = re.compile(
+  r'\] (model init|train step|eval step): (.+?) in ([0-9.]+) s'
+  r'(?: \(first call, one step included(?:; done ([0-9.]+) s after the data was loaded)?\))?'
+)
 
 
 def run_stage(name, config, workdir, cache, opts, *extra):
-  flags = [f'--config={ROOT}/configs/{config}.py:cpu', f'--config.workdir={workdir}',
-           f'--config.data.source={opts.source}', f'--config.data.max_train_images={opts.images}',
-           f'--config.data.max_eval_images={opts.images}', '--config.num_epochs=1',
-           f'--config.model.width={opts.width}', f'--config.batch_size={opts.batch}',
-           f'--config.eval_batch_size={opts.batch}', '--config.progress=False', *extra]
+  flags = [
+    f'--config={ROOT}/configs/{config}.py:cpu',
+    f'--config.workdir={workdir}',
+    f'--config.data.source={opts.source}',
+    f'--config.data.max_train_images={opts.images}',
+    f'--config.data.max_eval_images={opts.images}',
+    '--config.num_epochs=1',
+    f'--config.model.width={opts.width}',
+    f'--config.batch_size={opts.batch}',
+    f'--config.eval_batch_size={opts.batch}',
+    '--config.progress=False',
+    *extra,
+  ]
   env = {**os.environ, 'ROTJAX_COMPILE_CACHE': cache}
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, '-m', 'rotjax.main', *flags], capture_output=True,
-                       text=True, cwd=ROOT, env=env)
+  out = subprocess.run(
+    [sys.executable, '-m', 'rotjax.main', *flags],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+  )
   wall = time.perf_counter() - start
   if out.returncode:
     sys.exit(f'{name} failed:\n{out.stderr[-3000:]}')
@@ -51,33 +67,67 @@ def run_stage(name, config, workdir, cache, opts, *extra):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--source', default='folder:~/.cache/rotjax/cifar10-jpeg')
   parser.add_argument('--width', type=int, default=16)
   parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--images', type=int, default=512, help='train/val/test images each')
+  parser.add_argument(
+    '--images', type=int, default=512, help='train/val/test images each'
+  )
   parser.add_argument('--out', default='benchmark-startup.json')
   opts = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     cache = os.path.join(tmp, 'jit')
     pre = os.path.join(tmp, 'pretext')
-    rows = [run_stage('1 pretext (cold cache)', 'pretext', pre, cache, opts),
-            run_stage('2 fine-tune pretrained', 'finetune', os.path.join(tmp, 's2'), cache, opts,
-                      f'--config.init_from={pre}'),
-            run_stage('3 fine-tune random init', 'finetune', os.path.join(tmp, 's3'), cache, opts),
-            run_stage('2 again, new workdir', 'finetune', os.path.join(tmp, 's2b'), cache, opts,
-                      f'--config.init_from={pre}', '--config.seed=1'),
-            run_stage('3, cache off', 'finetune', os.path.join(tmp, 's3off'), '0', opts)]
-  print(f'startup, width {opts.width}, batch {opts.batch}, {opts.images} images, '
-        f'{os.cpu_count()} cores')
-  print('| run | model init | train step (first call) | eval step (first call) | '
-        'first step done after data loaded | wall |')
+    rows = [
+      run_stage('1 pretext (cold cache)', 'pretext', pre, cache, opts),
+      run_stage(
+        '2 fine-tune pretrained',
+        'finetune',
+        os.path.join(tmp, 's2'),
+        cache,
+        opts,
+        f'--config.init_from={pre}',
+      ),
+      run_stage(
+        '3 fine-tune random init',
+        'finetune',
+        os.path.join(tmp, 's3'),
+        cache,
+        opts,
+      ),
+      run_stage(
+        '2 again, new workdir',
+        'finetune',
+        os.path.join(tmp, 's2b'),
+        cache,
+        opts,
+        f'--config.init_from={pre}',
+        '--config.seed=1',
+      ),
+      run_stage(
+        '3, cache off', 'finetune', os.path.join(tmp, 's3off'), '0', opts
+      ),
+    ]
+  print(
+    f'startup, width {opts.width}, batch {opts.batch}, {opts.images} images, '
+    f'{os.cpu_count()} cores'
+  )
+  print(
+    '| run | model init | train step (first call) | eval step (first call) | '
+    'first step done after data loaded | wall |'
+  )
   print('| --- | --- | --- | --- | --- | --- |')
-  cell = lambda r, k: f'{r[k]["seconds"]:.1f} s, {r[k]["source"]}' if k in r else '?'
+  cell = lambda r, k: (
+    f'{r[k]["seconds"]:.1f} s, {r[k]["source"]}' if k in r else '?'
+  )
   for r in rows:
-    print(f'| {r["run"]} | {cell(r, "model init")} | {cell(r, "train step")} | '
-          f'{cell(r, "eval step")} | {r.get("first_step_after_data_s", "?")} s | {r["wall_s"]} s |')
+    print(
+      f'| {r["run"]} | {cell(r, "model init")} | {cell(r, "train step")} | '
+      f'{cell(r, "eval step")} | {r.get("first_step_after_data_s", "?")} s | {r["wall_s"]} s |'
+    )
   with open(opts.out, 'w') as f:
     json.dump({'options': vars(opts), 'rows': rows}, f, indent=2)
 

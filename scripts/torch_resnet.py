@@ -1,6 +1,7 @@
 """The PyTorch ResNet18 (CIFAR stem) that scripts/benchmark.py times beside rotjax's:
 torchvision's BasicBlock layout with rotjax's layer widths (models.py), so that both
 frameworks run the same convolutions, BatchNorms and head."""
+
 import torch
 import torch.nn as tnn
 import torch.nn.functional as F
@@ -15,7 +16,9 @@ class Block(tnn.Module):
     self.bn2 = tnn.BatchNorm2d(cout)
     self.down = None
     if stride != 1 or cin != cout:
-      self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+      self.down = tnn.Sequential(
+        tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -29,8 +32,12 @@ class ResNet18(tnn.Module):
     self.bn1 = tnn.BatchNorm2d(width)
     layers, cin = [], width
     for i in range(4):
-      cout = width * 2 ** i
-      layers.append(tnn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)))
+      cout = width * 2**i
+      layers.append(
+        tnn.Sequential(
+          Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)
+        )
+      )
       cin = cout
     self.layers = tnn.Sequential(*layers)
     self.fc = tnn.Linear(cin, classes)

@@ -17,8 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def run_dir(image_folder, tmp_path_factory):
   from conftest import tiny_config
+
   workdir = tmp_path_factory.mktemp('api') / 'sup'
-  train.train_and_evaluate(tiny_config('supervised', workdir, image_folder, num_epochs=1))
+  train.train_and_evaluate(
+    tiny_config('supervised', workdir, image_folder, num_epochs=1)
+  )
   return str(workdir)
 
 
@@ -26,7 +29,7 @@ def run_dir(image_folder, tmp_path_factory):
 @pytest.mark.gpu
 def test_load_in_fresh_process_predicts_probabilities(run_dir, image_folder):
   # The docs/python-api.md example, run as a new user would: a fresh interpreter, no CLI.
-  script = f'''
+  script = f"""
 import glob, json, numpy as np, rotjax
 from PIL import Image
 model = rotjax.load({run_dir!r})
@@ -38,17 +41,23 @@ big = model.predict(np.asarray(Image.open(files[0]).convert('RGB').resize((40, 4
 feats = model.features(images, layer='layer3')
 print(json.dumps({{'probs': probs.tolist(), 'one': one.tolist(), 'feats': list(feats.shape),
                    'big': list(big.shape), 'classes': model.class_names}}))
-'''
+"""
   env = testing.child_env(XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   probs = np.asarray(result['probs'])
   assert probs.shape == (5, 3)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(result['one'][0], probs[0], rtol=1e-4, atol=1e-6)
-  assert result['feats'] == [5, 16]       # width 4 -> layer3 has 4 * 4 channels
+  assert result['feats'] == [5, 16]  # width 4 -> layer3 has 4 * 4 channels
   assert result['big'] == [1, 3]
   assert result['classes'] == ['circle', 'square', 'stripes']
 
@@ -61,7 +70,10 @@ def test_predict_matches_training_eval_accuracy(run_dir):
   accuracy = np.mean(probs.argmax(-1) == dataset.val.labels)
   info = json.load(open(os.path.join(run_dir, 'summary.json')))
   # Every run leaves its config and TensorBoard events beside metrics.jsonl.
-  assert json.load(open(os.path.join(run_dir, 'config.json')))['stage'] == 'supervised'
+  assert (
+    json.load(open(os.path.join(run_dir, 'config.json')))['stage']
+    == 'supervised'
+  )
   assert [f for f in os.listdir(run_dir) if f.startswith('events.out.tfevents')]
   assert accuracy == pytest.approx(info['best_val_accuracy'], abs=1e-6)
 
@@ -70,7 +82,14 @@ def test_every_layer_and_a_step_dir(run_dir):
   step = sorted(os.listdir(os.path.join(run_dir, 'checkpoints')))[-1]
   model = rotjax.load(os.path.join(run_dir, 'checkpoints', step))
   images = np.zeros((2, 16, 16, 3), np.uint8)
-  widths = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32, 'pooled': 32}
+  widths = {
+    'stem': 4,
+    'layer1': 4,
+    'layer2': 8,
+    'layer3': 16,
+    'layer4': 32,
+    'pooled': 32,
+  }
   for layer, width in widths.items():
     assert model.features(images, layer=layer).shape == (2, width)
 
@@ -88,6 +107,8 @@ def test_clear_errors(run_dir, tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='not a rotjax run'):
     rotjax.load(str(tmp_path / 'empty'))
-  (tmp_path / 'empty' / 'config.json').write_text(json.dumps(model.config.to_dict()))
+  (tmp_path / 'empty' / 'config.json').write_text(
+    json.dumps(model.config.to_dict())
+  )
   with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
     rotjax.load(str(tmp_path / 'empty'))

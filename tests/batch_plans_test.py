@@ -8,23 +8,33 @@ from rotjax import parallel
 
 
 def test_batches_are_keyed_on_seed_and_epoch(image_folder, tmp_path):
-  ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
+  ds = input_pipeline.load_dataset(
+    tiny_config('supervised', tmp_path, image_folder).data
+  )
   first = [b['label'] for b in batch_plans.train_batches(ds.train, 8, 0, 1)]
   again = [b['label'] for b in batch_plans.train_batches(ds.train, 8, 0, 1)]
   other = [b['label'] for b in batch_plans.train_batches(ds.train, 8, 0, 2)]
-  assert len(first) == -(-len(ds.train) // 8)   # the last batch padded, not dropped
+  assert len(first) == -(
+    -len(ds.train) // 8
+  )  # the last batch padded, not dropped
   np.testing.assert_array_equal(np.stack(first), np.stack(again))
   assert not np.array_equal(np.stack(first), np.stack(other))
-  sharded = parallel.shard(next(batch_plans.train_batches(ds.train, 8, 0, 1)), 2)
+  sharded = parallel.shard(
+    next(batch_plans.train_batches(ds.train, 8, 0, 1)), 2
+  )
   assert sharded['image'].shape == (2, 4, 16, 16, 3)
 
 
 def test_one_shard_keeps_the_seeded_order(image_folder, tmp_path):
-  ds = input_pipeline.load_dataset(tiny_config('supervised', tmp_path, image_folder).data)
+  ds = input_pipeline.load_dataset(
+    tiny_config('supervised', tmp_path, image_folder).data
+  )
   order = np.random.default_rng([3, 2]).permutation(len(ds.train))
   batch = next(batch_plans.train_batches(ds.train, 8, 3, 2))
   # Row r holds the batch's index[r]-th image in index order (the rows are then mixed).
-  np.testing.assert_array_equal(batch['label'], ds.train.labels[np.sort(order[:8])][batch['index']])
+  np.testing.assert_array_equal(
+    batch['label'], ds.train.labels[np.sort(order[:8])][batch['index']]
+  )
 
 
 def _seen(batches) -> list[int]:
@@ -36,26 +46,46 @@ def test_every_labelled_image_is_seen_once_per_epoch_the_padding_masked():
   """200 labels at batch 128 dropped 72 of them every epoch; scaled down: 25 at batch 16."""
   n, batch = 25, 16
   ids = np.arange(n, dtype=np.int32)
-  split = memory_loader.Split(np.broadcast_to(ids[:, None, None, None], (n, 2, 2, 3)).astype(np.uint8), ids)
+  split = memory_loader.Split(
+    np.broadcast_to(ids[:, None, None, None], (n, 2, 2, 3)).astype(np.uint8),
+    ids,
+  )
   for num_shards in (1, 2):
-    dataset = input_pipeline.Dataset(split, split, split, ('a',), num_shards=num_shards)
+    dataset = input_pipeline.Dataset(
+      split, split, split, ('a',), num_shards=num_shards
+    )
     assert dataset.steps_per_epoch(batch) == 2
   for shards in ((0,), (0, 1)):
     for epoch in (1, 2):
       batches = list(batch_plans.train_batches(split, batch, 0, epoch, shards))
-      assert len(batches) == 2 and all(b['image'].shape[0] == batch for b in batches)
+      assert len(batches) == 2 and all(
+        b['image'].shape[0] == batch for b in batches
+      )
       assert _seen(batches) == list(range(n))
       last = batches[-1]
-      assert last['mask'].sum() == n - batch and (last['mask'] == 0).sum() == 2 * batch - n
+      assert (
+        last['mask'].sum() == n - batch
+        and (last['mask'] == 0).sum() == 2 * batch - n
+      )
       # The padding repeats real images of the epoch (their own labels), never zeros.
       padded = last['mask'] == 0
-      np.testing.assert_array_equal(last['image'][padded][:, 0, 0, 0], last['label'][padded])
-      assert len(set(last['label'][padded].tolist()) & set(_seen(batches[:1]))) == 2 * batch - n
+      np.testing.assert_array_equal(
+        last['image'][padded][:, 0, 0, 0], last['label'][padded]
+      )
+      assert (
+        len(set(last['label'][padded].tolist()) & set(_seen(batches[:1])))
+        == 2 * batch - n
+      )
   # Two processes, one shard each (13 and 12 images): as many steps, each image once.
   parts = [split.take(np.arange(p, n, 2)) for p in (0, 1)]
-  two = [list(batch_plans.train_batches(part, batch // 2, 0, 1, (p,), 2,
-                                        first_index=p * batch // 2))
-         for p, part in enumerate(parts)]
+  two = [
+    list(
+      batch_plans.train_batches(
+        part, batch // 2, 0, 1, (p,), 2, first_index=p * batch // 2
+      )
+    )
+    for p, part in enumerate(parts)
+  ]
   assert [len(b) for b in two] == [2, 2]
   assert sorted(_seen(two[0]) + _seen(two[1])) == list(range(n))
   one = list(batch_plans.train_batches(split, batch, 0, 1, (0, 1)))
@@ -86,7 +116,9 @@ def test_each_device_holds_a_uniform_random_part_of_every_batch():
 
 
 def test_eval_batches_pad_and_mask():
-  split = memory_loader.Split(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10, dtype=np.int32))
+  split = memory_loader.Split(
+    np.zeros((10, 4, 4, 3), np.uint8), np.arange(10, dtype=np.int32)
+  )
   batches = list(batch_plans.eval_batches(split, 4))
   assert len(batches) == 3
   assert batches[-1]['mask'].tolist() == [1, 1, 0, 0]

@@ -4,6 +4,7 @@ The workflow cannot run here, so it is linted (actionlint comes with the test ex
 install scripts run against stand-in commands (id, sudo, apt-get, dpkg-query) that log
 their calls, so no package is installed.
 """
+
 import os
 import shutil
 import subprocess
@@ -20,17 +21,25 @@ BASH = shutil.which('bash')
 @pytest.fixture(scope='module')
 def actionlint():
   # pip puts the binary beside this interpreter, which need not be on PATH.
-  found = shutil.which('actionlint', path=os.pathsep.join(
-      [sysconfig.get_path('scripts'), os.environ.get('PATH', '')]))
+  found = shutil.which(
+    'actionlint',
+    path=os.pathsep.join(
+      [sysconfig.get_path('scripts'), os.environ.get('PATH', '')]
+    ),
+  )
   if found:
     return found
-  if os.environ.get('CI'):  # CI installed the test extra: a missing linter is a broken install.
+  if os.environ.get(
+    'CI'
+  ):  # CI installed the test extra: a missing linter is a broken install.
     pytest.fail('actionlint not found; pip install -e ".[test]" installs it')
   pytest.skip('actionlint not installed (pip install -e ".[test]")')
 
 
 def _lint(actionlint, path) -> subprocess.CompletedProcess:
-  return subprocess.run([actionlint, '-no-color', path], capture_output=True, text=True, cwd=ROOT)
+  return subprocess.run(
+    [actionlint, '-no-color', path], capture_output=True, text=True, cwd=ROOT
+  )
 
 
 def test_workflow_passes_actionlint(actionlint):
@@ -43,17 +52,29 @@ def test_actionlint_rejects_a_broken_workflow(actionlint, tmp_path):
   text = open(WORKFLOW).read()
   assert '${{ matrix.env_vars }}' in text
   broken = tmp_path / 'ci.yml'
-  broken.write_text(text.replace('${{ matrix.env_vars }}', '${{ matrix.env_var }}'))
+  broken.write_text(
+    text.replace('${{ matrix.env_vars }}', '${{ matrix.env_var }}')
+  )
   result = _lint(actionlint, str(broken))
-  assert result.returncode == 1 and 'property "env_var" is not defined' in result.stdout, result.stdout
+  assert (
+    result.returncode == 1
+    and 'property "env_var" is not defined' in result.stdout
+  ), result.stdout
 
 
 def test_workflow_runs_ci_script_on_each_cpu_path():
   job = yaml.safe_load(open(WORKFLOW))['jobs']['test']
-  assert sorted(e['env_vars'] for e in job['strategy']['matrix']['include']) == [
-      '', 'ONEDNN_MAX_CPU_ISA=AVX2', 'ROTJAX_ONEDNN=0']
-  assert [s['run'] for s in job['steps'] if 'run' in s] == ['env ${{ matrix.env_vars }} bash .ci/run']
-  setup = next(s for s in job['steps'] if s.get('uses', '').startswith('actions/setup-python@'))
+  assert sorted(
+    e['env_vars'] for e in job['strategy']['matrix']['include']
+  ) == ['', 'ONEDNN_MAX_CPU_ISA=AVX2', 'ROTJAX_ONEDNN=0']
+  assert [s['run'] for s in job['steps'] if 'run' in s] == [
+    'env ${{ matrix.env_vars }} bash .ci/run'
+  ]
+  setup = next(
+    s
+    for s in job['steps']
+    if s.get('uses', '').startswith('actions/setup-python@')
+  )
   assert setup['with']['cache'] == 'pip'
 
 
@@ -70,19 +91,39 @@ def _fake_system(tmp_path, *, uid, sudo=True, apt=True, installed=()):
   for tool in ('grep', 'env'):
     os.symlink(shutil.which(tool), bin_dir / tool)
   # Under the sudo stand-in (AS_ROOT set) the user is root.
-  _stub(bin_dir, 'id', f'[ "$1" = -u ] && if [ -n "$AS_ROOT" ]; then echo 0; else echo {uid}; fi')
-  _stub(bin_dir, 'dpkg-query', 'case " %s " in *" ${@: -1} "*) echo "install ok installed";; esac'
-        % ' '.join(installed))
+  _stub(
+    bin_dir,
+    'id',
+    f'[ "$1" = -u ] && if [ -n "$AS_ROOT" ]; then echo 0; else echo {uid}; fi',
+  )
+  _stub(
+    bin_dir,
+    'dpkg-query',
+    'case " %s " in *" ${@: -1} "*) echo "install ok installed";; esac'
+    % ' '.join(installed),
+  )
   if apt:
-    _stub(bin_dir, 'apt-get', f'echo "apt-get $* as $(id -u) DEBIAN_FRONTEND=$DEBIAN_FRONTEND" >> {log}')
+    _stub(
+      bin_dir,
+      'apt-get',
+      f'echo "apt-get $* as $(id -u) DEBIAN_FRONTEND=$DEBIAN_FRONTEND" >> {log}',
+    )
   if sudo:  # Runs the command as root, as passwordless sudo does.
-    _stub(bin_dir, 'sudo', f'echo "sudo $*" >> {log}; [ "$1" = -n ] && shift; AS_ROOT=1 exec "$@"')
+    _stub(
+      bin_dir,
+      'sudo',
+      f'echo "sudo $*" >> {log}; [ "$1" = -n ] && shift; AS_ROOT=1 exec "$@"',
+    )
   return {'PATH': str(bin_dir)}, log
 
 
 def _install(env, *packages):
-  return subprocess.run([BASH, os.path.join(ROOT, '.ci', 'install-system-packages'), *packages],
-                        capture_output=True, text=True, env=env)
+  return subprocess.run(
+    [BASH, os.path.join(ROOT, '.ci', 'install-system-packages'), *packages],
+    capture_output=True,
+    text=True,
+    env=env,
+  )
 
 
 def _calls(log):
@@ -93,8 +134,10 @@ def test_install_as_root_calls_apt_directly(tmp_path):
   env, log = _fake_system(tmp_path, uid=0, sudo=False, installed=('curl',))
   result = _install(env, 'libdnnl-dev', 'curl')
   assert result.returncode == 0, result.stderr
-  assert _calls(log) == ['apt-get update -qq as 0 DEBIAN_FRONTEND=',
-                         'apt-get install -y -qq libdnnl-dev as 0 DEBIAN_FRONTEND=noninteractive']
+  assert _calls(log) == [
+    'apt-get update -qq as 0 DEBIAN_FRONTEND=',
+    'apt-get install -y -qq libdnnl-dev as 0 DEBIAN_FRONTEND=noninteractive',
+  ]
 
 
 def test_install_as_user_goes_through_sudo(tmp_path):
@@ -102,9 +145,11 @@ def test_install_as_user_goes_through_sudo(tmp_path):
   result = _install(env, 'libdnnl-dev')
   assert result.returncode == 0, result.stderr
   assert _calls(log) == [
-      'sudo -n apt-get update -qq', 'apt-get update -qq as 0 DEBIAN_FRONTEND=',
-      'sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdnnl-dev',
-      'apt-get install -y -qq libdnnl-dev as 0 DEBIAN_FRONTEND=noninteractive']
+    'sudo -n apt-get update -qq',
+    'apt-get update -qq as 0 DEBIAN_FRONTEND=',
+    'sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdnnl-dev',
+    'apt-get install -y -qq libdnnl-dev as 0 DEBIAN_FRONTEND=noninteractive',
+  ]
 
 
 def test_install_as_user_without_sudo_fails_and_says_why(tmp_path):
@@ -116,7 +161,9 @@ def test_install_as_user_without_sudo_fails_and_says_why(tmp_path):
 
 def test_install_does_nothing_when_installed_or_without_apt(tmp_path):
   (tmp_path / 'installed').mkdir()
-  env, log = _fake_system(tmp_path / 'installed', uid=1001, installed=('libdnnl-dev',))
+  env, log = _fake_system(
+    tmp_path / 'installed', uid=1001, installed=('libdnnl-dev',)
+  )
   assert _install(env, 'libdnnl-dev').returncode == 0 and _calls(log) == []
   (tmp_path / 'no_apt').mkdir()
   env, log = _fake_system(tmp_path / 'no_apt', uid=0, apt=False)
@@ -132,10 +179,18 @@ def _ci_run(tmp_path, **env):
   log, bin_dir = tmp_path / 'calls.log', tmp_path / 'bin'
   bin_dir.mkdir()
   _stub(ci, 'install-system-packages', f'echo "install $*" >> {log}')
-  _stub(bin_dir, 'python', f'echo "python $* REQUIRE=$ROTJAX_REQUIRE_ONEDNN CI=$CI" >> {log}')
+  _stub(
+    bin_dir,
+    'python',
+    f'echo "python $* REQUIRE=$ROTJAX_REQUIRE_ONEDNN CI=$CI" >> {log}',
+  )
   path = f'{bin_dir}{os.pathsep}{os.path.dirname(shutil.which("dirname"))}'
-  result = subprocess.run([BASH, str(ci / 'run')], capture_output=True, text=True,
-                          env={'PATH': path, **env})
+  result = subprocess.run(
+    [BASH, str(ci / 'run')],
+    capture_output=True,
+    text=True,
+    env={'PATH': path, **env},
+  )
   assert result.returncode == 0, result.stderr
   return _calls(log)
 
@@ -143,7 +198,12 @@ def _ci_run(tmp_path, **env):
 def test_ci_run_installs_onednn_and_requires_its_tests(tmp_path):
   calls = _ci_run(tmp_path)
   assert calls[0] == 'install libdnnl-dev'
-  assert calls[-1] == 'python -m pytest REQUIRE=1 CI=true'
+  # The style checks run before the tests.
+  assert calls[-3:] == [
+    'python -m ruff format --check --quiet . REQUIRE=1 CI=true',
+    'python -m ruff check --quiet . REQUIRE=1 CI=true',
+    'python -m pytest REQUIRE=1 CI=true',
+  ]
 
 
 def test_ci_run_without_onednn_neither_installs_nor_requires_it(tmp_path):
@@ -153,4 +213,7 @@ def test_ci_run_without_onednn_neither_installs_nor_requires_it(tmp_path):
 
 
 def test_ci_run_keeps_a_given_require_setting(tmp_path):
-  assert _ci_run(tmp_path, ROTJAX_REQUIRE_ONEDNN='0')[-1] == 'python -m pytest REQUIRE=0 CI=true'
+  assert (
+    _ci_run(tmp_path, ROTJAX_REQUIRE_ONEDNN='0')[-1]
+    == 'python -m pytest REQUIRE=0 CI=true'
+  )

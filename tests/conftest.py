@@ -9,6 +9,7 @@ forces the CPU). Markers (pyproject.toml) say what a test needs:
   rotjax.load().predict): `python -m pytest -m gpu` is the quick check of a GPU machine.
 Tests that need two devices skip where there is one (a single GPU).
 """
+
 import os
 
 # Before jax is imported anywhere: two host devices so pmap code runs multi-device on CPU.
@@ -28,8 +29,13 @@ import pytest
 from rotjax.testing import make_image_folder, tiny_config  # noqa: F401  (tests import them from here)
 
 # Many tests compile the same tiny programs: a persistent cache makes repeats cheap.
-jax.config.update('jax_compilation_cache_dir',
-                  os.environ.get('ROTJAX_TEST_JIT_CACHE', os.path.join(tempfile.gettempdir(), 'rotjax-test-jit-cache')))
+jax.config.update(
+  'jax_compilation_cache_dir',
+  os.environ.get(
+    'ROTJAX_TEST_JIT_CACHE',
+    os.path.join(tempfile.gettempdir(), 'rotjax-test-jit-cache'),
+  ),
+)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
@@ -44,9 +50,13 @@ def pytest_collection_modifyitems(config, items):
     marker = item.get_closest_marker('cpu_only')
     if marker is not None and backend != 'cpu':
       why = marker.args[0] if marker.args else 'a CPU-only part'
-      item.add_marker(pytest.mark.skip(reason=f'tests {why}; the backend here is {backend}'))
+      item.add_marker(
+        pytest.mark.skip(reason=f'tests {why}; the backend here is {backend}')
+      )
     if item.get_closest_marker('two_devices') is not None and count < 2:
-      item.add_marker(pytest.mark.skip(reason=f'needs 2 devices; {backend} has {count}'))
+      item.add_marker(
+        pytest.mark.skip(reason=f'needs 2 devices; {backend} has {count}')
+      )
 
 
 @pytest.fixture(scope='session')
@@ -56,4 +66,6 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture
 def make_config(image_folder):
-  return lambda stage, workdir, **kw: tiny_config(stage, workdir, image_folder, **kw)
+  return lambda stage, workdir, **kw: tiny_config(
+    stage, workdir, image_folder, **kw
+  )

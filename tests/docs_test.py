@@ -9,6 +9,7 @@ through its own argument parser; scripts' flags are read from their argparse/abs
 definitions. A few commands also run for real with --help. Each problem names the file, the
 line and what is wrong.
 """
+
 import ast
 import difflib
 import functools
@@ -28,20 +29,55 @@ import pytest
 from rotjax import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ['README.md'] + sorted(os.path.relpath(p, REPO) for p in glob.glob(f'{REPO}/docs/*.md'))
+DOCS = ['README.md'] + sorted(
+  os.path.relpath(p, REPO) for p in glob.glob(f'{REPO}/docs/*.md')
+)
 SHELL_LANGS = ('bash', 'sh', 'shell', 'console')
-REPO_ROOTS = ('rotjax/', 'configs/', 'scripts/', 'docs/', 'tests/', '.ci/', '.github/')
+REPO_ROOTS = (
+  'rotjax/',
+  'configs/',
+  'scripts/',
+  'docs/',
+  'tests/',
+  '.ci/',
+  '.github/',
+)
 REPO_FILES = ('README.md', 'CHANGELOG.md', 'pyproject.toml')
-FILE_SUFFIXES = ('.json', '.jsonl', '.md', '.py', '.csv', '.png', '.npy', '.txt', '.toml', '.yml',
-                 '.sh', '.cc', '.h', '.so', '.tgz')
-ABSL_FLAGS = {'--help', '--helpfull', '--helpshort', '--logtostderr', '--alsologtostderr', '--v',
-              '--verbosity'}
+FILE_SUFFIXES = (
+  '.json',
+  '.jsonl',
+  '.md',
+  '.py',
+  '.csv',
+  '.png',
+  '.npy',
+  '.txt',
+  '.toml',
+  '.yml',
+  '.sh',
+  '.cc',
+  '.h',
+  '.so',
+  '.tgz',
+)
+ABSL_FLAGS = {
+  '--help',
+  '--helpfull',
+  '--helpshort',
+  '--logtostderr',
+  '--alsologtostderr',
+  '--v',
+  '--verbosity',
+}
 COMMAND_PREFIXES = {'srun', 'sudo', 'env', 'time', 'exec'}
 # ml_collections loads config files by path through importlib's deprecated load_module.
-pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+pytestmark = pytest.mark.filterwarnings(
+  'ignore:the load_module:DeprecationWarning'
+)
 
 
 # ---------------------------------------------------------------- reading the Markdown
+
 
 class Span:
   """A piece of a doc: its text, file and 1-based line."""
@@ -100,7 +136,7 @@ def commands(doc):
       for offset, line in enumerate(body):
         if lang == 'console':
           if not line.startswith('$ ') and not pending:
-            continue   # output
+            continue  # output
           line = line[2:] if line.startswith('$ ') else line
         if first is None:
           first = start + offset
@@ -111,7 +147,9 @@ def commands(doc):
         if text and not text.startswith('#'):
           found.append(Span(text, doc, first, fenced=True))
         pending, first = '', None
-  for number, line in prose_lines(doc):   # indented code: four spaces, then a command
+  for number, line in prose_lines(
+    doc
+  ):  # indented code: four spaces, then a command
     match = re.match(r'^(?: {4,}|\t)\$? ?((?:python|bash|pip)\s.*)$', line)
     if match and not line.lstrip().startswith(('-', '*')):
       found.append(Span(match.group(1).strip(), doc, number, fenced=True))
@@ -136,7 +174,9 @@ def split_commands(text):
   argvs.append(argv)
   cleaned = []
   for argv in argvs:
-    while argv and (re.match(r'^[A-Za-z_]\w*=', argv[0]) or argv[0] in COMMAND_PREFIXES):
+    while argv and (
+      re.match(r'^[A-Za-z_]\w*=', argv[0]) or argv[0] in COMMAND_PREFIXES
+    ):
       argv = argv[1:]
     if argv[:1] == ['nice'] and argv[1:2] == ['-n']:
       argv = argv[3:]
@@ -147,10 +187,13 @@ def split_commands(text):
 
 # ---------------------------------------------------------------- what the code defines
 
+
 def load_config(name, preset):
   """configs/NAME.py's get_config(preset) (no preset: get_config())."""
   module = importlib.import_module(f'configs.{name}')
-  return module.get_config(preset) if preset is not None else module.get_config()
+  return (
+    module.get_config(preset) if preset is not None else module.get_config()
+  )
 
 
 def config_spec(spec):
@@ -161,14 +204,19 @@ def config_spec(spec):
     return None, f'config file {path} does not exist'
   try:
     config = load_config(match.group(1), preset if ':' in spec else None)
-  except Exception as e:   # the preset's own error names what it allows
+  except Exception as e:  # the preset's own error names what it allows
     return None, f'{spec} does not load: {type(e).__name__}: {e}'
   if preset:
     # Some config files ignore a preset they do not know: a misspelled one changes nothing.
     module = importlib.import_module(f'configs.{match.group(1)}')
-    default = next(iter(inspect.signature(module.get_config).parameters.values())).default
+    default = next(
+      iter(inspect.signature(module.get_config).parameters.values())
+    ).default
     if preset != default and config.to_dict() == module.get_config().to_dict():
-      return None, f'{spec}: the preset {preset!r} changes nothing (not a preset of {path}?)'
+      return (
+        None,
+        f'{spec}: the preset {preset!r} changes nothing (not a preset of {path}?)',
+      )
   return config, None
 
 
@@ -186,9 +234,19 @@ def key_paths(config, prefix=''):
 def every_config_key():
   """The keys of every config and preset in configs/ (for --config.KEY named in prose)."""
   keys = set()
-  specs = [('common', None), ('pretext', None), ('finetune', None), ('supervised', None),
-           ('imagenette', 'pretext'), ('imagenet', 'pretext'), ('imagenet', 'study'),
-           ('study', None), ('study', 'cpu'), ('study', 'cpu_full'), ('study', 'gpu')]
+  specs = [
+    ('common', None),
+    ('pretext', None),
+    ('finetune', None),
+    ('supervised', None),
+    ('imagenette', 'pretext'),
+    ('imagenet', 'pretext'),
+    ('imagenet', 'study'),
+    ('study', None),
+    ('study', 'cpu'),
+    ('study', 'cpu_full'),
+    ('study', 'gpu'),
+  ]
   for name, preset in specs:
     keys |= key_paths(load_config(name, preset))
   return keys
@@ -220,7 +278,11 @@ def defined_flags(path):
   found = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-      strings = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+      strings = [
+        a.value
+        for a in node.args
+        if isinstance(a, ast.Constant) and isinstance(a.value, str)
+      ]
       if node.func.attr == 'add_argument':
         found |= {s for s in strings if s.startswith('-')}
       elif node.func.attr.startswith('DEFINE_') and strings:
@@ -228,7 +290,9 @@ def defined_flags(path):
     elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant):
       if isinstance(node.left.value, str) and node.left.value.startswith('--'):
         found.add(node.left.value)
-    elif isinstance(node, (ast.Tuple, ast.List)):   # tables of flags, as evaluate.OPTIONS
+    elif isinstance(
+      node, (ast.Tuple, ast.List)
+    ):  # tables of flags, as evaluate.OPTIONS
       for element in node.elts:
         if isinstance(element, ast.Constant) and isinstance(element.value, str):
           if re.fullmatch(r'--[a-z][\w-]*', element.value):
@@ -257,7 +321,9 @@ def top_level_names(path):
           if isinstance(leaf, ast.Name):
             names.add(leaf.id)
       if any(isinstance(t, ast.Name) and t.id == '__all__' for t in targets):
-        names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+        names |= {
+          e.value for e in node.value.elts if isinstance(e, ast.Constant)
+        }
     elif isinstance(node, (ast.Import, ast.ImportFrom)):
       names |= {(a.asname or a.name).split('.')[0] for a in node.names}
   return frozenset(names)
@@ -282,11 +348,13 @@ def pyproject():
 
 # ---------------------------------------------------------------- checking one command
 
+
 def check_config_command(argv, target):
   """python -m rotjax.main|study: --config loads, every --config.KEY exists, and the whole
   line parses as the CLI parses it."""
   from absl import flags
   from ml_collections import config_flags
+
   spec = None
   for i, arg in enumerate(argv):
     if arg == '--config' and i + 1 < len(argv):
@@ -306,16 +374,25 @@ def check_config_command(argv, target):
       problem = key_problem(match.group(1), keys, spec)
       if problem:
         problems.append(problem)
-    elif arg.startswith('--') and not arg.startswith('--config') and arg.split('=')[0] not in ABSL_FLAGS:
+    elif (
+      arg.startswith('--')
+      and not arg.startswith('--config')
+      and arg.split('=')[0] not in ABSL_FLAGS
+    ):
       problems.append(f'{arg.split("=")[0]}: {target} has no such flag')
   if problems:
     return problems
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, flag_values=values, lock_config=True,
-                                  sys_argv=['prog'] + argv)
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    flag_values=values,
+    lock_config=True,
+    sys_argv=['prog'] + argv,
+  )
   try:
     values(['prog'] + argv)
-    values.config   # loads the file and applies the overrides
+    values.config  # loads the file and applies the overrides
   except Exception as e:
     return [f'does not parse as {target} parses it: {type(e).__name__}: {e}']
   return []
@@ -323,14 +400,19 @@ def check_config_command(argv, target):
 
 def check_evaluate_command(argv):
   from rotjax import evaluate
+
   if not argv:
     return []
-  if not hasattr(evaluate, 'parse_args'):   # another command-line library: its flags, statically
+  if not hasattr(
+    evaluate, 'parse_args'
+  ):  # another command-line library: its flags, statically
     return check_flags(argv, module_file('rotjax.evaluate'), 'rotjax.evaluate')
   try:
     evaluate.parse_args(argv)
   except SystemExit:
-    return [f'python -m rotjax.evaluate refuses {" ".join(argv)!r} (run it with --help)']
+    return [
+      f'python -m rotjax.evaluate refuses {" ".join(argv)!r} (run it with --help)'
+    ]
   return []
 
 
@@ -342,21 +424,31 @@ def check_flags(argv, path, target):
       flag = arg.split('=')[0]
       if flag not in known:
         close = difflib.get_close_matches(flag, sorted(known), n=1)
-        problems.append(f'{flag}: {target} defines no such flag' + (f' (did you mean {close[0]}?)' if close else ''))
+        problems.append(
+          f'{flag}: {target} defines no such flag'
+          + (f' (did you mean {close[0]}?)' if close else '')
+        )
     if re.match(r'^configs/\w+\.py', arg):
       problems += [p for p in [config_spec(arg)[1]] if p]
   return problems
 
 
 def check_pytest(argv):
-  markers = {re.split(r'[(:]', m)[0].strip() for m in pyproject()['tool']['pytest']['ini_options']['markers']}
+  markers = {
+    re.split(r'[(:]', m)[0].strip()
+    for m in pyproject()['tool']['pytest']['ini_options']['markers']
+  }
   problems = []
   for i, arg in enumerate(argv):
     if arg == '-m' and i + 1 < len(argv):
       for word in re.findall(r'\w+', argv[i + 1]):
         if word not in ('and', 'or', 'not') and word not in markers:
-          problems.append(f'pytest marker {word!r} is not declared in pyproject.toml')
-    elif not arg.startswith('-') and (i == 0 or argv[i - 1] != '-m') and '/' in arg:
+          problems.append(
+            f'pytest marker {word!r} is not declared in pyproject.toml'
+          )
+    elif (
+      not arg.startswith('-') and (i == 0 or argv[i - 1] != '-m') and '/' in arg
+    ):
       if not os.path.exists(os.path.join(REPO, arg.split('::')[0])):
         problems.append(f'{arg}: no such test path')
   return problems
@@ -368,8 +460,11 @@ def check_pip(argv):
   for arg in argv:
     match = re.fullmatch(r'\.\[([\w,-]+)\]', arg)
     if match:
-      problems += [f'pip extra {e!r} is not in pyproject.toml' for e in match.group(1).split(',')
-                   if e not in extras]
+      problems += [
+        f'pip extra {e!r} is not in pyproject.toml'
+        for e in match.group(1).split(',')
+        if e not in extras
+      ]
   return problems
 
 
@@ -380,8 +475,11 @@ def check_shell_script(argv):
   with open(path) as f:
     labels = set(re.findall(r'^\s*([\w|-]+)\)', f.read(), re.M))
   labels = {part for label in labels for part in label.split('|')}
-  return [f'{argv[0]} has no part {arg!r} (its case labels: {sorted(labels)})'
-          for arg in argv[1:] if not arg.startswith('-') and arg not in labels]
+  return [
+    f'{argv[0]} has no part {arg!r} (its case labels: {sorted(labels)})'
+    for arg in argv[1:]
+    if not arg.startswith('-') and arg not in labels
+  ]
 
 
 def check_argv(argv):
@@ -419,13 +517,16 @@ def check_argv(argv):
 
 # ---------------------------------------------------------------- the tests
 
+
 def report(problems):
   assert not problems, 'docs out of step with the code:\n' + '\n'.join(problems)
 
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
-  monkeypatch.chdir(REPO)   # config files are found by path, as from a shell in the checkout
+  monkeypatch.chdir(
+    REPO
+  )  # config files are found by path, as from a shell in the checkout
   monkeypatch.syspath_prepend(REPO)
 
 
@@ -433,11 +534,20 @@ def test_the_docs_exist_and_say_what_they_are_for():
   problems = []
   for doc in DOCS[1:]:
     text = [line for line in lines_of(doc) if line.strip()]
-    if not text or not text[0].startswith('# ') or len(text) < 2 or text[1].startswith('#'):
-      problems.append(f'{doc}:1: should open with a title and a sentence on what it is for')
+    if (
+      not text
+      or not text[0].startswith('# ')
+      or len(text) < 2
+      or text[1].startswith('#')
+    ):
+      problems.append(
+        f'{doc}:1: should open with a title and a sentence on what it is for'
+      )
   readme = len(lines_of('README.md'))
   if readme > 220:
-    problems.append(f'README.md: {readme} lines; keep it a page (~200) and move detail to docs/')
+    problems.append(
+      f'README.md: {readme} lines; keep it a page (~200) and move detail to docs/'
+    )
   report(problems)
 
 
@@ -448,18 +558,32 @@ def test_every_command_names_real_modules_scripts_configs_and_flags():
       try:
         argvs = split_commands(span.text)
       except ValueError as e:
-        problems.append(f'{span.where()}: `{span.text}`: does not parse as a shell line: {e}')
+        problems.append(
+          f'{span.where()}: `{span.text}`: does not parse as a shell line: {e}'
+        )
         continue
       for argv in argvs:
         bare = len(argv) == (3 if argv[1:2] == ['-m'] else 2)
         if not span.fenced and argv[0] in ('python', 'python3') and bare:
           # A module or script named in prose, without arguments: it must exist.
-          if argv[1:2] == ['-m'] and argv[2].startswith('rotjax') and not module_file(argv[2]):
-            problems.append(f'{span.where()}: `{span.text}`: python -m {argv[2]}: no such module')
-          elif argv[1].endswith('.py') and not os.path.exists(os.path.join(REPO, argv[1])):
-            problems.append(f'{span.where()}: `{span.text}`: {argv[1]} does not exist')
+          if (
+            argv[1:2] == ['-m']
+            and argv[2].startswith('rotjax')
+            and not module_file(argv[2])
+          ):
+            problems.append(
+              f'{span.where()}: `{span.text}`: python -m {argv[2]}: no such module'
+            )
+          elif argv[1].endswith('.py') and not os.path.exists(
+            os.path.join(REPO, argv[1])
+          ):
+            problems.append(
+              f'{span.where()}: `{span.text}`: {argv[1]} does not exist'
+            )
           continue
-        problems += [f'{span.where()}: `{span.text}`: {p}' for p in check_argv(argv)]
+        problems += [
+          f'{span.where()}: `{span.text}`: {p}' for p in check_argv(argv)
+        ]
   report(problems)
 
 
@@ -469,7 +593,7 @@ def test_every_config_key_named_in_prose_exists():
   for doc in DOCS:
     for span in inline_code(doc):
       if re.match(r'^(python3?|bash|pip)\s', span.text):
-        continue   # a command: checked against its own config above
+        continue  # a command: checked against its own config above
       for key in re.findall(r'--config\.([\w.]+)', span.text):
         problem = key_problem(key, keys, 'any config in configs/')
         if problem:
@@ -482,7 +606,9 @@ def heading_anchors(doc):
   for _, line in prose_lines(doc):
     match = re.match(r'^#+\s+(.*?)\s*#*\s*$', line)
     if match:
-      title = re.sub(r'[`*_]|\[([^\]]*)\]\([^)]*\)', r'\1', match.group(1)).lower()
+      title = re.sub(
+        r'[`*_]|\[([^\]]*)\]\([^)]*\)', r'\1', match.group(1)
+      ).lower()
       anchors.add(re.sub(r'\s', '-', re.sub(r'[^\w\- ]', '', title)))
   return anchors
 
@@ -494,13 +620,25 @@ def test_every_relative_link_and_anchor_resolves():
       for match in re.finditer(r'\[[^\]]*\]\(([^)\s]+)\)', line):
         target = match.group(1)
         if re.match(r'^[a-z]+:', target):
-          continue   # http:, https:, mailto:
+          continue  # http:, https:, mailto:
         path, _, anchor = target.partition('#')
-        file = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        file = (
+          os.path.normpath(os.path.join(os.path.dirname(doc), path))
+          if path
+          else doc
+        )
         if not os.path.exists(os.path.join(REPO, file)):
-          problems.append(f'{doc}:{number}: link to {target}: {file} does not exist')
-        elif anchor and file.endswith('.md') and anchor not in heading_anchors(file):
-          problems.append(f'{doc}:{number}: link to {target}: {file} has no heading #{anchor}')
+          problems.append(
+            f'{doc}:{number}: link to {target}: {file} does not exist'
+          )
+        elif (
+          anchor
+          and file.endswith('.md')
+          and anchor not in heading_anchors(file)
+        ):
+          problems.append(
+            f'{doc}:{number}: link to {target}: {file} has no heading #{anchor}'
+          )
   report(problems)
 
 
@@ -509,13 +647,21 @@ def test_every_repository_path_named_exists():
   for doc in DOCS:
     for span in inline_code(doc):
       text = span.text
-      if ' ' in text or not (text.startswith(REPO_ROOTS) or text in REPO_FILES) or '<' in text:
+      if (
+        ' ' in text
+        or not (text.startswith(REPO_ROOTS) or text in REPO_FILES)
+        or '<' in text
+      ):
         continue
       path, _, preset = text.partition(':')
       full = os.path.join(REPO, path)
       if not (glob.glob(full) if '*' in path else os.path.exists(full)):
         problems.append(f'{span.where()}: `{text}`: {path} does not exist')
-      elif preset and path.startswith('configs/') and not re.search(r'[A-Z]', preset):
+      elif (
+        preset
+        and path.startswith('configs/')
+        and not re.search(r'[A-Z]', preset)
+      ):
         problem = config_spec(text)[1]
         if problem:
           problems.append(f'{span.where()}: `{text}`: {problem}')
@@ -529,45 +675,67 @@ def test_every_module_attribute_named_exists():
   for doc in DOCS:
     for span in inline_code(doc):
       text = re.sub(r'\(.*\)$', '', span.text)
-      if not re.fullmatch(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)+', text) or text in keys:
+      if (
+        not re.fullmatch(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)+', text) or text in keys
+      ):
         continue
       if text.endswith(FILE_SUFFIXES) or text.split('.', 1)[1] in keys:
         continue
       parts = text.split('.')
       if parts[0] == 'rotjax':
-        for cut in range(len(parts) - 1, 0, -1):   # the longest module prefix
+        for cut in range(len(parts) - 1, 0, -1):  # the longest module prefix
           path = module_file('.'.join(parts[:cut])) or (
-              os.path.join(REPO, *parts[:cut], '__init__.py')
-              if os.path.isdir(os.path.join(REPO, *parts[:cut])) else None)
+            os.path.join(REPO, *parts[:cut], '__init__.py')
+            if os.path.isdir(os.path.join(REPO, *parts[:cut]))
+            else None
+          )
           if path and path.endswith('.py') and os.path.exists(path):
             candidates, name = [path], parts[cut]
             break
         else:
-          problems.append(f'{span.where()}: `{span.text}`: no module {".".join(parts[:-1])}')
+          problems.append(
+            f'{span.where()}: `{span.text}`: no module {".".join(parts[:-1])}'
+          )
           continue
       elif parts[0] in modules_by_basename():
         candidates, name = modules_by_basename()[parts[0]], parts[1]
       else:
-        continue   # another library's name (optax.multi_transform), or not a name
-      if os.path.isdir(os.path.join(os.path.dirname(candidates[0]), name)) or any(
-          os.path.exists(os.path.join(os.path.dirname(c), name + '.py')) and c.endswith('__init__.py')
-          for c in candidates):
-        continue   # a subpackage or submodule
+        continue  # another library's name (optax.multi_transform), or not a name
+      if os.path.isdir(
+        os.path.join(os.path.dirname(candidates[0]), name)
+      ) or any(
+        os.path.exists(os.path.join(os.path.dirname(c), name + '.py'))
+        and c.endswith('__init__.py')
+        for c in candidates
+      ):
+        continue  # a subpackage or submodule
       if not any(name in top_level_names(c) for c in candidates):
         where = ', '.join(os.path.relpath(c, REPO) for c in candidates)
-        problems.append(f'{span.where()}: `{span.text}`: {where} defines no {name}')
+        problems.append(
+          f'{span.where()}: `{span.text}`: {where} defines no {name}'
+        )
   report(problems)
 
 
 def test_python_examples_compile_and_use_the_api_as_it_is():
   """```python blocks compile; `rotjax.X` exists; what a loaded model is asked for, it has."""
   from rotjax import api
+
   with open(api.__file__) as f:
     tree = ast.parse(f.read())
-  model_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == 'RotjaxModel')
+  model_class = next(
+    n
+    for n in tree.body
+    if isinstance(n, ast.ClassDef) and n.name == 'RotjaxModel'
+  )
   members = {n.name for n in model_class.body if isinstance(n, ast.FunctionDef)}
-  members |= {t.attr for n in ast.walk(model_class) if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Attribute)}
+  members |= {
+    t.attr
+    for n in ast.walk(model_class)
+    if isinstance(n, ast.Assign)
+    for t in n.targets
+    if isinstance(t, ast.Attribute)
+  }
   problems = []
   for doc in DOCS:
     for lang, start, body in fenced_blocks(doc):
@@ -576,31 +744,47 @@ def test_python_examples_compile_and_use_the_api_as_it_is():
       try:
         block = ast.parse('\n'.join(body))
       except SyntaxError as e:
-        problems.append(f'{doc}:{start + e.lineno - 1}: the Python example does not compile: {e.msg}')
+        problems.append(
+          f'{doc}:{start + e.lineno - 1}: the Python example does not compile: {e.msg}'
+        )
         continue
-      models = {t.id for n in ast.walk(block) if isinstance(n, ast.Assign)
-                and isinstance(n.value, ast.Call) and ast.unparse(n.value.func) == 'rotjax.load'
-                for t in n.targets if isinstance(t, ast.Name)}
+      models = {
+        t.id
+        for n in ast.walk(block)
+        if isinstance(n, ast.Assign)
+        and isinstance(n.value, ast.Call)
+        and ast.unparse(n.value.func) == 'rotjax.load'
+        for t in n.targets
+        if isinstance(t, ast.Name)
+      }
       for node in ast.walk(block):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
           line = start + node.lineno - 1
           if node.value.id == 'rotjax' and node.attr not in top_level_names(
-              os.path.join(REPO, 'rotjax', '__init__.py')):
+            os.path.join(REPO, 'rotjax', '__init__.py')
+          ):
             problems.append(f'{doc}:{line}: rotjax.{node.attr} does not exist')
           elif node.value.id in models and node.attr not in members:
-            problems.append(f'{doc}:{line}: {node.value.id}.{node.attr}: rotjax.load() gives no {node.attr}')
+            problems.append(
+              f'{doc}:{line}: {node.value.id}.{node.attr}: rotjax.load() gives no {node.attr}'
+            )
   report(problems)
 
 
 def test_code_points_only_at_docs_that_exist():
   problems = []
-  for path in sorted(glob.glob(f'{REPO}/rotjax/**/*.py', recursive=True) + glob.glob(f'{REPO}/configs/*.py')
-                     + glob.glob(f'{REPO}/scripts/*')):
+  for path in sorted(
+    glob.glob(f'{REPO}/rotjax/**/*.py', recursive=True)
+    + glob.glob(f'{REPO}/configs/*.py')
+    + glob.glob(f'{REPO}/scripts/*')
+  ):
     with open(path) as f:
       for number, line in enumerate(f, 1):
         for name in re.findall(r'\bdocs/[\w-]+\.md', line):
           if not os.path.exists(os.path.join(REPO, name)):
-            problems.append(f'{os.path.relpath(path, REPO)}:{number}: {name} does not exist')
+            problems.append(
+              f'{os.path.relpath(path, REPO)}:{number}: {name} does not exist'
+            )
   report(problems)
 
 
@@ -611,20 +795,41 @@ def test_the_commands_start_for_real():
   for doc in DOCS:
     for span in commands(doc):
       for argv in split_commands(span.text):
-        if argv[0] in ('python', 'python3') and argv[1:2] == ['-m'] and argv[2:3] and argv[2].startswith('rotjax.'):
+        if (
+          argv[0] in ('python', 'python3')
+          and argv[1:2] == ['-m']
+          and argv[2:3]
+          and argv[2].startswith('rotjax.')
+        ):
           targets.add(('-m', argv[2]))
-        elif argv[0] in ('python', 'python3') and len(argv) > 1 and argv[1].startswith('scripts/'):
+        elif (
+          argv[0] in ('python', 'python3')
+          and len(argv) > 1
+          and argv[1].startswith('scripts/')
+        ):
           targets.add((argv[1],))
   assert ('-m', 'rotjax.main') in targets and ('-m', 'rotjax.study') in targets
   env = testing.child_env(JAX_PLATFORMS='cpu')
-  running = {t: subprocess.Popen([sys.executable, *t, '--help'], cwd=REPO, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for t in sorted(targets)}
+  running = {
+    t: subprocess.Popen(
+      [sys.executable, *t, '--help'],
+      cwd=REPO,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for t in sorted(targets)
+  }
   problems = []
   for target, process in running.items():
     out, _ = process.communicate(timeout=120)
     # absl's app.run exits 1 after printing its --help; argparse exits 0.
-    helped = process.returncode == 0 or (process.returncode == 1 and 'Try --helpfull' in out)
+    helped = process.returncode == 0 or (
+      process.returncode == 1 and 'Try --helpfull' in out
+    )
     if not helped or not out.strip():
-      problems.append(f'python {" ".join(target)} --help: exit {process.returncode}: {out[-500:]}')
+      problems.append(
+        f'python {" ".join(target)} --help: exit {process.returncode}: {out[-500:]}'
+      )
   report(problems)

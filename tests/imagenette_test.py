@@ -1,4 +1,5 @@
 """ImageNet-style pipeline on a tiny generated folder of odd-sized, grayscale and RGBA images."""
+
 import os
 
 import numpy as np
@@ -23,9 +24,13 @@ def odd_folder(tmp_path_factory):
         mode = modes[i % 3]
         channels = {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]
         pixels = rng.integers(0, 256, (h, w, channels)).astype(np.uint8)
-        pixels[: h // 3] = 255 * c   # class signal
-        image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
-        image.save(root / split / wnid / f'{i}.{"png" if mode == "RGBA" else "JPEG"}')
+        pixels[: h // 3] = 255 * c  # class signal
+        image = Image.fromarray(
+          pixels.squeeze(-1) if channels == 1 else pixels, mode
+        )
+        image.save(
+          root / split / wnid / f'{i}.{"png" if mode == "RGBA" else "JPEG"}'
+        )
   return str(root)
 
 
@@ -42,16 +47,22 @@ def _config(stage, workdir, source):
   return config
 
 
-def test_folder_images_are_stored_square_rgb_with_crop_margin(odd_folder, tmp_path):
+def test_folder_images_are_stored_square_rgb_with_crop_margin(
+  odd_folder, tmp_path
+):
   config = _config('pretext', tmp_path, odd_folder)
-  ds = input_pipeline.load_dataset(config.data)   # test_split 'validation' finds the 'val' folder
-  assert ds.train.images.shape[1:] == (37, 37, 3)   # round(32 / 0.875)
+  ds = input_pipeline.load_dataset(
+    config.data
+  )  # test_split 'validation' finds the 'val' folder
+  assert ds.train.images.shape[1:] == (37, 37, 3)  # round(32 / 0.875)
   assert len(ds.test) == 8 and ds.num_classes == 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('num_rotations', [4, 8])
-def test_pretext_then_finetune_run_on_imagenet_style_images(odd_folder, tmp_path, num_rotations):
+def test_pretext_then_finetune_run_on_imagenet_style_images(
+  odd_folder, tmp_path, num_rotations
+):
   pre = _config('pretext', tmp_path / 'pre', odd_folder)
   pre.rotation.num_rotations = num_rotations
   pre.num_epochs = 1
@@ -65,9 +76,15 @@ def test_pretext_then_finetune_run_on_imagenet_style_images(odd_folder, tmp_path
 
 def test_preset_carries_the_report_settings():
   config = imagenette.get_config('finetune')
-  assert (config.batch_size, config.optim.name, config.optim.learning_rate,
-          config.label_smoothing) == (16, 'adam', 1e-3, 0.1)
-  assert config.model.stem == 'imagenet' and config.data.preprocess == 'imagenet'
+  assert (
+    config.batch_size,
+    config.optim.name,
+    config.optim.learning_rate,
+    config.label_smoothing,
+  ) == (16, 'adam', 1e-3, 0.1)
+  assert (
+    config.model.stem == 'imagenet' and config.data.preprocess == 'imagenet'
+  )
   assert config.trainable == ('layer4', 'fc')
   with pytest.raises(ValueError, match='stage must be one of'):
     imagenette.get_config('linear')

@@ -1,4 +1,5 @@
 """rotjax's modules import one another without a circle (module-level and lazy imports alike)."""
+
 import ast
 import os
 
@@ -21,15 +22,17 @@ def _imports(module: str, path: str, modules) -> set:
   """The rotjax modules `module` imports, anywhere in it (a function's import counts too)."""
   with open(path) as f:
     tree = ast.parse(f.read(), path)
-  package = module if path.endswith('__init__.py') else module.rpartition('.')[0]
+  package = (
+    module if path.endswith('__init__.py') else module.rpartition('.')[0]
+  )
   out = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       out |= {alias.name for alias in node.names if alias.name in modules}
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
-      if node.level:   # relative: from the package, `level` steps up
-        parts = package.split('.')[:len(package.split('.')) - node.level + 1]
+      if node.level:  # relative: from the package, `level` steps up
+        parts = package.split('.')[: len(package.split('.')) - node.level + 1]
         base = '.'.join(parts + ([node.module] if node.module else []))
       for alias in node.names:
         name = f'{base}.{alias.name}'
@@ -45,7 +48,7 @@ def _cycle(graph: dict):
     state[node] = 'open'
     for nxt in sorted(graph[node]):
       if state.get(nxt) == 'open':
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt, stack + [nxt])
         if found:
@@ -64,7 +67,9 @@ def _cycle(graph: dict):
 def test_no_import_circle_among_rotjax_modules():
   modules = _modules()
   graph = {m: _imports(m, path, modules) for m, path in modules.items()}
-  assert 'rotjax.cpu.onednn_errors' in graph['rotjax.cpu.onednn_conv']   # the graph is read
+  assert (
+    'rotjax.cpu.onednn_errors' in graph['rotjax.cpu.onednn_conv']
+  )  # the graph is read
   cycle = _cycle(graph)
   assert cycle is None, 'import circle: ' + ' -> '.join(cycle)
 

@@ -20,8 +20,9 @@ from rotjax.compute import Compute
 
 def _pretext_config(num_rotations: int, **overrides):
   """The pretext at the tests' scale (rotjax/testing.py), N directions; no data source."""
-  return testing.tiny_config('pretext', '', '', **{'rotation.num_rotations': num_rotations,
-                                                   **overrides})
+  return testing.tiny_config(
+    'pretext', '', '', **{'rotation.num_rotations': num_rotations, **overrides}
+  )
 
 
 def _orientation_free(rng, count: int, size: int = 16) -> np.ndarray:
@@ -34,8 +35,12 @@ def _orientation_free(rng, count: int, size: int = 16) -> np.ndarray:
   interpolated 45- or 60-degree turn of it shows the pixel grid's direction.
   """
   canvas = rng.normal(size=(count, size + 16, size + 16, 3))
-  smooth = scipy.ndimage.gaussian_filter(canvas, sigma=(0, 1.5, 1.5, 0))[:, 8:-8, 8:-8]
-  return np.clip(128 + 45 * smooth / smooth.std(), 0, 255).round().astype(np.uint8)
+  smooth = scipy.ndimage.gaussian_filter(canvas, sigma=(0, 1.5, 1.5, 0))[
+    :, 8:-8, 8:-8
+  ]
+  return (
+    np.clip(128 + 45 * smooth / smooth.std(), 0, 255).round().astype(np.uint8)
+  )
 
 
 @pytest.mark.parametrize('training', [True, False])
@@ -47,16 +52,26 @@ def test_a_uniform_image_looks_the_same_in_every_direction(num, training):
   greys = np.array([200, 30, 120], np.uint8)
   images = np.broadcast_to(greys[:, None, None, None], (3, 16, 16, 3))
   prepare = jax.jit(steps.make_prepare_fn(_pretext_config(num), train=training))
-  out, labels, _ = prepare({'image': jnp.asarray(images), 'label': jnp.zeros(3, jnp.int32)},
-                           jax.random.key(0))
+  out, labels, _ = prepare(
+    {'image': jnp.asarray(images), 'label': jnp.zeros(3, jnp.int32)},
+    jax.random.key(0),
+  )
   np.testing.assert_array_equal(labels, np.repeat(np.arange(num), 3))
-  out_NB = np.asarray(out).reshape(num, 3, 16, 16, 3)   # rows are direction-major
-  np.testing.assert_allclose(out_NB, np.broadcast_to(out_NB[:1], out_NB.shape), atol=1e-5)
+  out_NB = np.asarray(out).reshape(
+    num, 3, 16, 16, 3
+  )  # rows are direction-major
+  np.testing.assert_allclose(
+    out_NB, np.broadcast_to(out_NB[:1], out_NB.shape), atol=1e-5
+  )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('num, geometry', [(4, 'disc'), (6, 'disc'), (8, 'disc'), (4, 'square')])
-def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geometry):
+@pytest.mark.parametrize(
+  'num, geometry', [(4, 'disc'), (6, 'disc'), (8, 'disc'), (4, 'square')]
+)
+def test_a_model_trained_on_images_without_orientation_stays_at_chance(
+  num, geometry
+):
   """Trained through the real train step and pretext pipeline on images that carry no
   orientation, a model can only learn cues the pipeline leaves; scored on fresh such
   images through the same (training) pipeline, it must stay at chance. ('square', the
@@ -66,7 +81,9 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   image, 40 steps learned N = 8 to 26% (k mod 2 from the bar's direction) and N = 6 to
   41% (k mod 3), 18 and 25 standard errors above chance.
   """
-  config = _pretext_config(num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry})
+  config = _pretext_config(
+    num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry}
+  )
   state, mask, _, _ = train.create_train_state(config, num, 100)
   devices = jax.local_devices()[:1]
   step = steps.pmapped_train_step(config, mask, devices, smoothing=0.0)
@@ -74,22 +91,33 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   rng = parallel.replicate(jax.random.key(0), devices)
   data = np.random.default_rng(0)
   for _ in range(40):
-    batch = {'image': _orientation_free(data, 16), 'label': np.zeros(16, np.int32),
-             'mask': np.ones(16, np.float32)}
+    batch = {
+      'image': _orientation_free(data, 16),
+      'label': np.zeros(16, np.int32),
+      'mask': np.ones(16, np.float32),
+    }
     state, _ = step(state, parallel.shard(batch, 1), rng)
   state = parallel.unreplicate(state)
-  prepare = steps.make_prepare_fn(config, train=True)   # mode 'all': every direction of each
+  prepare = steps.make_prepare_fn(
+    config, train=True
+  )  # mode 'all': every direction of each
 
   @jax.jit
   def correct(images, key):
-    x, labels, _ = prepare({'image': images, 'label': jnp.zeros(len(images), jnp.int32)}, key)
-    logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                               train=False)
+    x, labels, _ = prepare(
+      {'image': images, 'label': jnp.zeros(len(images), jnp.int32)}, key
+    )
+    logits, _ = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+    )
     return jnp.sum(jnp.argmax(logits, -1) == labels)
+
   held_out = np.random.default_rng(1)
   count = 256
-  hits = sum(int(correct(_orientation_free(held_out, 64), jax.random.key(100 + i)))
-             for i in range(count // 64))
+  hits = sum(
+    int(correct(_orientation_free(held_out, 64), jax.random.key(100 + i)))
+    for i in range(count // 64)
+  )
   chance = 1 / num
   # A model blind to the direction is right with probability 1/N on each of the N*count
   # rows (each image's N rows hold every label once); correlated rows only narrow this.
@@ -98,7 +126,9 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(num, geom
   assert abs(accuracy - chance) < 4 * stderr, (accuracy, chance, stderr)
 
 
-@pytest.mark.skipif(jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)')
+@pytest.mark.skipif(
+  jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)'
+)
 def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   """N = 8 resamples every image with a random sub-pixel shift: keyed on the example's
   place in the split, not in its device's batch, 1 and 2 devices score the same images."""
@@ -109,8 +139,17 @@ def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   for count in (1, 2):
     devices = jax.local_devices()[:count]
     p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
-    metrics.append(train.evaluate(p_eval, parallel.replicate(state, devices), dataset, 'val', 8,
-                                  count, parallel.replicate(jax.random.key(1), devices)))
+    metrics.append(
+      train.evaluate(
+        p_eval,
+        parallel.replicate(state, devices),
+        dataset,
+        'val',
+        8,
+        count,
+        parallel.replicate(jax.random.key(1), devices),
+      )
+    )
   assert metrics[0]['loss'] == pytest.approx(metrics[1]['loss'], rel=1e-5)
   assert metrics[0]['accuracy'] == metrics[1]['accuracy']
 
@@ -123,7 +162,9 @@ def test_split_index_is_each_example_place_in_the_whole_split():
     local_batch = 6 // processes
     for p in range(processes):
       own = ids[p::processes]
-      split = memory_loader.Split(own.astype(np.uint8)[:, None, None, None], own.astype(np.int32))
+      split = memory_loader.Split(
+        own.astype(np.uint8)[:, None, None, None], own.astype(np.int32)
+      )
       for i, batch in enumerate(batch_plans.eval_batches(split, local_batch)):
         real = batch['mask'] > 0
         index = steps.split_index(i, local_batch, p, processes)
@@ -133,13 +174,15 @@ def test_split_index_is_each_example_place_in_the_whole_split():
 def test_logits_are_a_float32_matmul_of_the_pooled_features():
   """With bfloat16 compute the head still runs in float32: logits rounded to bf16 would
   round the loss and decide near-ties of the argmax."""
-  model = models.create_model('resnet18', num_classes=10, width=4,
-                              compute=Compute(dtype='bfloat16'))
+  model = models.create_model(
+    'resnet18', num_classes=10, width=4, compute=Compute(dtype='bfloat16')
+  )
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   variables = model.init(jax.random.key(1), images, train=False)
   logits, feats = model.apply(variables, images, train=False)
   fc = variables['params']['fc']
-  expected = (np.asarray(feats['pooled'], np.float64) @ np.asarray(fc['kernel'], np.float64)
-              + np.asarray(fc['bias'], np.float64))
+  expected = np.asarray(feats['pooled'], np.float64) @ np.asarray(
+    fc['kernel'], np.float64
+  ) + np.asarray(fc['bias'], np.float64)
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
   assert logits.dtype == feats['pooled'].dtype == jnp.float32

@@ -3,6 +3,7 @@
 Both runs use two data shards: the one process holds both, each of the two
 processes decodes and feeds only its own. About 100 s on 2 CPU cores.
 """
+
 import os
 import socket
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 from rotjax import metrics
 from rotjax import testing
 
-pytestmark = pytest.mark.cpu_only('two processes on localhost with Gloo CPU collectives')
+pytestmark = pytest.mark.cpu_only(
+  'two processes on localhost with Gloo CPU collectives'
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,10 +32,25 @@ def _run(folder, workdir, nproc, late=0.0):
   port = _free_port()
   env = testing.child_env()
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'programs', 'multihost_worker.py'), folder,
-                             str(workdir), str(nproc), str(i), str(port), str(late)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-           for i in range(nproc)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        os.path.join(HERE, 'programs', 'multihost_worker.py'),
+        folder,
+        str(workdir),
+        str(nproc),
+        str(i),
+        str(port),
+        str(late),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+    for i in range(nproc)
+  ]
   try:
     outs = [p.communicate(timeout=400)[0] for p in procs]
   finally:
@@ -54,9 +72,18 @@ def test_two_processes_match_one_process(image_folder, tmp_path):
   two = metrics.read_metrics(str(tmp_path / 'two'))
   assert [r['epoch'] for r in two] == [1, 2]
   for a, b in zip(one, two):
-    for key in ('train_loss', 'val_loss', 'test_loss', 'val_accuracy', 'test_accuracy'):
-      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in (
+      'train_loss',
+      'val_loss',
+      'test_loss',
+      'val_accuracy',
+      'test_accuracy',
+    ):
+      np.testing.assert_allclose(
+        a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key
+      )
   # Process 0 alone wrote the logs; Orbax committed the checkpoints once.
   assert os.path.exists(tmp_path / 'two' / 'config.json')
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == sorted(
-      os.listdir(tmp_path / 'one' / 'checkpoints'))
+    os.listdir(tmp_path / 'one' / 'checkpoints')
+  )

@@ -1,4 +1,5 @@
 """Process settings: the malloc tuning keeps large buffers in the heap, and stays off when asked."""
+
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from rotjax import testing
 # blocks while a 64 MB buffer is live (mallinfo2().hblkhd); then, after a second
 # thread has allocated, glibc's malloc_stats() lists its arenas on stderr (by default
 # that thread gets an arena of its own).
-PROBE = '''
+PROBE = """
 import ctypes
 import threading
 from rotjax.cpu import platform
@@ -27,12 +28,12 @@ thread = threading.Thread(target=lambda: libc.malloc(100 << 10))
 thread.start()
 thread.join()
 libc.malloc_stats()
-'''
+"""
 
 
 # Frees a 2.2 GB block at the top of the heap (over glibc's largest positive trim
 # threshold, 2**31 - 1) and prints whether the heap's end moved back (a trim).
-TRIM_PROBE = '''
+TRIM_PROBE = """
 import ctypes
 from rotjax.cpu import platform
 platform.keep_large_buffers_in_heap()
@@ -45,12 +46,17 @@ assert block, 'malloc failed'
 end = libc.sbrk(0)
 libc.free(block)
 print(libc.sbrk(0) < end)
-'''
+"""
 
 
 def _probe(**env):
-  out = subprocess.run([sys.executable, '-c', PROBE], capture_output=True, text=True, check=True,
-                       env=testing.child_env(**env))
+  out = subprocess.run(
+    [sys.executable, '-c', PROBE],
+    capture_output=True,
+    text=True,
+    check=True,
+    env=testing.child_env(**env),
+  )
   tuned, mmapped = out.stdout.split()
   arenas = sum(line.startswith('Arena ') for line in out.stderr.splitlines())
   return tuned == 'True', int(mmapped), arenas
@@ -59,18 +65,24 @@ def _probe(**env):
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
 def test_large_buffers_stay_in_the_one_heap():
   tuned, mmapped, arenas = _probe()
-  assert tuned and mmapped < 64 << 20        # the 64 MB buffer came from the heap
-  assert arenas == 1                         # and the other thread's buffer from the same one
+  assert tuned and mmapped < 64 << 20  # the 64 MB buffer came from the heap
+  assert arenas == 1  # and the other thread's buffer from the same one
   tuned, mmapped, arenas = _probe(ROTJAX_MALLOC_TUNING='0')
-  assert not tuned and mmapped >= 64 << 20   # glibc's default: a fresh mmap per large buffer
-  assert arenas >= 2                         # and an arena per thread
+  assert (
+    not tuned and mmapped >= 64 << 20
+  )  # glibc's default: a fresh mmap per large buffer
+  assert arenas >= 2  # and an arena per thread
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc only')
 def test_freed_memory_is_never_given_back():
   trimmed = lambda **env: subprocess.run(
-      [sys.executable, '-c', TRIM_PROBE], capture_output=True, text=True, check=True,
-      env=testing.child_env(**env)).stdout.strip()
-  assert trimmed() == 'False'                          # tuned: the heap keeps its pages
+    [sys.executable, '-c', TRIM_PROBE],
+    capture_output=True,
+    text=True,
+    check=True,
+    env=testing.child_env(**env),
+  ).stdout.strip()
+  assert trimmed() == 'False'  # tuned: the heap keeps its pages
   # glibc's default threshold gives them back (mmap off, so that the block is in the heap).
   assert trimmed(ROTJAX_MALLOC_TUNING='0', MALLOC_MMAP_MAX_='0') == 'True'

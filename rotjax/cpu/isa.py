@@ -5,19 +5,36 @@ the CPU has too, so `ONEDNN_MAX_CPU_ISA=AVX2` on any machine takes the whole pat
 AVX2-only machine takes (compute.py's choices, onednn_build.py's choice of oneDNN).
 That is how the tests cover the lesser paths.
 """
+
 import functools
 import os
 import platform
 
 # CPU classes, weakest first, with the /proc/cpuinfo flags that make each.
-ISA_CLASSES = (('older', ()), ('avx2', ('avx2', 'fma')), ('avx512', ('avx512f', 'avx512bw', 'avx512vl')),
-               ('avx512_bf16', ('avx512_bf16',)), ('amx', ('amx_bf16', 'amx_tile')))
+ISA_CLASSES = (
+  ('older', ()),
+  ('avx2', ('avx2', 'fma')),
+  ('avx512', ('avx512f', 'avx512bw', 'avx512vl')),
+  ('avx512_bf16', ('avx512_bf16',)),
+  ('amx', ('amx_bf16', 'amx_tile')),
+)
 # ONEDNN_MAX_CPU_ISA values (lower case) and the class they cap the CPU at.
-_ONEDNN_CAPS = {'sse41': 'older', 'avx': 'older', 'avx2': 'avx2', 'avx2_vnni': 'avx2',
-                'avx2_vnni_2': 'avx2', 'avx512_core': 'avx512', 'avx512_core_vnni': 'avx512',
-                'avx512_core_bf16': 'avx512_bf16', 'avx512_core_fp16': 'avx512_bf16',
-                'avx10_1_512': 'avx512_bf16', 'avx512_core_amx': 'amx',
-                'avx512_core_amx_fp16': 'amx', 'all': 'amx', 'default': 'amx'}
+_ONEDNN_CAPS = {
+  'sse41': 'older',
+  'avx': 'older',
+  'avx2': 'avx2',
+  'avx2_vnni': 'avx2',
+  'avx2_vnni_2': 'avx2',
+  'avx512_core': 'avx512',
+  'avx512_core_vnni': 'avx512',
+  'avx512_core_bf16': 'avx512_bf16',
+  'avx512_core_fp16': 'avx512_bf16',
+  'avx10_1_512': 'avx512_bf16',
+  'avx512_core_amx': 'amx',
+  'avx512_core_amx_fp16': 'amx',
+  'all': 'amx',
+  'default': 'amx',
+}
 NATIVE_BF16_CLASSES = ('avx512_bf16', 'amx')
 
 
@@ -47,7 +64,7 @@ def isa_class(flags=None, cap=None) -> str:
   """The strongest class in ISA_CLASSES whose flags the CPU has, capped by ONEDNN_MAX_CPU_ISA."""
   flags = cpu_flags() if flags is None else flags
   best = 'older'
-  for name, needed in ISA_CLASSES[1:]:   # each class implies the ones before it
+  for name, needed in ISA_CLASSES[1:]:  # each class implies the ones before it
     if all(f in flags for f in needed):
       best = name
   cap = os.environ.get('ONEDNN_MAX_CPU_ISA', '') if cap is None else cap

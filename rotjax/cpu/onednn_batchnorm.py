@@ -19,6 +19,7 @@ cross-device sums are (`covers`). `model.norm` is decided once per run by rotjax
 (`require` says whether oneDNN runs a dtype here); batchnorm.BatchNorm then decides per call
 (`apply` returns None for a BatchNorm oneDNN does not take).
 """
+
 import functools
 import logging
 
@@ -30,14 +31,15 @@ from rotjax.cpu import onednn_build
 from rotjax.cpu.onednn_build import Status
 from rotjax.cpu.onednn_errors import OneDNNNormError
 
-HINT = 'set model.norm=xla to use XLA\'s BatchNorm instead'
+HINT = "set model.norm=xla to use XLA's BatchNorm instead"
 _PROBE_SHAPE = (4, 8, 8, 16)
 _fallbacks_logged = set()
 
 
 def _call(target, out_types, *args, relu, epsilon):
   return jax.ffi.ffi_call(onednn_build.TARGETS[target], out_types)(
-      *args, relu=np.int64(relu), epsilon=np.float32(epsilon))
+    *args, relu=np.int64(relu), epsilon=np.float32(epsilon)
+  )
 
 
 # epsilon, relu and the workspace's size are static (they pick the oneDNN primitive).
@@ -55,9 +57,15 @@ def _forward(x, scale, bias, epsilon, relu, workspace_bytes):
   vector = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
   # Without the ReLU there is no mask; oneDNN is then not given this 1-byte placeholder.
   workspace = jax.ShapeDtypeStruct((max(workspace_bytes, 1),), jnp.uint8)
-  y, mean, var, mask = _call('batchnorm_forward',
-                             (jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector, workspace),
-                             x, scale, bias, relu=relu, epsilon=epsilon)
+  y, mean, var, mask = _call(
+    'batchnorm_forward',
+    (jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector, workspace),
+    x,
+    scale,
+    bias,
+    relu=relu,
+    epsilon=epsilon,
+  )
   return (y, mean, var), (x, mean, var, scale, bias, mask)
 
 
@@ -65,10 +73,19 @@ def _backward(epsilon, relu, workspace_bytes, residuals, cotangents):
   del workspace_bytes
   x, mean, var, scale, bias, mask = residuals
   vector = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
-  dx, d_scale, d_bias = _call('batchnorm_backward',
-                              (jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector),
-                              x, cotangents[0].astype(x.dtype), mean, var, scale, bias, mask,
-                              relu=relu, epsilon=epsilon)
+  dx, d_scale, d_bias = _call(
+    'batchnorm_backward',
+    (jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector),
+    x,
+    cotangents[0].astype(x.dtype),
+    mean,
+    var,
+    scale,
+    bias,
+    mask,
+    relu=relu,
+    epsilon=epsilon,
+  )
   return dx, d_scale, d_bias
 
 
@@ -80,19 +97,35 @@ def apply(x, scale, bias, epsilon, relu, strict=False):
   else None (the caller runs XLA's); `strict` (model.norm=onednn): an OneDNNNormError."""
   dtype = x.dtype.name
   if x.ndim != 4 or dtype not in onednn_build.DTYPE_CODES:
-    status, info, workspace = Status.UNAVAILABLE, 'only 4-D float32/bfloat16 inputs', 0
+    status, info, workspace = (
+      Status.UNAVAILABLE,
+      'only 4-D float32/bfloat16 inputs',
+      0,
+    )
   else:
-    status, info, workspace = onednn_build.prepare_batchnorm(x.shape, dtype, relu, epsilon)
+    status, info, workspace = onednn_build.prepare_batchnorm(
+      x.shape, dtype, relu, epsilon
+    )
   if status == Status.OPTIMIZED:
-    return batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(epsilon),
-                      bool(relu), workspace)
+    return batch_norm(
+      x,
+      scale.astype(jnp.float32),
+      bias.astype(jnp.float32),
+      float(epsilon),
+      bool(relu),
+      workspace,
+    )
   why = onednn_build.declined(status, info)
   if strict:
-    raise OneDNNNormError(f'model.norm=onednn: a {dtype} BatchNorm of input {tuple(x.shape)}: '
-                          f'{why}; {HINT}')
+    raise OneDNNNormError(
+      f'model.norm=onednn: a {dtype} BatchNorm of input {tuple(x.shape)}: '
+      f'{why}; {HINT}'
+    )
   if (dtype, status) not in _fallbacks_logged:
     _fallbacks_logged.add((dtype, status))
-    logging.warning('A %s BatchNorm (input %s) runs on XLA: %s', dtype, tuple(x.shape), why)
+    logging.warning(
+      'A %s BatchNorm (input %s) runs on XLA: %s', dtype, tuple(x.shape), why
+    )
   return None
 
 
@@ -110,16 +143,24 @@ def require(dtype) -> str:
   dtype = np.dtype(dtype).name
   backend = jax.default_backend()
   if backend != 'cpu':
-    raise OneDNNNormError(f'model.norm=onednn runs only on the CPU; this run\'s backend is '
-                          f'{backend}: use model.norm=auto or xla')
+    raise OneDNNNormError(
+      f"model.norm=onednn runs only on the CPU; this run's backend is "
+      f'{backend}: use model.norm=auto or xla'
+    )
   if not onednn_build.load():
-    raise OneDNNNormError(f'model.norm=onednn, but the oneDNN kernels are unavailable: '
-                          f'{onednn_build.unavailable_reason()}; {HINT}')
-  status, info, _ = onednn_build.prepare_batchnorm(_PROBE_SHAPE, dtype, True, 1e-5)
+    raise OneDNNNormError(
+      f'model.norm=onednn, but the oneDNN kernels are unavailable: '
+      f'{onednn_build.unavailable_reason()}; {HINT}'
+    )
+  status, info, _ = onednn_build.prepare_batchnorm(
+    _PROBE_SHAPE, dtype, True, 1e-5
+  )
   if status != Status.OPTIMIZED:
-    raise OneDNNNormError(f'model.norm=onednn, but oneDNN {onednn_build.version()} has no '
-                          f'optimized {dtype} BatchNorm on this CPU ({info}); {HINT} or another '
-                          'model.dtype')
+    raise OneDNNNormError(
+      f'model.norm=onednn, but oneDNN {onednn_build.version()} has no '
+      f'optimized {dtype} BatchNorm on this CPU ({info}); {HINT} or another '
+      'model.dtype'
+    )
   return f'oneDNN {onednn_build.version()} {dtype} BatchNorm ({info})'
 
 

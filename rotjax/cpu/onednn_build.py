@@ -13,6 +13,7 @@ how (`Status`), and each dtype is probed on a small one (`supported_dtypes`); ea
 BatchNorm likewise (`prepare_batchnorm`).
 `ROTJAX_ONEDNN=0` turns oneDNN off.
 """
+
 import ctypes
 import dataclasses
 import enum
@@ -35,11 +36,14 @@ from rotjax.cpu import isa
 CSRC = Path(__file__).parent / 'csrc'
 SOURCES = (CSRC / 'onednn_conv.cc', CSRC / 'onednn_batchnorm.cc')
 HEADERS = (CSRC / 'onednn_common.h',)
-MIN_VERSION = (2, 0)   # the C++ side speaks the 2.x and 3.x APIs
-TARGETS = {'forward': 'RotjaxConvForward', 'backward_data': 'RotjaxConvBackwardData',
-           'backward_weights': 'RotjaxConvBackwardWeights',
-           'batchnorm_forward': 'RotjaxBatchNormForward',
-           'batchnorm_backward': 'RotjaxBatchNormBackward'}
+MIN_VERSION = (2, 0)  # the C++ side speaks the 2.x and 3.x APIs
+TARGETS = {
+  'forward': 'RotjaxConvForward',
+  'backward_data': 'RotjaxConvBackwardData',
+  'backward_weights': 'RotjaxConvBackwardWeights',
+  'batchnorm_forward': 'RotjaxBatchNormForward',
+  'batchnorm_backward': 'RotjaxBatchNormBackward',
+}
 DTYPE_CODES = {'float32': 0, 'bfloat16': 1}
 # The probe convolution: a ResNet 3x3 layer, small enough to build in milliseconds.
 _PROBE = dict(n=4, h=8, w=8, c=16, o=16, kernel=3, stride=1, pad=1)
@@ -47,30 +51,38 @@ _PROBE = dict(n=4, h=8, w=8, c=16, o=16, kernel=3, stride=1, pad=1)
 
 class Status(enum.IntEnum):
   """What RotjaxConvPrepare (csrc/onednn_conv.cc) says of one convolution's primitives."""
-  OPTIMIZED = 0          # forward, backward-data and backward-weights on optimized kernels
-  REFERENCE_ONLY = 1     # some only on oneDNN's slow scalar reference kernels
-  UNAVAILABLE = 2        # oneDNN cannot create them (the info says why)
-  NO_WEIGHT_GRADIENT = 3  # optimized, but no backward-weights kernel: XLA computes that one
+
+  OPTIMIZED = (
+    0  # forward, backward-data and backward-weights on optimized kernels
+  )
+  REFERENCE_ONLY = 1  # some only on oneDNN's slow scalar reference kernels
+  UNAVAILABLE = 2  # oneDNN cannot create them (the info says why)
+  NO_WEIGHT_GRADIENT = (
+    3  # optimized, but no backward-weights kernel: XLA computes that one
+  )
 
 
 _lock = threading.Lock()
-_state = {}   # 'ok': bool, 'error': str, 'lib', 'version', once the library was built or failed to
-_prepared = {}   # (geometry, dtype) -> (Status, info) from RotjaxConvPrepare
-_prepared_norms = {}   # (shape, dtype, relu, epsilon) -> (Status, info, workspace bytes)
+_state = {}  # 'ok': bool, 'error': str, 'lib', 'version', once the library was built or failed to
+_prepared = {}  # (geometry, dtype) -> (Status, info) from RotjaxConvPrepare
+_prepared_norms = {}  # (shape, dtype, relu, epsilon) -> (Status, info, workspace bytes)
 
 
 def cache_dir() -> Path:
-  root = os.environ.get('ROTJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'rotjax'))
+  root = os.environ.get(
+    'ROTJAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'rotjax')
+  )
   return Path(root) / 'onednn'
 
 
 @dataclasses.dataclass(frozen=True)
 class Installation:
   """One oneDNN to build against: where its headers and library are, and its version."""
-  source: str          # 'ROTJAX_ONEDNN_ROOT', 'pip' (the onednn-*-cpu-gomp wheels) or 'system'
+
+  source: str  # 'ROTJAX_ONEDNN_ROOT', 'pip' (the onednn-*-cpu-gomp wheels) or 'system'
   include: str
   lib_dir: str | None  # None: the linker's default paths (the system library)
-  version: str         # from its dnnl_version.h
+  version: str  # from its dnnl_version.h
 
 
 def _header_version(include: str) -> str:
@@ -78,7 +90,10 @@ def _header_version(include: str) -> str:
   if not header.exists():
     return ''
   text = header.read_text()
-  parts = [re.search(rf'#define DNNL_VERSION_{k}\s+(\d+)', text) for k in ('MAJOR', 'MINOR', 'PATCH')]
+  parts = [
+    re.search(rf'#define DNNL_VERSION_{k}\s+(\d+)', text)
+    for k in ('MAJOR', 'MINOR', 'PATCH')
+  ]
   return '.'.join(m.group(1) for m in parts) if all(parts) else ''
 
 
@@ -90,8 +105,11 @@ def installations() -> list:
   if root:
     places = [('ROTJAX_ONEDNN_ROOT', f'{root}/include', f'{root}/lib')]
   else:
-    places = [('pip', f'{sys.prefix}/include', f'{sys.prefix}/lib'),
-              ('system', '/usr/include', None), ('system', '/usr/local/include', None)]
+    places = [
+      ('pip', f'{sys.prefix}/include', f'{sys.prefix}/lib'),
+      ('system', '/usr/include', None),
+      ('system', '/usr/local/include', None),
+    ]
   found, seen = [], set()
   for source, include, lib_dir in places:
     version = _header_version(include)
@@ -116,8 +134,13 @@ def _version_key(inst: Installation) -> tuple:
 #    it, not compared.
 #  - amx: 3.2's AMX kernels beat 2.6's: bf16 step 88.9 img/s with pip's 3.2 against 73.1
 #    with Debian's 2.6.3 on a 2-core Xeon with AMX (issue 25, 2026-11-29, main at 93aba00).
-FASTEST = {'older': 'newest', 'avx2': 'newest', 'avx512': 'system', 'avx512_bf16': 'system',
-           'amx': 'newest'}
+FASTEST = {
+  'older': 'newest',
+  'avx2': 'newest',
+  'avx512': 'system',
+  'avx512_bf16': 'system',
+  'amx': 'newest',
+}
 
 
 def preferred(found: list, isa_class: str) -> list:
@@ -125,15 +148,19 @@ def preferred(found: list, isa_class: str) -> list:
   fastest first by FASTEST; an unknown class takes the newest."""
   if FASTEST.get(isa_class, 'newest') == 'newest':
     return sorted(found, key=_version_key, reverse=True)
-  return sorted(found, key=lambda inst: (inst.source != 'system', _version_key(inst)))
+  return sorted(
+    found, key=lambda inst: (inst.source != 'system', _version_key(inst))
+  )
 
 
 def _library_path(inst: Installation) -> Path:
   # Keyed on everything the binary depends on: our source, the FFI headers' jaxlib, and
   # the oneDNN it is built against (an upgraded libdnnl-dev gets a fresh build).
-  key = hashlib.sha256(b''.join(f.read_bytes() for f in SOURCES + HEADERS)
-                       + importlib.metadata.version('jaxlib').encode()
-                       + f'{inst.source}:{inst.include}:{inst.version}'.encode())
+  key = hashlib.sha256(
+    b''.join(f.read_bytes() for f in SOURCES + HEADERS)
+    + importlib.metadata.version('jaxlib').encode()
+    + f'{inst.source}:{inst.include}:{inst.version}'.encode()
+  )
   return cache_dir() / f'librotjax_onednn_{key.hexdigest()[:16]}.so'
 
 
@@ -145,17 +172,30 @@ def _compile(target: Path, inst: Installation) -> None:
   # Build beside the target and rename: another process may be loading it.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{inst.include}',
-         f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', tmp]
-  if inst.lib_dir:   # its own library, found again at run time through the rpath
+  cmd = [
+    cxx,
+    '-O2',
+    '-std=c++17',
+    '-shared',
+    '-fPIC',
+    '-w',
+    f'-I{inst.include}',
+    f'-I{jax.ffi.include_dir()}',
+    *map(str, SOURCES),
+    '-o',
+    tmp,
+  ]
+  if inst.lib_dir:  # its own library, found again at run time through the rpath
     cmd += [f'-L{inst.lib_dir}', f'-Wl,-rpath,{inst.lib_dir}']
   cmd += ['-ldnnl']
   result = subprocess.run(cmd, capture_output=True, text=True)
   if result.returncode != 0:
     os.unlink(tmp)
     detail = result.stderr.strip().splitlines()
-    raise RuntimeError(f'compiling {" ".join(f.name for f in SOURCES)} against oneDNN {inst.version} ({inst.source}) '
-                       f'failed ({" ".join(cmd[:1])}): ' + ' | '.join(detail[:3]))
+    raise RuntimeError(
+      f'compiling {" ".join(f.name for f in SOURCES)} against oneDNN {inst.version} ({inst.source}) '
+      f'failed ({" ".join(cmd[:1])}): ' + ' | '.join(detail[:3])
+    )
   os.replace(tmp, target)
 
 
@@ -166,13 +206,22 @@ def disabled() -> bool:
 
 def _open(path: Path):
   lib = ctypes.cdll.LoadLibrary(str(path))
-  lib.RotjaxConvPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
-                                    ctypes.c_char_p, ctypes.c_int64]
+  lib.RotjaxConvPrepare.argtypes = [
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int64,
+    ctypes.c_char_p,
+    ctypes.c_int64,
+  ]
   lib.RotjaxConvPrepare.restype = ctypes.c_int
-  lib.RotjaxBatchNormPrepare.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
-                                         ctypes.c_int64, ctypes.c_float,
-                                         ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
-                                         ctypes.c_int64]
+  lib.RotjaxBatchNormPrepare.argtypes = [
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.c_float,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_char_p,
+    ctypes.c_int64,
+  ]
   lib.RotjaxBatchNormPrepare.restype = ctypes.c_int
 
   def text(fn):
@@ -180,13 +229,21 @@ def _open(path: Path):
     out = ctypes.create_string_buffer(64)
     fn(out, len(out))
     return out.value.decode()
-  version, headers = text(lib.RotjaxOneDNNVersion), text(lib.RotjaxOneDNNHeaderVersion)
+
+  version, headers = (
+    text(lib.RotjaxOneDNNVersion),
+    text(lib.RotjaxOneDNNHeaderVersion),
+  )
   if version.split('.')[:2] != headers.split('.')[:2]:
-    raise RuntimeError(f'built against oneDNN {headers} headers but runs with the {version} '
-                       'library')
+    raise RuntimeError(
+      f'built against oneDNN {headers} headers but runs with the {version} '
+      'library'
+    )
   if tuple(int(v) for v in version.split('.')[:2]) < MIN_VERSION:
-    raise RuntimeError(f'oneDNN {version} is too old (rotjax needs >= '
-                       f'{".".join(map(str, MIN_VERSION))})')
+    raise RuntimeError(
+      f'oneDNN {version} is too old (rotjax needs >= '
+      f'{".".join(map(str, MIN_VERSION))})'
+    )
   return lib, version
 
 
@@ -194,8 +251,12 @@ def build_and_open(inst: Installation):
   """Compiles (once per machine) and opens the library built against `inst`."""
   path = _library_path(inst)
   if not path.exists():
-    logging.info('Compiling the oneDNN %s (%s) kernels into %s', inst.version,
-                 inst.source, path)
+    logging.info(
+      'Compiling the oneDNN %s (%s) kernels into %s',
+      inst.version,
+      inst.source,
+      path,
+    )
     _compile(path, inst)
   return _open(path)
 
@@ -214,10 +275,12 @@ def load() -> bool:
           raise RuntimeError('turned off by ROTJAX_ONEDNN=0')
         found = preferred(installations(), isa.isa_class())
         if not found:
-          raise RuntimeError('no oneDNN headers found (pip install onednn-devel-cpu-gomp, '
-                             'or apt-get install libdnnl-dev)')
+          raise RuntimeError(
+            'no oneDNN headers found (pip install onednn-devel-cpu-gomp, '
+            'or apt-get install libdnnl-dev)'
+          )
         errors = []
-        for inst in found:   # the first that builds and loads
+        for inst in found:  # the first that builds and loads
           try:
             lib, version = build_and_open(inst)
             break
@@ -226,11 +289,17 @@ def load() -> bool:
         else:
           raise RuntimeError('; '.join(errors))
         for name in TARGETS.values():
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-        _state.update(ok=True, error='', lib=lib, version=version, installation=inst)
+          jax.ffi.register_ffi_target(
+            name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu'
+          )
+        _state.update(
+          ok=True, error='', lib=lib, version=version, installation=inst
+        )
       except _LOAD_ERRORS as e:
-        _state.update(ok=False, error=str(e), lib=None, version='', installation=None)
-        logging.warning('oneDNN convolutions unavailable, using XLA\'s: %s', e)
+        _state.update(
+          ok=False, error=str(e), lib=None, version='', installation=None
+        )
+        logging.warning("oneDNN convolutions unavailable, using XLA's: %s", e)
   return _state['ok']
 
 
@@ -263,13 +332,16 @@ def prepare(geometry: tuple, dtype: str) -> tuple[Status, str]:
   key = (geometry, dtype)
   if key not in _prepared:
     out = ctypes.create_string_buffer(1024)
-    status = _state['lib'].RotjaxConvPrepare((ctypes.c_int64 * 15)(*geometry),
-                                             DTYPE_CODES[dtype], out, len(out))
+    status = _state['lib'].RotjaxConvPrepare(
+      (ctypes.c_int64 * 15)(*geometry), DTYPE_CODES[dtype], out, len(out)
+    )
     _prepared[key] = (Status(status), out.value.decode(errors='replace'))
   return _prepared[key]
 
 
-def prepare_batchnorm(shape, dtype: str, relu: bool, epsilon: float) -> tuple[Status, str, int]:
+def prepare_batchnorm(
+  shape, dtype: str, relu: bool, epsilon: float
+) -> tuple[Status, str, int]:
   """(Status, info, workspace bytes) of one training-mode BatchNorm (+ ReLU) over an NHWC
   `shape`, its forward and backward primitives built once per process (while tracing).
   Status is OPTIMIZED, REFERENCE_ONLY or UNAVAILABLE; the workspace holds the ReLU's mask."""
@@ -277,28 +349,55 @@ def prepare_batchnorm(shape, dtype: str, relu: bool, epsilon: float) -> tuple[St
   if key not in _prepared_norms:
     out = ctypes.create_string_buffer(1024)
     workspace = ctypes.c_int64(0)
-    status = _state['lib'].RotjaxBatchNormPrepare((ctypes.c_int64 * 4)(*shape), DTYPE_CODES[dtype],
-                                                  int(relu), epsilon, ctypes.byref(workspace),
-                                                  out, len(out))
-    _prepared_norms[key] = (Status(status), out.value.decode(errors='replace'), workspace.value)
+    status = _state['lib'].RotjaxBatchNormPrepare(
+      (ctypes.c_int64 * 4)(*shape),
+      DTYPE_CODES[dtype],
+      int(relu),
+      epsilon,
+      ctypes.byref(workspace),
+      out,
+      len(out),
+    )
+    _prepared_norms[key] = (
+      Status(status),
+      out.value.decode(errors='replace'),
+      workspace.value,
+    )
   return _prepared_norms[key]
 
 
 def declined(status: Status, info: str) -> str:
   """Why oneDNN does not take a convolution or BatchNorm of this `status` (its `info`)."""
-  return ('oneDNN has only its slow reference kernels for it: ' if status == Status.REFERENCE_ONLY
-          else 'oneDNN cannot create it: ') + info
+  return (
+    'oneDNN has only its slow reference kernels for it: '
+    if status == Status.REFERENCE_ONLY
+    else 'oneDNN cannot create it: '
+  ) + info
 
 
 def out_hw(x_shape, w_shape, strides, padding) -> list:
   """Output height and width of an NHWC x HWIO convolution."""
-  return [(x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1 for i in range(2)]
+  return [
+    (x_shape[1 + i] + sum(padding[i]) - w_shape[i]) // strides[i] + 1
+    for i in range(2)
+  ]
 
 
 def geometry(x_shape, w_shape, strides, padding) -> tuple:
   out_hw_ = out_hw(x_shape, w_shape, strides, padding)
   (pt, pb), (pl, pr) = padding
-  return (*x_shape, w_shape[0], w_shape[1], w_shape[3], *out_hw_, *strides, pt, pb, pl, pr)
+  return (
+    *x_shape,
+    w_shape[0],
+    w_shape[1],
+    w_shape[3],
+    *out_hw_,
+    *strides,
+    pt,
+    pb,
+    pl,
+    pr,
+  )
 
 
 def probe(dtype: str):
@@ -306,8 +405,15 @@ def probe(dtype: str):
   if not load():
     return Status.UNAVAILABLE, _state['error']
   g = _PROBE
-  return prepare(geometry((g['n'], g['h'], g['w'], g['c']), (g['kernel'], g['kernel'], g['c'], g['o']),
-                            (g['stride'],) * 2, ((g['pad'],) * 2,) * 2), dtype)
+  return prepare(
+    geometry(
+      (g['n'], g['h'], g['w'], g['c']),
+      (g['kernel'], g['kernel'], g['c'], g['o']),
+      (g['stride'],) * 2,
+      ((g['pad'],) * 2,) * 2,
+    ),
+    dtype,
+  )
 
 
 def supported_dtypes() -> tuple:

@@ -4,6 +4,7 @@ Both kernels (onednn_conv.py, onednn_batchnorm.py) raise these and the callers o
 compiled step (train.py, api.py) catch by them, so they live here, apart from either
 kernel: neither kernel module needs the other.
 """
+
 import contextlib
 
 import jax
@@ -18,7 +19,10 @@ class OneDNNNormError(RuntimeError):
 
 
 # What the C++ handlers (csrc/) put in the error of a failed custom call.
-_MARKERS = (('rotjax oneDNN conv', OneDNNConvError), ('rotjax oneDNN batch norm', OneDNNNormError))
+_MARKERS = (
+  ('rotjax oneDNN conv', OneDNNConvError),
+  ('rotjax oneDNN batch norm', OneDNNNormError),
+)
 
 
 @contextlib.contextmanager

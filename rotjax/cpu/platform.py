@@ -1,4 +1,5 @@
 """Process-level settings that must be in place before JAX starts (XLA flags, malloc)."""
+
 import ctypes
 import importlib.metadata
 import logging
@@ -14,7 +15,9 @@ import sys
 # model.conv=xla and for the convolutions oneDNN does not take. The flag is
 # experimental and an unknown XLA flag aborts the process, so it is only set where it
 # was verified.
-_CPU_FLAGS = {'0.10': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'}
+_CPU_FLAGS = {
+  '0.10': '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+}
 
 
 def cpu_xla_flags() -> str:
@@ -27,9 +30,11 @@ def cpu_xla_flags() -> str:
 
 # The glibc malloc settings below: (mallopt parameter from malloc.h, value, the
 # environment variable that sets the same for a process glibc has yet to start).
-_MALLOC_SETTINGS = ((-4, 0, 'MALLOC_MMAP_MAX_'),                 # M_MMAP_MAX: no mmap per buffer
-                    (-1, -1, 'MALLOC_TRIM_THRESHOLD_'),           # M_TRIM_THRESHOLD: -1 = never trim
-                    (-8, 1, 'MALLOC_ARENA_MAX'))                 # M_ARENA_MAX: one arena
+_MALLOC_SETTINGS = (
+  (-4, 0, 'MALLOC_MMAP_MAX_'),  # M_MMAP_MAX: no mmap per buffer
+  (-1, -1, 'MALLOC_TRIM_THRESHOLD_'),  # M_TRIM_THRESHOLD: -1 = never trim
+  (-8, 1, 'MALLOC_ARENA_MAX'),
+)  # M_ARENA_MAX: one arena
 
 
 def malloc_environment() -> dict:
@@ -57,14 +62,19 @@ def keep_large_buffers_in_heap() -> bool:
   memory freed by XLA stays with the process. Linux/glibc only; a no-op
   (False) elsewhere. ROTJAX_MALLOC_TUNING=0 turns it off.
   """
-  if not sys.platform.startswith('linux') or os.environ.get('ROTJAX_MALLOC_TUNING', '1') == '0':
+  if (
+    not sys.platform.startswith('linux')
+    or os.environ.get('ROTJAX_MALLOC_TUNING', '1') == '0'
+  ):
     return False
   try:
     libc = ctypes.CDLL('libc.so.6')
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # musl and other libcs have no mallopt
     return False
-  return all([bool(mallopt(param, value)) for param, value, _ in _MALLOC_SETTINGS])
+  return all(
+    [bool(mallopt(param, value)) for param, value, _ in _MALLOC_SETTINGS]
+  )
 
 
 def configure() -> None:
@@ -83,13 +93,17 @@ def configure() -> None:
 
 class _QuietLibraries(logging.Filter):
   """Drops INFO chatter of orbax and friends from the absl log (warnings still show)."""
+
   NOISY = ('/orbax/', '/etils/', '/tensorflow_datasets/')
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+    return record.levelno >= logging.WARNING or not any(
+      n in record.pathname for n in self.NOISY
+    )
 
 
 def quiet_library_logs() -> None:
   """For the command lines: keep the absl log to what rotjax itself says."""
   from absl import logging as absl_logging
+
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -1,5 +1,6 @@
 """Figures (matplotlib, Agg): a study's, drawn from metrics.jsonl rows and summaries, and
 `rotjax.evaluate`'s confusion matrices and t-SNE scatters."""
+
 import math
 
 import matplotlib
@@ -14,7 +15,9 @@ CURVES = (('loss', 'loss (cross-entropy)'), ('accuracy', 'accuracy (%)'))
 
 def _by_epoch(histories: list[list[dict]], key: str):
   """(epochs, mean, low, high) over seeds of one metric, on the epochs every seed has."""
-  rows = [{r['epoch']: r[key] for r in h if r.get(key) is not None} for h in histories]
+  rows = [
+    {r['epoch']: r[key] for r in h if r.get(key) is not None} for h in histories
+  ]
   epochs = sorted(set.intersection(*(set(r) for r in rows))) if rows else []
   values = np.array([[r[e] for e in epochs] for r in rows], dtype=float)
   if key.endswith('accuracy'):
@@ -30,9 +33,17 @@ def learning_curves(histories: list[list[dict]], title: str, path: str) -> None:
       epochs, mean, low, high = _by_epoch(histories, f'{split}_{metric}')
       if not epochs:
         continue
-      ax.plot(epochs, mean, marker='o', color=color, label=f'{split} (mean of {len(histories)})')
+      ax.plot(
+        epochs,
+        mean,
+        marker='o',
+        color=color,
+        label=f'{split} (mean of {len(histories)})',
+      )
       if len(histories) > 1:
-        ax.fill_between(epochs, low, high, color=color, alpha=0.2, label=f'{split} min-max')
+        ax.fill_between(
+          epochs, low, high, color=color, alpha=0.2, label=f'{split} min-max'
+        )
     ax.set_xlabel('epoch')
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(label)
@@ -49,14 +60,21 @@ def stage_bars(cells: dict, stage_labels: dict, title: str, path: str) -> None:
   groups = list(cells)
   stages = sorted({s for g in groups for s in cells[g]})
   width = 0.8 / max(len(groups), 1)
-  fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(stages) * max(1, len(groups) / 2)), 4.5))
+  fig, ax = plt.subplots(
+    figsize=(max(7, 1.6 * len(stages) * max(1, len(groups) / 2)), 4.5)
+  )
   for i, group in enumerate(groups):
-    x = [stages.index(s) + (i - (len(groups) - 1) / 2) * width for s in cells[group]]
+    x = [
+      stages.index(s) + (i - (len(groups) - 1) / 2) * width
+      for s in cells[group]
+    ]
     means = [cells[group][s][0] * 100 for s in cells[group]]
     stds = [cells[group][s][1] * 100 for s in cells[group]]
     bars = ax.bar(x, means, width, yerr=stds, capsize=4, label=str(group))
     ax.bar_label(bars, fmt='%.1f', fontsize=8, padding=2)
-  ax.set_xticks(range(len(stages)), [stage_labels[s] for s in stages], fontsize=8)
+  ax.set_xticks(
+    range(len(stages)), [stage_labels[s] for s in stages], fontsize=8
+  )
   ax.set_ylabel('test accuracy at best-val epoch (%)')
   ax.set_ylim(0, 105)
   ax.set_title(title)
@@ -79,7 +97,9 @@ def crossovers(xs, a, b) -> list[float]:
       found.append(float(xs[j + 1]))
       continue
     t = d[j] / (d[j] - d[k])
-    found.append(float(math.exp(math.log(xs[j]) + t * (math.log(xs[k]) - math.log(xs[j])))))
+    found.append(
+      float(math.exp(math.log(xs[j]) + t * (math.log(xs[k]) - math.log(xs[j]))))
+    )
   return found
 
 
@@ -89,20 +109,40 @@ def samples_per_class(curves: dict, title: str, path: str) -> dict:
   # the first two curves are compared.
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   found = {}
-  for ax, key, ylabel in ((axes[0], 'acc', 'best validation accuracy (%)'),
-                          (axes[1], 'loss', 'minimum validation loss')):
+  for ax, key, ylabel in (
+    (axes[0], 'acc', 'best validation accuracy (%)'),
+    (axes[1], 'loss', 'minimum validation loss'),
+  ):
     scale = 100 if key == 'acc' else 1
     for label, c in curves.items():
       mean, std = (np.asarray(v, float) * scale for v in c[key])
       ax.errorbar(c['x'], mean, yerr=std, marker='o', capsize=3, label=label)
     pair = list(curves.values())[:2]
-    found[key] = crossovers(pair[0]['x'], pair[0][key][0], pair[1][key][0]) if len(pair) == 2 else []
+    found[key] = (
+      crossovers(pair[0]['x'], pair[0][key][0], pair[1][key][0])
+      if len(pair) == 2
+      else []
+    )
     for x in found[key]:
       ax.axvline(x, color='gray', linestyle='--')
-      ax.annotate(f'crossover ~{x:.0f}/class', (x, 0.5), xycoords=('data', 'axes fraction'),
-                  rotation=90, ha='right', va='center', fontsize=8)
+      ax.annotate(
+        f'crossover ~{x:.0f}/class',
+        (x, 0.5),
+        xycoords=('data', 'axes fraction'),
+        rotation=90,
+        ha='right',
+        va='center',
+        fontsize=8,
+      )
     if len(pair) == 2 and not found[key]:
-      ax.text(0.5, 0.02, 'no crossover in this range', transform=ax.transAxes, ha='center', fontsize=8)
+      ax.text(
+        0.5,
+        0.02,
+        'no crossover in this range',
+        transform=ax.transAxes,
+        ha='center',
+        fontsize=8,
+      )
     ax.set_xscale('log')
     first = next(iter(curves.values()))
     ax.set_xticks(first['x'], first['xlabels'])
@@ -131,8 +171,15 @@ def plot_confusion(counts, class_names, title, path):
   ax.set_ylabel('true')
   for i in range(n):
     for j in range(n):
-      ax.text(j, i, str(counts[i, j]), ha='center', va='center', fontsize=8,
-              color='white' if rates[i, j] > 0.5 else 'black')
+      ax.text(
+        j,
+        i,
+        str(counts[i, j]),
+        ha='center',
+        va='center',
+        fontsize=8,
+        color='white' if rates[i, j] > 0.5 else 'black',
+      )
   fig.colorbar(im, ax=ax, fraction=0.046, label='fraction of the true class')
   ax.set_title(title, fontsize=10)
   fig.tight_layout()
@@ -148,12 +195,21 @@ def plot_tsne(embeddings, labels, class_names, titles, path, suptitle=''):
   for ax, emb, title in zip(axes[0], embeddings, titles):
     for c, name in enumerate(class_names):
       sel = labels == c
-      ax.scatter(emb[sel, 0], emb[sel, 1], s=6, alpha=0.75, color=cmap(c % cmap.N), label=name)
+      ax.scatter(
+        emb[sel, 0],
+        emb[sel, 1],
+        s=6,
+        alpha=0.75,
+        color=cmap(c % cmap.N),
+        label=name,
+      )
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
   handles, names = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, names, loc='center right', markerscale=3, fontsize=9, frameon=False)
+  fig.legend(
+    handles, names, loc='center right', markerscale=3, fontsize=9, frameon=False
+  )
   if suptitle:
     fig.suptitle(suptitle, fontsize=11)
   fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))

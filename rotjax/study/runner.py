@@ -1,4 +1,5 @@
 """Runs a study's plan: skip finished runs, resume interrupted ones, record failures, go on."""
+
 import json
 import logging
 import os
@@ -35,9 +36,20 @@ class DatasetCache:
 # data.source is a result setting: tfds:cifar10 and the JPEG folder copy differ in pixels.
 # The data loader, its worker count and the checkpoints inside epochs give the same batches
 # and numbers (tests/streaming_test.py), and data_dir is where tfds keeps data.source.
-_NOT_RESULT_SETTINGS = ('workdir', 'init_from', 'progress', 'log_every_steps', 'keep_checkpoints',
-                        'distributed', 'data.cache_dir', 'compile_cache', 'data.loader',
-                        'data.workers', 'data.data_dir', 'checkpoint_every_steps')
+_NOT_RESULT_SETTINGS = (
+  'workdir',
+  'init_from',
+  'progress',
+  'log_every_steps',
+  'keep_checkpoints',
+  'distributed',
+  'data.cache_dir',
+  'compile_cache',
+  'data.loader',
+  'data.workers',
+  'data.data_dir',
+  'checkpoint_every_steps',
+)
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
@@ -64,7 +76,9 @@ def changed_settings(run_config) -> list[str]:
   if not saved:
     return []
   old, new = _flatten(saved), _flatten(run_config.to_dict())
-  ignored = lambda key: any(key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS)
+  ignored = lambda key: any(
+    key == k or key.startswith(k + '.') for k in _NOT_RESULT_SETTINGS
+  )
   known = rundir.before_they_existed(saved)
   before = lambda key: old.get(key, known.get(key, '<missing>'))
   return sorted(k for k, v in new.items() if not ignored(k) and before(k) != v)
@@ -81,15 +95,20 @@ class SourceRecords:
     if source_dir not in self.loaded:
       try:
         # Only the record is kept (relative to the source itself), not the arrays.
-        self.loaded[source_dir] = checkpoint.source_record(checkpoint.load_variables(source_dir),
-                                                           source_dir)
-      except FileNotFoundError:   # no such run, or no complete checkpoint in it
+        self.loaded[source_dir] = checkpoint.source_record(
+          checkpoint.load_variables(source_dir), source_dir
+        )
+      except FileNotFoundError:  # no such run, or no complete checkpoint in it
         self.loaded[source_dir] = None
     record = self.loaded[source_dir]
     if record is None:
       return None
-    return {**record, 'run': os.path.relpath(rundir.absolute(source_dir),
-                                             rundir.absolute(workdir))}
+    return {
+      **record,
+      'run': os.path.relpath(
+        rundir.absolute(source_dir), rundir.absolute(workdir)
+      ),
+    }
 
 
 def source_change(run_config, sources: SourceRecords) -> str:
@@ -101,14 +120,22 @@ def source_change(run_config, sources: SourceRecords) -> str:
     return ''
   recorded = info.get('init_from_source')
   if recorded is None:
-    return (f'{run_config.workdir} does not record which checkpoint it loaded (trained by an '
-            'older rotjax): delete that folder to train it from the planned pretext')
+    return (
+      f'{run_config.workdir} does not record which checkpoint it loaded (trained by an '
+      'older rotjax): delete that folder to train it from the planned pretext'
+    )
   now = sources.get(run_config.init_from, run_config.workdir)
   if recorded != now:
-    now_text = checkpoint.describe_source(now) if now else f'{run_config.init_from}: no checkpoint'
-    return (f'{run_config.workdir} was trained from {checkpoint.describe_source(recorded)}, '
-            f'the planned pretext is {now_text}: delete that folder to train it from the '
-            'planned pretext')
+    now_text = (
+      checkpoint.describe_source(now)
+      if now
+      else f'{run_config.init_from}: no checkpoint'
+    )
+    return (
+      f'{run_config.workdir} was trained from {checkpoint.describe_source(recorded)}, '
+      f'the planned pretext is {now_text}: delete that folder to train it from the '
+      'planned pretext'
+    )
   return ''
 
 
@@ -120,23 +147,44 @@ def is_finished(run_config) -> bool:
 
 def write_manifest(config, runs, study_dir) -> None:
   """study.json: the study config, the reference setting, and every run with its pretext."""
-  rundir.write_json(os.path.join(study_dir, MANIFEST), {
+  rundir.write_json(
+    os.path.join(study_dir, MANIFEST),
+    {
       'config': config.to_dict(),
       'reference': {a: config.axes[a][0] for a in sweep.AXES},
-      'runs': [{'name': r.name, 'stage': r.stage, **r.axes(),
-                'pretext_run': r.pretext.name if r.pretext else ''} for r in runs]})
+      'runs': [
+        {
+          'name': r.name,
+          'stage': r.stage,
+          **r.axes(),
+          'pretext_run': r.pretext.name if r.pretext else '',
+        }
+        for r in runs
+      ],
+    },
+  )
 
 
 def _train(run_config, datasets) -> tuple[str, str, dict]:
   """(status, error, summary) of one training; an exception becomes a 'failed' status."""
   try:
     # Looked up at call time, so a test can monkeypatch train.train_and_evaluate.
-    summary = train.train_and_evaluate(run_config, dataset=datasets.get(run_config.data))
-  except Exception as e:  # One bad run must not stop the study: record it and go on.
-    logging.error('run %s failed:\n%s', run_config.workdir, traceback.format_exc())
+    summary = train.train_and_evaluate(
+      run_config, dataset=datasets.get(run_config.data)
+    )
+  except (
+    Exception
+  ) as e:  # One bad run must not stop the study: record it and go on.
+    logging.error(
+      'run %s failed:\n%s', run_config.workdir, traceback.format_exc()
+    )
     return 'failed', f'{type(e).__name__}: {e}', {}
   if summary.get('epochs') != run_config.num_epochs:
-    return 'failed', f'stopped after {summary.get("epochs")} of {run_config.num_epochs} epochs', summary
+    return (
+      'failed',
+      f'stopped after {summary.get("epochs")} of {run_config.num_epochs} epochs',
+      summary,
+    )
   return 'done', '', summary
 
 
@@ -149,18 +197,28 @@ def write_report(study_dir: str) -> report.Built | None:
   try:
     # Looked up at call time, so a test can monkeypatch report.build_report.
     return report.build_report(study_dir)
-  except Exception:  # Whatever broke, the study goes on; the traceback says what.
-    logging.error('report of %s failed (rebuild: python -m rotjax.report %s):\n%s',
-                  study_dir, study_dir, traceback.format_exc())
+  except (
+    Exception
+  ):  # Whatever broke, the study goes on; the traceback says what.
+    logging.error(
+      'report of %s failed (rebuild: python -m rotjax.report %s):\n%s',
+      study_dir,
+      study_dir,
+      traceback.format_exc(),
+    )
     return None
 
 
 def _line(k, n, name, status, seconds, summary, error) -> str:
   detail = error
   if summary:
-    detail = (f'best val {summary["best_val_accuracy"]:.4f}, '
-              f'test {summary["test_accuracy"]:.4f}, {summary["epochs"]} epochs')
-  return f'[{k}/{n}] {name}: {status} in {seconds:.0f}s' + (f' ({detail})' if detail else '')
+    detail = (
+      f'best val {summary["best_val_accuracy"]:.4f}, '
+      f'test {summary["test_accuracy"]:.4f}, {summary["epochs"]} epochs'
+    )
+  return f'[{k}/{n}] {name}: {status} in {seconds:.0f}s' + (
+    f' ({detail})' if detail else ''
+  )
 
 
 def run_study(config, datasets=None) -> list[dict]:
@@ -180,15 +238,24 @@ def run_study(config, datasets=None) -> list[dict]:
   status, rows = {}, []
   for k, run in enumerate(runs, 1):
     run_config = sweep.run_config(config, run)
-    record = {'name': run.name, 'stage': run.stage, **run.axes(),
-              'pretext_run': run.pretext.name if run.pretext else ''}
+    record = {
+      'name': run.name,
+      'stage': run.stage,
+      **run.axes(),
+      'pretext_run': run.pretext.name if run.pretext else '',
+    }
     t0, summary, error = time.time(), {}, ''
     pretext_status = status.get(record['pretext_run'], ('finished', ''))
     changed = changed_settings(run_config)
     if changed:
-      state, error = 'stale', (f'{run_config.workdir} holds a run trained with other settings '
-                               f'({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""}): '
-                               'delete that folder to train it as planned')
+      state, error = (
+        'stale',
+        (
+          f'{run_config.workdir} holds a run trained with other settings '
+          f'({", ".join(changed[:6])}{", ..." if len(changed) > 6 else ""}): '
+          'delete that folder to train it as planned'
+        ),
+      )
     elif pretext_status[0] not in ('done', 'finished'):
       # Results made from a pretext that is not the planned one are not the planned results.
       state = 'stale' if is_finished(run_config) else 'skipped'
@@ -204,14 +271,25 @@ def run_study(config, datasets=None) -> list[dict]:
       record['environment'] = environment.describe()
       if before.get('environment') not in (None, record['environment']):
         record['environment_before'] = before['environment']
-      results.write_record(run_config.workdir, {**record, 'status': 'running', 'error': ''})
+      results.write_record(
+        run_config.workdir, {**record, 'status': 'running', 'error': ''}
+      )
       state, error, summary = _train(run_config, datasets)
-    if 'environment' not in record and (old := results.read_record(run_config.workdir)):
-      record.update({k: old[k] for k in ('environment', 'environment_before') if k in old})
+    if 'environment' not in record and (
+      old := results.read_record(run_config.workdir)
+    ):
+      record.update(
+        {k: old[k] for k in ('environment', 'environment_before') if k in old}
+      )
     status[run.name] = (state, error)
-    results.write_record(run_config.workdir, {**record, 'status': state, 'error': error,
-                                              'seconds': time.time() - t0})
-    print(_line(k, len(runs), run.name, state, time.time() - t0, summary, error), flush=True)
+    results.write_record(
+      run_config.workdir,
+      {**record, 'status': state, 'error': error, 'seconds': time.time() - t0},
+    )
+    print(
+      _line(k, len(runs), run.name, state, time.time() - t0, summary, error),
+      flush=True,
+    )
     rows = results.collect(study_dir)
     results.write_csv(rows, os.path.join(study_dir, 'results.csv'))
     if state in ('done', 'failed'):
@@ -219,17 +297,24 @@ def run_study(config, datasets=None) -> list[dict]:
   return rows
 
 
-def final_line(study_dir: str, rows: list[dict], built: report.Built | None) -> str:
+def final_line(
+  study_dir: str, rows: list[dict], built: report.Built | None
+) -> str:
   """What the study did and which report files it wrote (or how to rebuild a failed report)."""
   counts = {}
   for row in rows:
     counts[row['status']] = counts.get(row['status'], 0) + 1
-  line = f'study {study_dir}: {len(rows)} runs (' + ', '.join(
-      f'{n} {status}' for status, n in sorted(counts.items())) + ')'
+  line = (
+    f'study {study_dir}: {len(rows)} runs ('
+    + ', '.join(f'{n} {status}' for status, n in sorted(counts.items()))
+    + ')'
+  )
   if built is None:
     return f'{line}; the report failed (error above), rebuild: python -m rotjax.report {study_dir}'
-  return (f'{line}; wrote {built.path} and {len(built.figures)} figures beside it: '
-          f'{", ".join(built.figures)}')
+  return (
+    f'{line}; wrote {built.path} and {len(built.figures)} figures beside it: '
+    f'{", ".join(built.figures)}'
+  )
 
 
 def run_study_and_report(config, datasets=None) -> str:

@@ -2,6 +2,7 @@
 
 Pure functions of the study config; nothing here trains or touches the disk.
 """
+
 import dataclasses
 import itertools
 import os
@@ -10,28 +11,38 @@ import ml_collections
 
 from rotjax import rundir
 
-AXES = ('dataset', 'model', 'num_rotations', 'label_smoothing', 'samples_per_class', 'seed',
-        'freeze_bn')
+AXES = (
+  'dataset',
+  'model',
+  'num_rotations',
+  'label_smoothing',
+  'samples_per_class',
+  'seed',
+  'freeze_bn',
+)
 # BatchNorm in frozen layers (configs/common.py); only runs with frozen layers depend on it,
 # and only other values than this one show in run names, so earlier layouts keep their names.
 FREEZE_BN_DEFAULT = 'batch'
 # number -> (folder name, train.py stage, starts from the pretext run)
-STAGES = {1: ('1_pretext', 'pretext', False),
-          2: ('2_finetune_pretrained', 'finetune', True),
-          3: ('3_finetune_random', 'finetune', False),
-          4: ('4_supervised_pretrained', 'supervised', True),
-          5: ('5_supervised_random', 'supervised', False)}
+STAGES = {
+  1: ('1_pretext', 'pretext', False),
+  2: ('2_finetune_pretrained', 'finetune', True),
+  3: ('3_finetune_random', 'finetune', False),
+  4: ('4_supervised_pretrained', 'supervised', True),
+  5: ('5_supervised_random', 'supervised', False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training of the study: a stage at one point of the sweep grid."""
+
   stage: int
   dataset: str
   model: str
   num_rotations: int
   label_smoothing: float
-  samples_per_class: int   # 0 = all labels
+  samples_per_class: int  # 0 = all labels
   seed: int
   freeze_bn: str = FREEZE_BN_DEFAULT
   # The seed of the pretext run that stages 2 and 4 load: -1 = the run's own seed (the
@@ -70,8 +81,10 @@ def group_name(run: Run) -> str:
   """Folder of one setting, e.g. cifar10-resnet18-rot4-ls0.1-spcall-seed0[-bnrunning]."""
   spc = run.samples_per_class or 'all'
   bn = '' if run.freeze_bn == FREEZE_BN_DEFAULT else f'-bn{run.freeze_bn}'
-  return (f'{run.dataset}-{run.model}-rot{run.num_rotations}-ls{run.label_smoothing:g}'
-          f'-spc{spc}-seed{run.seed}{bn}')
+  return (
+    f'{run.dataset}-{run.model}-rot{run.num_rotations}-ls{run.label_smoothing:g}'
+    f'-spc{spc}-seed{run.seed}{bn}'
+  )
 
 
 def _grid(axes: dict, stages, pretext_seed: int = -1) -> list[Run]:
@@ -81,7 +94,9 @@ def _grid(axes: dict, stages, pretext_seed: int = -1) -> list[Run]:
     setting = dict(zip(AXES, values))
     for stage in stages:
       run = Run(stage=stage, pretext_seed=pretext_seed, **setting)
-      if stage == 1:  # the pretext sees images only: it never depends on the label count
+      if (
+        stage == 1
+      ):  # the pretext sees images only: it never depends on the label count
         run = dataclasses.replace(run, samples_per_class=0)
       runs.append(run)
   return runs
@@ -104,20 +119,30 @@ def plan(config) -> list[Run]:
 
 def _check(config) -> None:
   if config.pretext_seed < -1:
-    raise ValueError(f'pretext_seed={config.pretext_seed} must be -1 (each seed its own pretext) '
-                     'or a seed >= 0 (one pretext for all seeds)')
+    raise ValueError(
+      f'pretext_seed={config.pretext_seed} must be -1 (each seed its own pretext) '
+      'or a seed >= 0 (one pretext for all seeds)'
+    )
   for stage in config.stages:
     if stage not in STAGES:
-      raise ValueError(f'stages={config.stages} has {stage}; allowed: {tuple(STAGES)}')
+      raise ValueError(
+        f'stages={config.stages} has {stage}; allowed: {tuple(STAGES)}'
+      )
   for name in config.sweeps:
     if name not in config.presets:
-      raise ValueError(f'sweeps has {name!r}; presets are {tuple(config.presets)}')
+      raise ValueError(
+        f'sweeps has {name!r}; presets are {tuple(config.presets)}'
+      )
     unknown = set(config.presets[name]) - set(AXES) - {'stages'}
     if unknown:
-      raise ValueError(f'presets.{name} has {sorted(unknown)}; allowed: {AXES + ("stages",)}')
+      raise ValueError(
+        f'presets.{name} has {sorted(unknown)}; allowed: {AXES + ("stages",)}'
+      )
   for dataset in config.axes.dataset:
     if dataset not in config.datasets:
-      raise ValueError(f'dataset {dataset!r} has no entry in datasets; known: {tuple(config.datasets)}')
+      raise ValueError(
+        f'dataset {dataset!r} has no entry in datasets; known: {tuple(config.datasets)}'
+      )
 
 
 def run_config(config, run: Run) -> ml_collections.ConfigDict:
@@ -128,7 +153,9 @@ def run_config(config, run: Run) -> ml_collections.ConfigDict:
   rc.stage = stage
   rc.workdir = os.path.join(study_dir, run.name)
   rc.init_from = os.path.join(study_dir, run.pretext.name) if pretrained else ''
-  rc.trainable = tuple(config.finetune_trainable) if stage == 'finetune' else ('all',)
+  rc.trainable = (
+    tuple(config.finetune_trainable) if stage == 'finetune' else ('all',)
+  )
   rc.num_epochs = config.epochs[stage]
   rc.seed = run.seed
   rc.freeze_bn = run.freeze_bn
@@ -138,7 +165,12 @@ def run_config(config, run: Run) -> ml_collections.ConfigDict:
   settings = config.datasets[run.dataset]
   rc.model.stem = settings.stem
   rc.data.dataset = run.dataset
-  for key, value in settings.items():   # every other entry is a data field (source, test_split...)
+  for (
+    key,
+    value,
+  ) in (
+    settings.items()
+  ):  # every other entry is a data field (source, test_split...)
     if key != 'stem':
       rc.data[key] = value
   rc.data.samples_per_class = run.samples_per_class

@@ -1,5 +1,6 @@
 """Puts this checkout (its rotjax) and tests/ (conftest's tiny configs) first on sys.path
 of a program run as a script from anywhere: sys.path[0] is then programs/ alone."""
+
 import os
 import sys
 

@@ -1,5 +1,6 @@
 """What `auto` picks for bf16 convolutions here, and whether model.conv=onednn is refused
 before training (by compute.resolve, at the start). Usage: conv_choice.py IMAGE_FOLDER WORKDIR"""
+
 import sys
 
 import _path  # noqa: F401

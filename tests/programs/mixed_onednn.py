@@ -1,4 +1,5 @@
 """A build whose headers are of one oneDNN and library of another is refused, never loaded."""
+
 import _path  # noqa: F401  (this checkout first)
 from rotjax.cpu import onednn_build as b
 

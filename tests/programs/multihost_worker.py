@@ -5,6 +5,7 @@ LATE_SECONDS: process 1 reaches the first train step (the first collective) that
 after process 0 has reached it, as a process does that compiles slowly or loads its data
 late. "Reached" is read off process 0's run_info.json, written right before its first step.
 """
+
 import os
 import sys
 import time
@@ -43,6 +44,7 @@ if pid == 1 and late:
     time.sleep(late)
     parallel.replicate = replicate
     return replicate(tree, *args, **kwargs)
+
   parallel.replicate = replicate_late
 print('SUMMARY', train.train_and_evaluate(config), flush=True)
 parallel.shutdown_distributed()

@@ -1,4 +1,5 @@
 """Without a C++ compiler (CXX points nowhere): `auto` falls back, `onednn` says why."""
+
 import _path  # noqa: F401  (this checkout first)
 from rotjax.cpu import onednn_conv
 

@@ -1,4 +1,5 @@
 """The oneDNN installations found here (ROTJAX_ONEDNN_ROOT replaces the search)."""
+
 import _path  # noqa: F401  (this checkout first)
 from rotjax.cpu import onednn_build
 

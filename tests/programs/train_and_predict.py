@@ -3,6 +3,7 @@
 Run by cpu_paths_test.py in a fresh interpreter per environment (ONEDNN_MAX_CPU_ISA,
 ROTJAX_ONEDNN), since both are read once per process. Prints one JSON line.
 """
+
 import json
 import os
 import sys
@@ -21,17 +22,29 @@ from rotjax import train  # noqa: E402
 
 def main(folder, workdir, stage):
   config = conftest.tiny_config(stage, workdir, folder, num_epochs=1)
-  config.model.dtype = 'auto'   # the defaults under test, not the suite's float32
+  config.model.dtype = (
+    'auto'  # the defaults under test, not the suite's float32
+  )
   config.model.conv = 'auto'
   summary = train.train_and_evaluate(config)
   model = rotjax.load(workdir)
-  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  images = np.random.default_rng(0).integers(
+    0, 256, (3, 16, 16, 3), dtype=np.uint8
+  )
   probs = model.predict(images)
   with open(os.path.join(workdir, 'run_info.json')) as f:
     compute = json.load(f)['compute']
-  print(json.dumps({'compute': compute, 'probs_shape': list(probs.shape),
-                    'probs_finite': bool(np.isfinite(probs).all()),
-                    'row_sums': probs.sum(-1).tolist(), 'epochs': summary['epochs']}))
+  print(
+    json.dumps(
+      {
+        'compute': compute,
+        'probs_shape': list(probs.shape),
+        'probs_finite': bool(np.isfinite(probs).all()),
+        'row_sums': probs.sum(-1).tolist(),
+        'epochs': summary['epochs'],
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """model.conv=xla checks, resolves and traces a config without building or loading oneDNN.
 Usage: xla_only.py IMAGE_FOLDER WORKDIR"""
+
 import sys
 
 import _path  # noqa: F401
