@@ -119,7 +119,9 @@ def test_init_from_of_another_architecture_is_refused_before_compute(
   )  # a committed step, as the check sees it
   (tmp_path / 'pre' / 'config.json').write_text(json.dumps(source.to_dict()))
   monkeypatch.setattr(
-    train, 'create_train_state', lambda *a, **k: pytest.fail('compute started')
+    run_state,
+    'create_train_state',
+    lambda *a, **k: pytest.fail('compute started'),
   )
   fine = make_config(
     'finetune', tmp_path / 'fine', init_from=str(tmp_path / 'pre')
