@@ -763,7 +763,7 @@ def main():
     )
   if args.quick:
     # Fewer rows, not fewer rounds: one round of 2-step repeats flipped its answer with a
-    # shared machine's noise (issue 25), so even --quick interleaves 2 rounds of >= 6 steps.
+    # shared machine's noise, so even --quick interleaves 2 rounds of >= 6 steps.
     args.repeats = min(args.repeats, 3)
     args.steps, args.rounds = max(args.steps, MIN_STEPS), max(args.rounds, 2)
   base = {

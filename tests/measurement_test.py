@@ -1,4 +1,4 @@
-"""The study measures what it claims (issue 15): no angle cue in the pretext, evaluation
+"""The study measures what it claims: no angle cue in the pretext, evaluation
 independent of the device count, logits in float32."""
 
 import jax

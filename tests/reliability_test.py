@@ -1,4 +1,4 @@
-"""Issue 6: runs survive failures mid-run, resume to the same numbers, and lose nothing.
+"""Runs survive failures mid-run, resume to the same numbers, and lose nothing.
 
 A real kill -9 at random moments is drilled by scripts/fault_drill.py (subprocesses,
 minutes); these tests cover each failure in-process, in seconds.

@@ -377,7 +377,7 @@ def test_run_without_study_record_is_read_from_its_config(tmp_path):
 
 
 def test_cpu_preset_seeds_share_one_pretext_and_vary_stages_2_and_3():
-  # issue 15.7: error bars on fine-tune pretrained vs random init, the pretext trained once.
+  # Error bars on fine-tune pretrained vs random init, the pretext trained once.
   config = study_config.get_config('cpu')
   config.workdir = '/tmp/study'
   runs = sweep.plan(config)

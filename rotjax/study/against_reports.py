@@ -6,7 +6,7 @@ from rotjax.study import environment
 from rotjax.study import tables
 
 # The reports' cells rotjax reproduces: CIFAR-10 test accuracy (%), ResNet18, 4 rotations,
-# label smoothing 0.1, all labels (../shared/reference: reports 000 and 002, the issue tracker's
+# label smoothing 0.1, all labels (../shared/reference: reports 000 and 002, the
 # numbers to beat), and the setting a run must have to stand beside them.
 REPORTED = {1: 79.07, 2: 60.00, 3: 44.90, 4: 84.74, 5: 83.42}
 
