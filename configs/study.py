@@ -1,4 +1,4 @@
-r"""The study (issue 3): stage 1 rotation pretext, then stages 2-5 from it, over sweeps.
+r"""The study: stage 1 rotation pretext, then stages 2-5 from it, over sweeps.
 
   python -m rotjax.study --config configs/study.py --config.workdir=runs/study
   python -m rotjax.report runs/study

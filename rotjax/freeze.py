@@ -8,7 +8,7 @@ the reports' PyTorch semantics) frozen BatchNorm layers normalise with batch
 statistics and keep updating their running statistics; with 'running' the
 frozen prefixes go to the model, whose BatchNorm layers there use (and keep)
 their running statistics; 'reestimated' too, after replacing those statistics
-by the training images' own (train.reestimate_frozen_bn, bn_stats.py).
+by the training images' own (run_state.reestimate_frozen_bn, bn_stats.py).
 """
 
 from typing import Sequence

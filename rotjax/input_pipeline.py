@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from rotjax import example_selection
 from rotjax import image_files
 from rotjax import memory_loader
 from rotjax import streaming
@@ -127,42 +128,6 @@ def load_split(data_config, split: str):
   )
 
 
-def balanced_subset(labels, per_class, order) -> np.ndarray:
-  """The first `per_class` indices of each class, in the seeded `order`."""
-  chosen = []
-  for c in np.unique(labels):
-    in_class = order[labels[order] == c]
-    if per_class > len(in_class):
-      raise ValueError(
-        f'data.samples_per_class={per_class} is larger than class {c} has '
-        f'({len(in_class)} training images after the validation split)'
-      )
-    chosen.append(in_class[:per_class])
-  return np.sort(np.concatenate(chosen))
-
-
-def select_examples(train_labels, num_test: int, data_config):
-  """Sorted indices (train, val, test) into the train and test splits: the seeded val
-  split carved from train, the caps, and the balanced labelled subset."""
-  rng = np.random.default_rng(data_config.split_seed)
-  order = rng.permutation(len(train_labels))
-  num_val = int(round(len(order) * data_config.val_fraction))
-  val_idx, train_order = order[:num_val], order[num_val:]
-  if data_config.max_train_images:
-    train_order = train_order[: data_config.max_train_images]
-  if data_config.samples_per_class:
-    train_idx = balanced_subset(
-      train_labels, data_config.samples_per_class, train_order
-    )
-  else:
-    train_idx = np.sort(train_order)
-  test_idx = np.arange(num_test)
-  if data_config.max_eval_images:
-    val_idx = val_idx[: data_config.max_eval_images]
-    test_idx = rng.permutation(test_idx)[: data_config.max_eval_images]
-  return train_idx, np.sort(val_idx), np.sort(test_idx)
-
-
 def num_data_shards(data_config, process_count: int = 1) -> int:
   """data.num_shards, where 0 means one shard per process."""
   num_shards = data_config.get('num_shards', 0) or process_count
@@ -235,7 +200,7 @@ def load_dataset(
       root, data_config.test_split
     )
     _check_same_classes(data_config, classes, test_classes)
-    own, sizes = _own_examples(
+    own, sizes = example_selection.own_examples(
       train_labels, len(test_labels), data_config, process_index, process_count
     )
     # What this process would hold: its part of the (capped, subset) splits, not the folder.
@@ -296,7 +261,7 @@ def load_dataset(
     data_config, data_config.test_split
   )
   _check_same_classes(data_config, classes, test_classes)
-  (own_train, own_val, own_test), sizes = _own_examples(
+  (own_train, own_val, own_test), sizes = example_selection.own_examples(
     train_labels, len(test_labels), data_config, process_index, process_count
   )
   train = memory_loader.Split(train_images, train_labels)
@@ -363,7 +328,7 @@ def _stream_folder(
 
 def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
   """This process's part of a prepared tfds dataset, its records read on demand through
-  tfds.data_source by the decoding workers (streaming.TfdsReader)."""
+  tfds.data_source by the decoding workers (tfds_source.TfdsReader)."""
   data_dir, cache_dir = data_config.get('data_dir', ''), data_config.cache_dir
   train_labels, classes = tfds_source.read_labels(
     name, data_config.train_split, data_dir, cache_dir
@@ -372,7 +337,7 @@ def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
     name, data_config.test_split, data_dir, cache_dir
   )
   _check_same_classes(data_config, classes, test_classes)
-  (own_train, own_val, own_test), sizes = _own_examples(
+  (own_train, own_val, own_test), sizes = example_selection.own_examples(
     train_labels, len(test_labels), data_config, process_index, process_count
   )
   size, workers = storage_size(data_config), data_config.get('workers', 0)
@@ -385,7 +350,7 @@ def _stream_tfds(data_config, name, process_index, process_count) -> Dataset:
       data_config.skip_bad_files,
       workers,
       f'tfds:{name} {which}',
-      streaming.TfdsReader(name, which, data_dir),
+      tfds_source.TfdsReader(name, which, data_dir),
     )
 
   train = split(data_config.train_split, train_labels)
@@ -457,30 +422,6 @@ def _load_folder_part(
     process_count,
     sizes,
   )
-
-
-def _own_examples(
-  train_labels,
-  num_test: int,
-  data_config,
-  process_index: int,
-  process_count: int,
-):
-  """((train, val, test) indices this process holds, {split: size of the whole split}).
-
-  The split is decided from the labels alone, the same in every process; process p then
-  holds every process_count-th example of each split from p on."""
-  train_idx, val_idx, test_idx = select_examples(
-    train_labels, num_test, data_config
-  )
-  own = tuple(
-    i[process_index::process_count] for i in (train_idx, val_idx, test_idx)
-  )
-  return own, {
-    'train': len(train_idx),
-    'val': len(val_idx),
-    'test': len(test_idx),
-  }
 
 
 def _check_same_classes(data_config, classes, test_classes):

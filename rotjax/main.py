@@ -31,11 +31,13 @@ def main(argv):
   )  # Before anything touches devices.
   from rotjax import train
 
+  from rotjax import stopping
+
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   try:
     summary = train.train_and_evaluate(FLAGS.config)
   except (
-    train.Stopped
+    stopping.Stopped
   ) as e:  # SIGTERM or SIGINT: a clean stop, exit status as the shell's
     logging.error('%s', e)
     sys.exit(128 + e.signum)

@@ -141,3 +141,35 @@ def read_metrics(path: str) -> list[dict]:
       except json.JSONDecodeError:
         break
   return rows
+
+
+def epoch_means(step_metrics: list[dict]) -> dict:
+  """train_loss and train_accuracy over the epoch's real images: each step's mean weighed by
+  its real rows, so the padded last batch counts for the images it holds, not as a full step."""
+  if not step_metrics:
+    return {'train_loss': None, 'train_accuracy': None}
+  counts = np.asarray([float(m['count']) for m in step_metrics])
+  mean = lambda key: float(
+    np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts)
+  )
+  return {'train_loss': mean('loss'), 'train_accuracy': mean('accuracy')}
+
+
+def summarize(history: list[dict]) -> dict:
+  """Best validation accuracy and the test accuracy at that epoch (selection on val, never test)."""
+  if not history:
+    return {}
+  best = max(history, key=lambda r: r['val_accuracy'])
+  return {
+    'epochs': history[-1]['epoch'],
+    'best_epoch': best['epoch'],
+    'best_val_accuracy': best['val_accuracy'],
+    'test_accuracy': best['test_accuracy'],
+    'min_val_loss': min(r['val_loss'] for r in history),
+    'final_test_accuracy': history[-1]['test_accuracy'],
+    'train_seconds': sum(r['train_seconds'] for r in history),
+    'wall_seconds': sum(r['epoch_seconds'] for r in history),
+    'images_per_second': float(
+      np.median([r['images_per_second'] for r in history])
+    ),
+  }

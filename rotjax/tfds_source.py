@@ -2,7 +2,7 @@
 
 tensorflow_datasets is imported inside each function: only this source needs TensorFlow.
 The records' images stay encoded here and are decoded by PIL (image_files), as a folder's
-files are; the streaming loader reads the same records through streaming.TfdsReader.
+files are; the streaming loader reads the same records through TfdsReader (below).
 """
 
 import concurrent.futures
@@ -22,7 +22,7 @@ def load_split(name, split, size, data_dir=''):
   import tensorflow_datasets as tfds
 
   try:  # prepared as ArrayRecord (tfds.load cannot read those): its random-access source
-    source = streaming.open_tfds_source(name, split, data_dir)
+    source = open_tfds_source(name, split, data_dir)
     records, info = [source[i] for i in range(len(source))], source.dataset_info
   except ValueError:  # TFRecord, or not here yet: tfds.load prepares it
     ds, info = tfds.load(
@@ -46,7 +46,7 @@ def load_split(name, split, size, data_dir=''):
 def read_labels(name, split, data_dir='', cache_dir=''):
   """(labels, class names) of a prepared tfds split, read once from its records through
   tfds.data_source (images left encoded) and cached under cache_dir."""
-  source = streaming.open_tfds_source(name, split, data_dir)
+  source = open_tfds_source(name, split, data_dir)
   classes = tuple(source.dataset_info.features['label'].names)
   cache = ''
   if cache_dir:
@@ -89,3 +89,52 @@ def num_examples(name, splits, data_dir='') -> int | None:
     return sum(info.splits[split].num_examples for split in splits)
   except Exception:  # not prepared here (tfds.load would download it)
     return None
+
+
+class TfdsReader:
+  """Reads record i of a prepared tfds split through tfds's random-access data source
+  (ArrayRecord files), its image decoded by PIL as a folder's files are. Opened on first
+  use in each process (a worker unpickles this, not an open file)."""
+
+  def __init__(self, name: str, split: str, data_dir: str = ''):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self._source = None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_source': None}
+
+  def source(self):
+    if self._source is None:
+      self._source = open_tfds_source(self.name, self.split, self.data_dir)
+    return self._source
+
+  def __call__(self, index: int, size: int) -> np.ndarray:
+    try:
+      return image_files.decode_bytes(self.source()[int(index)]['image'], size)
+    except Exception as e:
+      raise image_files.BadImageError(
+        f'cannot read image of record {index} of tfds:{self.name} split {self.split!r}: '
+        f'{e} (set data.skip_bad_files=True to skip such records)'
+      ) from e
+
+
+def open_tfds_source(name: str, split: str, data_dir: str = ''):
+  """tfds.data_source of a prepared split, images left encoded (PIL decodes them)."""
+  import tensorflow_datasets as tfds
+
+  try:
+    return tfds.data_source(
+      name,
+      split=split,
+      data_dir=data_dir or None,
+      download=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+    )
+  except Exception as e:
+    raise ValueError(
+      f'data.loader=stream reads tfds:{name} through tfds.data_source, which needs the '
+      f'dataset prepared in ArrayRecord format ({type(e).__name__}: {e}); prepare it with '
+      f'`tfds build {name} --file_format=array_record` (or '
+      'builder.download_and_prepare(file_format="array_record")), point data.data_dir at '
+      'it, or use data.loader=memory'
+    ) from e

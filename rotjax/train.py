@@ -6,25 +6,18 @@ and gives the numbers an unbroken run gives.
 """
 
 import contextlib
-import copy
-import functools
 import itertools
 import logging
 import os
-import signal
-import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import jax_utils
-from flax.training import train_state
 
 from rotjax import batch_plans
-from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
 from rotjax import compute as compute_lib
@@ -33,177 +26,13 @@ from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
 from rotjax import model_factory
-from rotjax import models
-from rotjax import optim
 from rotjax import parallel
 from rotjax import progress
 from rotjax import rundir
+from rotjax import run_state
 from rotjax import steps
+from rotjax import stopping
 from rotjax.cpu import onednn_errors
-
-# freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
-RUNNING_STATS = ('running', 'reestimated')
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-
-
-class Stopped(KeyboardInterrupt):
-  """Training ended by SIGTERM or SIGINT, its data workers released and its checkpoints
-  intact: the same command resumes it from the latest. `signum`: the signal."""
-
-  def __init__(self, signum: int, message: str = ''):
-    super().__init__(message or f'stopped by {signal.Signals(signum).name}')
-    self.signum = signum
-
-  def __reduce__(self):
-    return Stopped, (self.signum, str(self))
-
-
-# ---------------------------------------------------------------- state
-
-
-def create_train_state(
-  config, num_classes: int, steps_per_epoch: int, compute=None
-):
-  """Fresh state (or init_from's backbone), the freeze mask, and the lr schedule.
-
-  compute: the run's (compute.resolve, once per start); None resolves config.model for
-  one device, for callers outside a run (tests, benchmarks)."""
-  if compute is None:
-    compute = compute_lib.resolve(config.model)
-  probe = model_factory.build_model(config, num_classes, compute)
-  variables = model_factory.init_variables(
-    probe, jax.random.key(config.seed), config.data.image_size
-  )
-  params, batch_stats = variables['params'], variables.get('batch_stats', {})
-  mask = freeze.trainable_mask(params, config.trainable)
-  # freeze_bn='batch' (the reports' PyTorch: frozen layers in .train() mode) treats frozen
-  # BatchNorm like any other in training; only 'running' and 'reestimated' tell the model
-  # which subtrees normalise with their running statistics instead.
-  running = (
-    freeze.frozen_prefixes(params, config.trainable)
-    if config.freeze_bn in RUNNING_STATS
-    else ()
-  )
-  model = model_factory.build_model(
-    config, num_classes, compute, frozen=running
-  )
-  init_info = {}
-  if config.init_from:
-    loaded = checkpoint_lib.load_variables(config.init_from)
-    # Another stage's head answers another question (rotations, not classes) even where the
-    # shapes agree: a 4-class dataset from an N = 4 pretext must not start from its head.
-    reinit_head = loaded['config'].get('stage') != config.stage
-    params, names, kept = checkpoint_lib.merge_params(
-      params, loaded['params'], config.head, reinit_head=reinit_head
-    )
-    batch_stats, _, _ = checkpoint_lib.merge_params(
-      batch_stats,
-      loaded['batch_stats'],
-      config.head,
-      what='batch_stats',
-      reinit_head=reinit_head,
-    )
-    logging.info(
-      'init_from %s: loaded %d parameter arrays; re-initialised %s',
-      loaded['path'],
-      len(names),
-      kept or 'nothing',
-    )
-    init_info = {
-      'init_from': loaded['path'],
-      'loaded': len(names),
-      'reinitialised': kept,
-      'init_from_source': checkpoint_lib.source_record(loaded, config.workdir),
-    }
-  tx, schedule = optim.create_optimizer(
-    config.optim, mask, steps_per_epoch, config.num_epochs
-  )
-  # tx.init as one program: run eagerly it is a few hundred one-op programs (Adam's zeros
-  # per leaf, masked), each compiled afresh in every process (2 s of a run's start).
-  state = TrainState(
-    step=0,
-    apply_fn=model.apply,
-    params=params,
-    tx=tx,
-    opt_state=jax.jit(tx.init)(params),
-    batch_stats=batch_stats,
-  )
-  return state, mask, schedule, init_info
-
-
-def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
-  """(state, record): the frozen layers' BatchNorm running statistics replaced by those of
-  the task's training images (bn_stats), for freeze_bn='reestimated'.
-
-  The images are prepared as training prepares them (same augmentation, a key of its own):
-  these layers normalise the training batches with the statistics, as a BatchNorm's running
-  average would have come from them. The epoch's full global batches only (at least one), so
-  padding repeats no image; a model without `frozen` runs every BatchNorm in batch mode, and
-  synced whatever model.sync_bn: each layer's input is then normalised over the global batch,
-  so the statistics do not depend on how many devices share it. `compute` as for
-  create_train_state (its BatchNorm still leaves statistics over several devices to XLA).
-  """
-  prefixes = freeze.frozen_prefixes(state.params, config.trainable)
-  synced = copy.deepcopy(config)
-  synced.model.sync_bn = True
-  if compute is None:
-    compute = compute_lib.resolve(config.model)
-  module = model_factory.build_model(
-    synced, model_factory.num_outputs(config, dataset), compute
-  )
-  prepare = steps.make_prepare_fn(config, train=True)
-  key = jax.random.key(config.seed + 2)  # eval_key is seed + 1
-
-  def prepare_images(batch, batch_number):
-    return prepare(
-      steps.with_index(batch), jax.random.fold_in(key, batch_number)
-    )[0]
-
-  p_moments = jax.pmap(
-    functools.partial(
-      bn_stats.moments_step, module=module, prepare_fn=prepare_images
-    ),
-    axis_name='batch',
-    devices=devices,
-  )
-  local_batch = dataset.local_batch(config.batch_size)
-  num_steps = max(1, dataset.size('train') // config.batch_size)
-  batches = batch_plans.train_batches(
-    dataset.train,
-    local_batch,
-    config.seed,
-    0,
-    dataset.shards,
-    num_steps,
-    first_index=dataset.process_index * local_batch,
-  )
-  batches = (parallel.shard(b, len(parallel.local(devices))) for b in batches)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  stats, record = bn_stats.reestimate(
-    p_moments,
-    variables,
-    batches,
-    lambda path: models.is_frozen(path, prefixes),
-    devices,
-  )
-  record = {
-    **record,
-    'images': num_steps * config.batch_size,
-    'augmentation': 'train',
-  }
-  logging.info(
-    'freeze_bn=reestimated: %d BatchNorm layers (%s .. %s) re-estimated on %d '
-    'training images in %.1f s',
-    record['layers'],
-    record['first_layer'],
-    record['last_layer'],
-    record['images'],
-    record['seconds'],
-  )
-  return state.replace(batch_stats=stats), record
 
 
 # ---------------------------------------------------------------- the loop
@@ -237,51 +66,7 @@ def evaluate(
   }
 
 
-def _stops_on_signals(fn):
-  """SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C) raise Stopped where `fn` is: the
-  `finally` blocks on the way out close the data stream and its workers, and the message
-  names the checkpoint a rerun resumes from. A second signal gets the previous handler
-  (SIGTERM's default ends the process at once). Only in the main thread, and only where
-  the handlers are Python's defaults: a caller's own are left alone."""
-
-  @functools.wraps(fn)
-  def wrapper(config, *args, **kwargs):
-    if threading.current_thread() is not threading.main_thread():
-      return fn(config, *args, **kwargs)
-    previous = {}
-
-    def handler(signum, frame):
-      for sig, old in previous.items():
-        signal.signal(sig, old)
-      raise Stopped(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-      return fn(config, *args, **kwargs)
-    except Stopped as e:
-      workdir = rundir.absolute(config.workdir)
-      saved = rundir.step_dirs(workdir, rundir.LATEST)
-      where = (
-        f'step {os.path.basename(saved[-1])}'
-        if saved
-        else 'the start (no checkpoint yet)'
-      )
-      raise Stopped(
-        e.signum,
-        f'training in {workdir} stopped by {signal.Signals(e.signum).name}; '
-        f'its data workers are stopped and its checkpoints intact: the same command '
-        f'resumes it from {where}',
-      ) from None
-    finally:
-      for sig, old in previous.items():
-        signal.signal(sig, old)
-
-  return wrapper
-
-
-@_stops_on_signals
+@stopping.stops_on_signals
 @onednn_errors.named_errors()
 def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   """Trains config.stage in config.workdir, resuming from its latest checkpoint; returns the summary."""
@@ -309,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   num_classes = model_factory.num_outputs(config, dataset)
   ckpt = checkpoint_lib.Checkpoints(workdir, config.keep_checkpoints)
   with compile_cache.logged('model init'):
-    state, mask, schedule, init_info = create_train_state(
+    state, mask, schedule, init_info = run_state.create_train_state(
       config, num_classes, steps_per_epoch, compute
     )
   if ckpt.has_steps():
@@ -353,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     # (the frozen layers leave them as they are), and its first start's record stays.
     if not int(state.step):
       with compile_cache.logged('BatchNorm re-estimation'):
-        state, record = reestimate_frozen_bn(
+        state, record = run_state.reestimate_frozen_bn(
           config, state, dataset, devices, compute
         )
     else:
@@ -472,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         'epoch': epoch,
         'step': epoch * steps_per_epoch,
         'learning_rate': float(schedule(epoch * steps_per_epoch - 1)),
-        **epoch_means(step_metrics),
+        **metrics_lib.epoch_means(step_metrics),
         'val_loss': val['loss'],
         'val_accuracy': val['accuracy'],
         'test_loss': test['loss'],
@@ -504,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   ckpt.wait()
   ckpt.close()
   log.close()
-  summary = summarize(history)
+  summary = metrics_lib.summarize(history)
   if jax.process_index() == 0:
     rundir.write(workdir, rundir.SUMMARY, summary)
   return summary
@@ -561,38 +346,6 @@ def train_steps(
         step_metrics=step_metrics,
       )
   return state, step_metrics
-
-
-def epoch_means(step_metrics: list[dict]) -> dict:
-  """train_loss and train_accuracy over the epoch's real images: each step's mean weighed by
-  its real rows, so the padded last batch counts for the images it holds, not as a full step."""
-  if not step_metrics:
-    return {'train_loss': None, 'train_accuracy': None}
-  counts = np.asarray([float(m['count']) for m in step_metrics])
-  mean = lambda key: float(
-    np.sum([float(m[key]) for m in step_metrics] * counts) / np.sum(counts)
-  )
-  return {'train_loss': mean('loss'), 'train_accuracy': mean('accuracy')}
-
-
-def summarize(history: list[dict]) -> dict:
-  """Best validation accuracy and the test accuracy at that epoch (selection on val, never test)."""
-  if not history:
-    return {}
-  best = max(history, key=lambda r: r['val_accuracy'])
-  return {
-    'epochs': history[-1]['epoch'],
-    'best_epoch': best['epoch'],
-    'best_val_accuracy': best['val_accuracy'],
-    'test_accuracy': best['test_accuracy'],
-    'min_val_loss': min(r['val_loss'] for r in history),
-    'final_test_accuracy': history[-1]['test_accuracy'],
-    'train_seconds': sum(r['train_seconds'] for r in history),
-    'wall_seconds': sum(r['epoch_seconds'] for r in history),
-    'images_per_second': float(
-      np.median([r['images_per_second'] for r in history])
-    ),
-  }
 
 
 def _check_finite(fetched, epoch, step):

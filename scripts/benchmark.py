@@ -71,7 +71,8 @@ def rotjax_worker(opts):
   import jax
   from configs import supervised
   from rotjax import compute as compute_lib
-  from rotjax import parallel, steps, train
+  from rotjax import parallel, steps
+  from rotjax import run_state
 
   config = supervised.get_config()
   config.model.width, config.model.dtype = (
@@ -84,7 +85,7 @@ def rotjax_worker(opts):
   compute = resolved.record()
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
   devices = jax.local_devices()
-  state, mask, _, _ = train.create_train_state(
+  state, mask, _, _ = run_state.create_train_state(
     config, 10, steps_per_epoch=100, compute=resolved
   )
   rng = np.random.default_rng(0)
@@ -762,7 +763,7 @@ def main():
     )
   if args.quick:
     # Fewer rows, not fewer rounds: one round of 2-step repeats flipped its answer with a
-    # shared machine's noise (issue 25), so even --quick interleaves 2 rounds of >= 6 steps.
+    # shared machine's noise, so even --quick interleaves 2 rounds of >= 6 steps.
     args.repeats = min(args.repeats, 3)
     args.steps, args.rounds = max(args.steps, MIN_STEPS), max(args.rounds, 2)
   base = {

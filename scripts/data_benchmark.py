@@ -156,6 +156,7 @@ def loop_child(opts) -> dict:
     input_pipeline,
     metrics,
     parallel,
+    run_state,
     steps,
     train,
   )
@@ -180,7 +181,7 @@ def loop_child(opts) -> dict:
     config.data.loader = loader
     datasets[loader] = input_pipeline.load_dataset(config.data)
   # The bare step: one batch, already sharded on the device, stepped `steps` times.
-  state, mask, _, _ = train.create_train_state(
+  state, mask, _, _ = run_state.create_train_state(
     config, datasets['memory'].num_classes, opts['steps']
   )
   step = steps.pmapped_train_step(config, mask, devices)

@@ -15,6 +15,9 @@ from rotjax import models
 from rotjax import train
 
 
+from rotjax import run_state
+
+
 def _model_and_wrong_stats():
   """A width-4 ResNet18 whose running statistics belong to other images (mean 3, var 7)."""
   module = models.create_model(
@@ -180,13 +183,13 @@ def test_one_and_two_devices_reestimate_the_same_statistics(
     'finetune', tmp_path, freeze_bn='reestimated', **{'model.sync_bn': sync_bn}
   )
   dataset = input_pipeline.load_dataset(config.data)
-  state, _, _, _ = train.create_train_state(
+  state, _, _, _ = run_state.create_train_state(
     config, dataset.num_classes, steps_per_epoch=2
   )
-  one, record = train.reestimate_frozen_bn(
+  one, record = run_state.reestimate_frozen_bn(
     config, state, dataset, jax.local_devices()[:1]
   )
-  two, _ = train.reestimate_frozen_bn(
+  two, _ = run_state.reestimate_frozen_bn(
     config, state, dataset, jax.local_devices()[:2]
   )
   assert record['batches'] == len(dataset.train) // config.batch_size

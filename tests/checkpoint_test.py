@@ -11,6 +11,9 @@ from rotjax import input_pipeline
 from rotjax import train
 
 
+from rotjax import run_state
+
+
 def _flat(tree):
   return flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/')
 
@@ -28,7 +31,7 @@ def test_pretext_to_finetune_restores_backbone_and_reinits_head(
     'finetune', tmp_path / 'fine', init_from=str(tmp_path / 'pre')
   )
   dataset = input_pipeline.load_dataset(fine.data)
-  state, _, _, info = train.create_train_state(fine, dataset.num_classes, 4)
+  state, _, _, info = run_state.create_train_state(fine, dataset.num_classes, 4)
   assert info['reinitialised'] == ['fc/bias', 'fc/kernel']
   loaded, restored = _flat(saved['params']), _flat(state.params)
   for name, value in restored.items():
@@ -41,7 +44,7 @@ def test_pretext_to_finetune_restores_backbone_and_reinits_head(
       value, _flat(saved['batch_stats'])[name], err_msg=name
     )
   # A fresh run with the same seed has a different backbone: the restore did something.
-  scratch, _, _, _ = train.create_train_state(
+  scratch, _, _, _ = run_state.create_train_state(
     make_config('finetune', tmp_path / 'x', seed=5), dataset.num_classes, 4
   )
   assert not np.array_equal(
@@ -95,7 +98,7 @@ def test_loaded_arrays_the_model_lacks_outside_the_head_are_an_error():
 
 def _fake_run(workdir, config, num_classes):
   """A finished run's files: its state as a best checkpoint, and its config.json."""
-  state, _, _, _ = train.create_train_state(config, num_classes, 4)
+  state, _, _, _ = run_state.create_train_state(config, num_classes, 4)
   ckpt = checkpoint.Checkpoints(str(workdir))
   ckpt.save(4, jax.device_get(state), is_best=True)
   ckpt.close()
@@ -116,7 +119,9 @@ def test_init_from_of_another_architecture_is_refused_before_compute(
   )  # a committed step, as the check sees it
   (tmp_path / 'pre' / 'config.json').write_text(json.dumps(source.to_dict()))
   monkeypatch.setattr(
-    train, 'create_train_state', lambda *a, **k: pytest.fail('compute started')
+    run_state,
+    'create_train_state',
+    lambda *a, **k: pytest.fail('compute started'),
   )
   fine = make_config(
     'finetune', tmp_path / 'fine', init_from=str(tmp_path / 'pre')
@@ -141,8 +146,8 @@ def test_head_is_reinitialised_when_the_source_stage_differs(
   saved = _flat(checkpoint.load_variables(source)['params'])
   for stage, reinit in (('finetune', True), ('supervised', False)):
     config = make_config(stage, tmp_path / stage, init_from=source)
-    state, _, _, info = train.create_train_state(config, 3, 4)
-    fresh, _, _, _ = train.create_train_state(
+    state, _, _, info = run_state.create_train_state(config, 3, 4)
+    fresh, _, _, _ = run_state.create_train_state(
       make_config(stage, tmp_path / 'x'), 3, 4
     )
     assert info['reinitialised'] == (['fc/bias', 'fc/kernel'] if reinit else [])
@@ -170,7 +175,7 @@ def test_partial_checkpoint_is_never_restored(make_config, tmp_path):
   # What a kill mid-write leaves behind: an uncommitted temporary step directory.
   os.makedirs(ckpt_dir / '999.orbax-checkpoint-tmp-0' / 'default')
   dataset = input_pipeline.load_dataset(config.data)
-  state, _, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  state, _, _, _ = run_state.create_train_state(config, dataset.num_classes, 4)
   manager = checkpoint.Checkpoints(str(tmp_path / 'run'))
   restored = manager.restore_latest(state)
   manager.close()
@@ -219,7 +224,7 @@ def test_a_checkpoint_made_on_the_cpu_is_used_on_this_backend(
     num_epochs=1,
     init_from=str(tmp_path / 'pre'),
   )
-  state, _, _, _ = train.create_train_state(fine, 3, 4)
+  state, _, _, _ = run_state.create_train_state(fine, 3, 4)
   np.testing.assert_array_equal(
     _flat(state.params)['layer1/0/conv1/kernel'],
     _flat(saved['params'])['layer1/0/conv1/kernel'],

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from conftest import two_devices
+from rotjax import run_state
 from rotjax import train
 
 
@@ -172,7 +173,7 @@ def test_bad_config_fails_before_compute(
       'training compute started before the config was checked'
     )
 
-  monkeypatch.setattr(train, 'create_train_state', no_compute)
+  monkeypatch.setattr(run_state, 'create_train_state', no_compute)
   if callable(overrides):
     overrides = overrides(tmp_path)
   config = make_config(stage, tmp_path / 'run')

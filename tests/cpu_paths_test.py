@@ -5,7 +5,7 @@ the same variable (isa.py), so one machine covers the lesser CPUs:
 (a) ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only laptop or cloud CPU), (b) no oneDNN
 (ROTJAX_ONEDNN=0), (c) the machine as it is. Each runs in a fresh interpreter, as
 both variables are read once per process; the 2 host devices of conftest.py are
-kept, since the AVX2 crash of issue 13 needed a multi-device pmap.
+kept, since the AVX2 crash (a segfault in fp32 backward-weights) needed a multi-device pmap.
 """
 
 import json

@@ -1,6 +1,9 @@
 import json
 import os
 
+# Grain defines absl flags of its own when first imported, and reads them later: imported
+# here, before any flagsaver context (which would take back flags defined inside it).
+import grain  # noqa: F401
 import numpy as np
 import pytest
 from absl import app

@@ -9,7 +9,9 @@ from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import parallel
 from rotjax import steps
-from rotjax import train
+
+
+from rotjax import run_state
 
 
 def _params():
@@ -67,7 +69,7 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
   else:
     config.freeze_bn = freeze_bn
   dataset = input_pipeline.load_dataset(config.data)
-  state, mask, _, _ = train.create_train_state(
+  state, mask, _, _ = run_state.create_train_state(
     config, dataset.num_classes, steps_per_epoch=4
   )
   before = jax.device_get(state)
@@ -114,7 +116,7 @@ def test_frozen_bn_normalises_with_batch_statistics_by_default(
   moments = {}
   for freeze_bn in ('batch', 'running'):
     config.freeze_bn = freeze_bn
-    state, _, _, _ = train.create_train_state(
+    state, _, _, _ = run_state.create_train_state(
       config, dataset.num_classes, steps_per_epoch=4
     )
     variables = {'params': state.params, 'batch_stats': state.batch_stats}

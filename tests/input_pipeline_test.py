@@ -7,6 +7,7 @@ from PIL import Image
 from conftest import tiny_config
 from rotjax import batch_plans
 from rotjax import image_files
+from rotjax import example_selection
 from rotjax import input_pipeline
 from rotjax import memory_loader
 
@@ -229,7 +230,7 @@ def test_memory_loader_decodes_only_the_images_the_run_holds(
   )  # train + val rows, test rows
   assert dataset.loader_reason.startswith('auto: 13 images at 16 px')
   files, labels, _ = image_files.list_folder_split(image_folder, 'train')
-  train_idx, _, _ = input_pipeline.select_examples(labels, 24, config.data)
+  train_idx, _, _ = example_selection.select_examples(labels, 24, config.data)
   np.testing.assert_array_equal(
     dataset.train.images,
     np.stack([image_files.decode_image(files[i], 16) for i in train_idx]),

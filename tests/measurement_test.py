@@ -1,4 +1,4 @@
-"""The study measures what it claims (issue 15): no angle cue in the pretext, evaluation
+"""The study measures what it claims: no angle cue in the pretext, evaluation
 independent of the device count, logits in float32."""
 
 import jax
@@ -15,6 +15,7 @@ from rotjax import parallel
 from rotjax import steps
 from rotjax import testing
 from rotjax import train
+from rotjax import run_state
 from rotjax.compute import Compute
 
 
@@ -84,7 +85,7 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(
   config = _pretext_config(
     num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry}
   )
-  state, mask, _, _ = train.create_train_state(config, num, 100)
+  state, mask, _, _ = run_state.create_train_state(config, num, 100)
   devices = jax.local_devices()[:1]
   step = steps.pmapped_train_step(config, mask, devices, smoothing=0.0)
   state = parallel.replicate(state, devices)
@@ -134,7 +135,7 @@ def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
   place in the split, not in its device's batch, 1 and 2 devices score the same images."""
   config = make_config('pretext', tmp_path, **{'rotation.num_rotations': 8})
   dataset = input_pipeline.load_dataset(config.data)
-  state, _, _, _ = train.create_train_state(config, 8, 4)
+  state, _, _, _ = run_state.create_train_state(config, 8, 4)
   metrics = []
   for count in (1, 2):
     devices = jax.local_devices()[:count]

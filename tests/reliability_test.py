@@ -1,4 +1,4 @@
-"""Issue 6: runs survive failures mid-run, resume to the same numbers, and lose nothing.
+"""Runs survive failures mid-run, resume to the same numbers, and lose nothing.
 
 A real kill -9 at random moments is drilled by scripts/fault_drill.py (subprocesses,
 minutes); these tests cover each failure in-process, in seconds.
@@ -21,6 +21,8 @@ from rotjax import input_pipeline
 from rotjax import metrics
 from rotjax import steps
 from rotjax import train
+
+from rotjax import run_state
 
 TIMING = ('train_seconds', 'epoch_seconds', 'images_per_second')
 two_devices = pytest.mark.skipif(
@@ -53,7 +55,7 @@ def reference(image_folder, tmp_path_factory):
 
 def _restore_latest(config, workdir):
   dataset = input_pipeline.load_dataset(config.data)
-  state, _, _, _ = train.create_train_state(config, dataset.num_classes, 1)
+  state, _, _, _ = run_state.create_train_state(config, dataset.num_classes, 1)
   manager = checkpoint.Checkpoints(str(workdir))
   restored = manager.restore_latest(state)
   manager.close()
@@ -256,7 +258,7 @@ def test_init_from_across_device_counts(make_config, tmp_path):
     info = json.load(open(tmp_path / name / 'run_info.json'))
     assert info['num_devices'] == devices and info['loaded'] > 0
     loaded = checkpoint.load_variables(str(source))['params']
-    state, _, _, _ = train.create_train_state(config, 3, 1)
+    state, _, _, _ = run_state.create_train_state(config, 3, 1)
     np.testing.assert_array_equal(
       state.params['conv1']['kernel'], loaded['conv1']['kernel']
     )

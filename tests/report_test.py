@@ -12,6 +12,7 @@ from rotjax.study import plots
 from rotjax.study import report
 from rotjax.study import results
 from rotjax.study import sweep
+from rotjax.study import tables
 
 
 def _write_run(
@@ -376,7 +377,7 @@ def test_run_without_study_record_is_read_from_its_config(tmp_path):
 
 
 def test_cpu_preset_seeds_share_one_pretext_and_vary_stages_2_and_3():
-  # issue 15.7: error bars on fine-tune pretrained vs random init, the pretext trained once.
+  # Error bars on fine-tune pretrained vs random init, the pretext trained once.
   config = study_config.get_config('cpu')
   config.workdir = '/tmp/study'
   runs = sweep.plan(config)
@@ -424,7 +425,7 @@ def test_pretext_runs_from_before_rotation_geometry_are_labelled_by_what_they_us
   # N = 6 and 8 were only ever possible on the disc.
   for n in (4, 6, 8):
     _write_run(tmp_path, sweep.Run(1, 'cifar10', 'resnet18', n, 0.1, 0, 0), 0.5)
-  table = report.settings_table(
+  table = tables.settings_table(
     report.completed(report.load_runs(str(tmp_path)))
   )
   assert '| 4 x square, 6 x disc, 8 x disc |' in table

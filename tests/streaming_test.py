@@ -1,4 +1,4 @@
-"""Issue 24: the streaming loader (data.loader=stream) gives the memory loader's batches,
+"""The streaming loader (data.loader=stream) gives the memory loader's batches,
 resumes inside an epoch exactly, and fails by name (bad files, dead workers)."""
 
 import dataclasses

@@ -17,6 +17,9 @@ from rotjax import steps
 from rotjax import train
 
 
+from rotjax import run_state
+
+
 def test_label_smoothing_matches_formula():
   logits = jnp.asarray([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
   labels = jnp.asarray([0, 2])
@@ -72,7 +75,9 @@ def test_one_and_two_devices_agree_on_the_same_global_batch(
     'supervised', tmp_path, **{'optim.name': 'sgd', 'optim.warmup_epochs': 0}
   )
   dataset = input_pipeline.load_dataset(config.data)
-  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  state, mask, _, _ = run_state.create_train_state(
+    config, dataset.num_classes, 4
+  )
   batch = next(batch_plans.train_batches(dataset.train, 8, 0, 1))
   one = _step_on(jax.local_devices()[:1], state, mask, batch)
   two = _step_on(jax.local_devices()[:2], state, mask, batch)
@@ -102,7 +107,9 @@ def test_padded_rows_carry_no_weight_and_the_loss_is_the_mean_over_real_rows(
     'supervised', tmp_path, **{'optim.name': 'sgd', 'optim.warmup_epochs': 0}
   )
   dataset = input_pipeline.load_dataset(config.data)
-  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  state, mask, _, _ = run_state.create_train_state(
+    config, dataset.num_classes, 4
+  )
   rows = np.array([0, 1, 2, 3, 4, 0, 1, 2])
   batch = {
     'image': dataset.train.images[rows],
@@ -159,7 +166,9 @@ def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothi
 ):
   config = make_config('supervised', tmp_path)
   dataset = input_pipeline.load_dataset(config.data)
-  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  state, mask, _, _ = run_state.create_train_state(
+    config, dataset.num_classes, 4
+  )
   devices = jax.local_devices()
   step = steps.pmapped_train_step(
     config, mask, devices, smoothing=0.1, donate=False
@@ -285,7 +294,9 @@ def test_per_device_batchnorm_pools_running_statistics_with_the_spread_between_d
     **{'optim.name': 'sgd', 'optim.warmup_epochs': 0, 'model.sync_bn': False},
   )
   dataset = input_pipeline.load_dataset(config.data)
-  state, mask, _, _ = train.create_train_state(config, dataset.num_classes, 4)
+  state, mask, _, _ = run_state.create_train_state(
+    config, dataset.num_classes, 4
+  )
   # Class by class, as a folder split lists them: the two halves hold different classes.
   rows = np.argsort(dataset.train.labels, kind='stable')[::3][:8]
   batch = {

@@ -133,7 +133,7 @@ def _version_key(inst: Installation) -> tuple:
 #    (the same kernels in both) 1-2% (211 vs 209, 2026-11-30). avx512 without bf16 follows
 #    it, not compared.
 #  - amx: 3.2's AMX kernels beat 2.6's: bf16 step 88.9 img/s with pip's 3.2 against 73.1
-#    with Debian's 2.6.3 on a 2-core Xeon with AMX (issue 25, 2026-11-29, main at 93aba00).
+#    with Debian's 2.6.3 on a 2-core Xeon with AMX (2026-11-29, main at 93aba00).
 FASTEST = {
   'older': 'newest',
   'avx2': 'newest',

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from rotjax import train
 
+from rotjax import run_state
+
 folder, workdir = sys.argv[1:3]
 config = conftest.tiny_config('supervised', workdir, folder)
 config.model.sync_bn = False  # per-device statistics, on one device
-state, _, _, _ = train.create_train_state(config, 3, steps_per_epoch=10)
+state, _, _, _ = run_state.create_train_state(config, 3, steps_per_epoch=10)
 x = jnp.asarray(
   np.random.default_rng(0).standard_normal((8, 16, 16, 3)), jnp.float32
 )

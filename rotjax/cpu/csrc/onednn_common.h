@@ -23,7 +23,7 @@ inline dnnl::engine& Engine() {
 // ("library") the scratchpad of gemm-based convolutions lives in the creating thread's
 // thread-local storage; XLA runs custom calls on whichever pool thread is free, so a
 // primitive created on one thread and run on another read freed memory: the segmentation
-// fault of the fp32 backward-weights convolution under ONEDNN_MAX_CPU_ISA=AVX2 (issue 13).
+// fault of the fp32 backward-weights convolution under ONEDNN_MAX_CPU_ISA=AVX2.
 inline dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
