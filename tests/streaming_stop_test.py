@@ -26,6 +26,9 @@ from rotjax import shared_ring
 from rotjax import streaming
 from rotjax import testing
 
+# Every test here starts decoding worker processes (or whole runs): seconds each.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 5.0  # seconds: "released promptly"
 LEAK = 'leaked'  # the resource tracker's warning at exit: "There appear to be N leaked ..."

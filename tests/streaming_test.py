@@ -42,6 +42,7 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_stream_gives_the_memory_loaders_batches(image_folder, tmp_path):
   memory, stream = _datasets(image_folder, tmp_path)
   assert (memory.loader, stream.loader) == ('memory', 'stream')
@@ -67,6 +68,7 @@ def test_stream_gives_the_memory_loaders_batches(image_folder, tmp_path):
       _assert_same(a, b)
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_each_process_streams_the_rows_of_its_shard_as_memory_holds_them(
   image_folder, tmp_path
 ):
@@ -94,6 +96,7 @@ def test_each_process_streams_the_rows_of_its_shard_as_memory_holds_them(
       _assert_same(a, b)
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_memory_decode_in_worker_processes_equals_decode_in_this_one(
   image_folder, monkeypatch
 ):
@@ -227,6 +230,7 @@ def _bad_folder(root):
   return str(root)
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_an_unreadable_file_is_named_or_masked_and_counted(tmp_path, caplog):
   root = _bad_folder(tmp_path / 'data')
   config = tiny_config(
@@ -266,6 +270,7 @@ class DyingSplit(streaming.FileSplit):
     return super().gather(plan, out)
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_a_dead_worker_is_a_named_error_not_a_hang(image_folder):
   files, labels, _ = image_files.list_folder_split(image_folder, 'train')
   split = DyingSplit(files, labels, 16, workers=2, name='tiny/train')
@@ -422,6 +427,7 @@ def test_imagenet_preset_study_streams_all_five_stages(tmp_path):
     )
 
 
+@pytest.mark.slow  # starts decoding worker processes
 def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(
   tmp_path, monkeypatch
 ):
