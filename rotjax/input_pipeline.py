@@ -111,23 +111,6 @@ def parse_source(source: str) -> tuple[str, str]:
   return kind, os.path.expanduser(arg) if kind == 'folder' else arg
 
 
-def load_split(data_config, split: str):
-  kind, arg = parse_source(data_config.source)
-  size = storage_size(data_config)
-  if kind == 'tfds':
-    return tfds_source.load_split(
-      arg, split, size, data_config.get('data_dir', '')
-    )
-  return memory_loader.load_folder_split(
-    arg,
-    split,
-    size,
-    data_config.cache_dir,
-    data_config.skip_bad_files,
-    data_config.get('workers', 0),
-  )
-
-
 def num_data_shards(data_config, process_count: int = 1) -> int:
   """data.num_shards, where 0 means one shard per process."""
   num_shards = data_config.get('num_shards', 0) or process_count
@@ -218,7 +201,7 @@ def load_dataset(
         process_index,
         process_count,
       )
-    elif process_count > 1 or not data_config.skip_bad_files:
+    else:
       dataset = _load_folder_part(
         data_config,
         root,
@@ -229,11 +212,8 @@ def load_dataset(
         process_index,
         process_count,
       )
-    else:  # skip_bad_files drops files: the split is drawn from what the whole folder keeps
-      dataset = None
-    if dataset is not None:
-      logging.info('data loader: %s (%s)', loader, why)
-      return dataclasses.replace(dataset, loader=loader, loader_reason=why)
+    logging.info('data loader: %s (%s)', loader, why)
+    return dataclasses.replace(dataset, loader=loader, loader_reason=why)
   else:
     data_dir = data_config.get('data_dir', '')
     count = tfds_source.num_examples(
@@ -252,13 +232,14 @@ def load_dataset(
       logging.info('data loader: stream (%s)', why)
       dataset = _stream_tfds(data_config, root, process_index, process_count)
       return dataclasses.replace(dataset, loader=loader, loader_reason=why)
-  # One process in memory, or tfds (which has no cheap way to read labels alone): load
-  # every example, then keep this process's part.
-  train_images, train_labels, classes = load_split(
-    data_config, data_config.train_split
+  # tfds in memory (it has no cheap way to read labels alone): load every example, then
+  # keep this process's part.
+  size, data_dir = storage_size(data_config), data_config.get('data_dir', '')
+  train_images, train_labels, classes = tfds_source.load_split(
+    root, data_config.train_split, size, data_dir
   )
-  test_images, test_labels, test_classes = load_split(
-    data_config, data_config.test_split
+  test_images, test_labels, test_classes = tfds_source.load_split(
+    root, data_config.test_split, size, data_dir
   )
   _check_same_classes(data_config, classes, test_classes)
   (own_train, own_val, own_test), sizes = example_selection.own_examples(
@@ -382,13 +363,6 @@ def _load_folder_part(
   every process alike, and only the images this process holds are decoded (a capped or
   labels-per-class run on a large folder decodes its few images, not the folder; the whole
   split, where it is all used, has the cache entry it always had)."""
-  if data_config.skip_bad_files:
-    raise ValueError(
-      'data.skip_bad_files=True with data.loader=memory needs one process: with '
-      'several, every process must see the same file list; use '
-      'data.loader=stream (it masks unreadable files where they fall) or remove '
-      'the unreadable files'
-    )
   size = storage_size(data_config)
   (train_files, train_labels), (test_files, test_labels) = train_list, test_list
   own_train, own_val, own_test = own
@@ -398,15 +372,15 @@ def _load_folder_part(
     (data_config.test_split, test_files, test_labels, (own_test,)),
   ):
     rows = np.unique(np.concatenate(wanted))
-    images, kept_labels = memory_loader.load_files(
+    local = memory_loader.load_files(
       [files[i] for i in rows],
       labels[rows],
       f'{root}/{split}',
       size,
       data_config.cache_dir,
-      workers=data_config.get('workers', 0),
+      data_config.skip_bad_files,
+      data_config.get('workers', 0),
     )
-    local = memory_loader.Split(images, kept_labels)
     parts[split] = [local.take(np.searchsorted(rows, idx)) for idx in wanted]
   (train, val), (test,) = (
     parts[data_config.train_split],

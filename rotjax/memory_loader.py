@@ -22,19 +22,28 @@ from rotjax import streaming
 
 @dataclasses.dataclass
 class Split:
-  """A split in memory: its images decoded, row for row with their labels."""
+  """A split in memory: its images decoded, row for row with their labels.
+
+  An unreadable file skipped with data.skip_bad_files keeps its row (readable False):
+  the split, and so the seeded val split drawn from it, is the one the file list gives,
+  as the streaming loader's is, and its batches mask it the same way."""
 
   images: np.ndarray  # uint8 [N, H, W, 3]
   labels: np.ndarray  # int32 [N]
+  readable: np.ndarray | None = None  # bool [N]; None: every row
 
   def __len__(self):
     return len(self.labels)
 
   def take(self, indices) -> 'Split':
-    return Split(self.images[indices], self.labels[indices])
+    readable = None if self.readable is None else self.readable[indices]
+    if readable is not None and readable.all():
+      readable = None
+    return Split(self.images[indices], self.labels[indices], readable)
 
   def gather(self, plan: dict) -> dict:
-    """One batch of a plan (rows: indices into this split, -1 = padding: zero images)."""
+    """One batch of a plan (rows: indices into this split, -1 = padding: zero images);
+    an unreadable row gets mask 0 and another image of the batch (streaming.FileSplit)."""
     rows = plan['rows']
     real = rows >= 0
     images, labels = (
@@ -44,11 +53,18 @@ class Split:
     if not real.all():
       images[~real] = 0
       labels = np.where(real, labels, 0).astype(np.int32)
-    return {
+    batch = {
       'image': images,
       'label': labels,
       **{k: v for k, v in plan.items() if k != 'rows'},
     }
+    if self.readable is not None:
+      bad = np.flatnonzero(real & ~self.readable[np.maximum(rows, 0)])
+      if len(bad):
+        batch['mask'] = streaming.mask_unreadable(
+          images, batch['mask'], rows, bad
+        )
+    return batch
 
 
 # Below this many files a split is decoded in this process: starting worker processes
@@ -66,10 +82,13 @@ MIN_FILES_FOR_WORKERS = 2000
 THREADS_FROM_PIXELS = 96 * 96
 
 
-def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
-  """(images, labels) of `files`, decoded in parallel (threads or worker processes, one per
-  core: THREADS_FROM_PIXELS says which). A bad file is an error naming it, or, with
-  skip_bad_files, is dropped with a warning and a count."""
+def decode_files(
+  files, labels, size, skip_bad_files=False, workers=0, name=''
+) -> Split:
+  """`files` decoded in parallel (threads or worker processes, one per core:
+  THREADS_FROM_PIXELS says which), row for row. A bad file is an error naming it, or,
+  with skip_bad_files, keeps its row marked unreadable (Split.readable), with a warning
+  and a count."""
   split = streaming.FileSplit(
     list(files),
     np.asarray(labels, np.int32),
@@ -89,17 +108,13 @@ def decode_files(files, labels, size, skip_bad_files=False, workers=0, name=''):
     raise ValueError(
       f'no readable images among {len(files)} files, e.g. {list(files)[:3]}'
     )
-  labels = np.asarray(labels)
+  labels = np.asarray(labels, np.int32)
   emptied = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
   if emptied:
     # A class with no images left would still get an output unit and never be seen.
     folder = os.path.dirname(files[labels.tolist().index(emptied[0])])
     raise ValueError(f'every image of class folder {folder} is unreadable')
-  if (
-    keep.all()
-  ):  # no copy of the whole split (gigabytes for ImageNette at 256 px)
-    return images, labels
-  return images[keep], labels[keep]
+  return Split(images, labels, None if keep.all() else keep)
 
 
 def _source_pixels(path: str) -> int:
@@ -165,19 +180,19 @@ def _cache_key(files, size) -> str:
 
 def load_folder_split(
   root, split, size, cache_dir='', skip_bad_files=False, workers=0
-):
-  """A split of an image folder as (images, labels, class_names), via a decoded cache."""
+) -> tuple[Split, tuple]:
+  """A split of an image folder as (Split, class_names), via a decoded cache."""
   files, labels, classes = image_files.list_folder_split(root, split)
-  images, labels = load_files(
+  decoded = load_files(
     files, labels, f'{root}/{split}', size, cache_dir, skip_bad_files, workers
   )
-  return images, labels, classes
+  return decoded, classes
 
 
 def load_files(
   files, labels, name, size, cache_dir='', skip_bad_files=False, workers=0
-):
-  """Decoded (images, labels) of `files`, cached under cache_dir keyed on the file list."""
+) -> Split:
+  """`files` decoded (decode_files), cached under cache_dir keyed on the file list."""
   cache = None
   if cache_dir:
     cache_dir = os.path.expanduser(cache_dir)
@@ -185,17 +200,40 @@ def load_files(
     cache = os.path.join(
       cache_dir, 'decoded', f'{split}-{size}px-{_cache_key(files, size)}'
     )
-    if os.path.exists(cache + '.labels.npy'):
-      return np.load(cache + '.images.npy'), np.load(cache + '.labels.npy')
+    cached = _read_cache(cache, len(files), skip_bad_files)
+    if cached is not None:
+      return cached
   logging.info('decoding %d images of %s at %dpx', len(files), name, size)
-  images, labels = decode_files(
-    files, labels, size, skip_bad_files, workers, name
-  )
+  decoded = decode_files(files, labels, size, skip_bad_files, workers, name)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
+    for stale in (
+      '.labels.npy',
+      '.readable.npy',
+    ):  # labels first: no longer whole
+      if os.path.exists(cache + stale):
+        os.remove(cache + stale)
+    arrays = [('.images.npy', decoded.images)]
+    if decoded.readable is not None:
+      arrays.append(('.readable.npy', decoded.readable))
     # Write-then-rename, labels last: a killed run never leaves a cache that looks whole.
-    for suffix, array in (('.images.npy', images), ('.labels.npy', labels)):
+    for suffix, array in arrays + [('.labels.npy', decoded.labels)]:
       tmp = f'{cache}.{os.getpid()}.tmp.npy'
       np.save(tmp, array)
       os.replace(tmp, cache + suffix)
-  return images, labels
+  return decoded
+
+
+def _read_cache(cache: str, num_files: int, skip_bad_files: bool):
+  """The Split cached at `cache`, or None where it must be decoded (again): no entry; one
+  written by a rotjax that dropped unreadable rows (fewer rows than files); one with
+  unreadable rows when skip_bad_files is off (decoding names the file)."""
+  if not os.path.exists(cache + '.labels.npy'):
+    return None
+  labels = np.load(cache + '.labels.npy')
+  readable = None
+  if os.path.exists(cache + '.readable.npy'):
+    readable = np.load(cache + '.readable.npy')
+  if len(labels) != num_files or (readable is not None and not skip_bad_files):
+    return None
+  return Split(np.load(cache + '.images.npy'), labels, readable)

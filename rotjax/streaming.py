@@ -92,11 +92,7 @@ class FileSplit:
       else:
         images[j] = image
     if bad:
-      good = np.flatnonzero((rows >= 0) & ~np.isin(np.arange(len(rows)), bad))
-      for j in bad:
-        mask[j] = 0.0
-        if len(good):
-          images[j] = images[good[0]]
+      mask = mask_unreadable(images, mask, rows, bad)
     labels = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(
       np.int32
     )
@@ -108,6 +104,20 @@ class FileSplit:
       **extra,
       'skipped': tuple(str(self.files[rows[j]]) for j in bad),
     }
+
+
+def mask_unreadable(images, mask, rows, bad) -> np.ndarray:
+  """`mask` with the batch positions `bad` (unreadable files) at weight 0, their images
+  replaced in place by the batch's first readable one (so BatchNorm's batch statistics stay
+  those of real images, as for the padding). Both loaders mask through here, so a run's
+  batches do not depend on data.loader."""
+  mask = np.array(mask, np.float32)
+  good = np.flatnonzero((rows >= 0) & ~np.isin(np.arange(len(rows)), bad))
+  for j in bad:
+    mask[j] = 0.0
+    if len(good):
+      images[j] = images[good[0]]
+  return mask
 
 
 _watching_parent = False

@@ -69,8 +69,7 @@ def loader_child(opts) -> dict:
     memory_loader.MIN_FILES_FOR_WORKERS = (
       0  # workers whatever the count, as for a big split
     )
-    images, _ = memory_loader.decode_files(files, labels, size, workers=cores)
-    count = len(images)
+    count = len(memory_loader.decode_files(files, labels, size, workers=cores))
   elif loader == 'memory, threads (before)':
     import concurrent.futures
     from rotjax import image_files

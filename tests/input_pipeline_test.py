@@ -160,7 +160,9 @@ def test_skipped_files_are_counted_in_a_warning(tmp_path, caplog):
     ds = input_pipeline.load_dataset(
       _data_config(tmp_path, val_fraction=0.0, skip_bad_files=True)
     )
-  assert len(ds.train) == 3 and ds.class_names == ('a', 'b')
+  # The unreadable files keep their rows (as the streaming loader's), marked unreadable.
+  assert len(ds.train) == 5 and ds.class_names == ('a', 'b')
+  assert ds.train.readable.sum() == 3
   assert 'skipped 2 unreadable files' in caplog.text and 'x.jpg' in caplog.text
 
 

@@ -104,8 +104,8 @@ def test_memory_decode_in_worker_processes_equals_decode_in_this_one(
   here = memory_loader.decode_files(files, labels, 16)
   monkeypatch.setattr(memory_loader, 'MIN_FILES_FOR_WORKERS', 0)
   workers = memory_loader.decode_files(files, labels, 16, workers=2)
-  np.testing.assert_array_equal(here[0], workers[0])
-  np.testing.assert_array_equal(here[1], workers[1])
+  np.testing.assert_array_equal(here.images, workers.images)
+  np.testing.assert_array_equal(here.labels, workers.labels)
 
 
 def test_auto_streams_what_would_not_fit_comfortably():
@@ -271,6 +271,56 @@ class DyingSplit(streaming.FileSplit):
 
 
 @pytest.mark.slow  # starts decoding worker processes
+def test_both_loaders_skip_an_unreadable_file_alike(tmp_path):
+  """With skip_bad_files the seeded val split is drawn from the file list by both loaders
+  (an unreadable file keeps its row, weight 0), so the split and every batch are the same,
+  and a resume that picks the other loader (data.loader=auto decides at each start) trains
+  on what the first start did."""
+  root = tmp_path / 'data'
+  for split in ('train', 'test'):
+    for c, name in enumerate(('a', 'b')):
+      os.makedirs(root / split / name)
+      for i in range(10):  # every image its own pixels: rows can be told apart
+        Image.fromarray(np.full((8, 8, 3), 20 * i + c, np.uint8)).save(
+          root / split / name / f'{i}.png'
+        )
+  (root / 'train' / 'a' / '05-broken.jpg').write_bytes(b'not an image')
+  memory, stream = _datasets(
+    str(root),
+    tmp_path,
+    **{'data.val_fraction': 0.25, 'data.skip_bad_files': True},
+  )
+  assert (memory.loader, stream.loader) == ('memory', 'stream')
+  assert len(memory.train) == len(stream.train) and len(memory.val) == len(
+    stream.val
+  )
+  assert (
+    len(memory.train) + len(memory.val) == 21
+  )  # the broken file keeps its row
+  bad = os.path.join(str(root), 'train', 'a', '05-broken.jpg')
+  weights = 0.0
+  for name in ('train', 'val'):
+    a, b = getattr(memory, name), getattr(stream, name)
+    one = list(batch_plans.eval_batches(a, 4))
+    two = list(batch_plans.eval_batches(b, 4))
+    for x, y in zip(one, two, strict=True):
+      _assert_same(x, y)
+    weights += sum(x['mask'].sum() for x in one)
+    if bad in b.files:  # the memory split marks the same row unreadable
+      assert (
+        not a.readable[b.files.index(bad)] and a.readable.sum() == len(a) - 1
+      )
+    else:
+      assert a.readable is None
+  assert weights == 20  # 21 rows, the unreadable one at weight 0
+  for epoch in (1, 2):
+    one = list(batch_plans.train_batches(memory.train, 4, 0, epoch))
+    two = list(batch_plans.train_batches(stream.train, 4, 0, epoch))
+    for x, y in zip(one, two, strict=True):
+      _assert_same(x, y)
+
+
+@pytest.mark.slow  # starts decoding worker processes
 def test_a_dead_worker_is_a_named_error_not_a_hang(image_folder):
   files, labels, _ = image_files.list_folder_split(image_folder, 'train')
   split = DyingSplit(files, labels, 16, workers=2, name='tiny/train')
@@ -428,7 +478,7 @@ def test_imagenet_preset_study_streams_all_five_stages(tmp_path):
 
 
 @pytest.mark.slow  # starts decoding worker processes
-def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(
+def test_memory_decode_in_workers_names_or_marks_an_unreadable_file(
   tmp_path, monkeypatch
 ):
   root = _bad_folder(tmp_path / 'data')
@@ -438,10 +488,13 @@ def test_memory_decode_in_workers_names_or_drops_an_unreadable_file(
   )  # 8 px images: processes
   with pytest.raises(image_files.BadImageError, match='broken.jpg'):
     memory_loader.decode_files(files, labels, 8, workers=2)
-  images, kept = memory_loader.decode_files(
+  decoded = memory_loader.decode_files(
     files, labels, 8, skip_bad_files=True, workers=2
   )
-  assert len(images) == len(kept) == 8
+  assert len(decoded) == 9 and decoded.readable.sum() == 8
+  assert not decoded.readable[
+    files.index(os.path.join(root, 'train/a/broken.jpg'))
+  ]
 
 
 def test_too_little_shared_memory_is_a_named_error_before_any_worker(
