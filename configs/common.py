@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 128  # global, split over all devices
   config.num_devices = 0  # local devices to use (0 = all)
+  # Data parallel (rotjax/data_parallel.py): 'auto' (= 'jit': one program over a device
+  # mesh, JAX's way) or 'pmap' (the earlier way, kept as a mode; same numbers).
+  config.parallel = 'auto'
   config.eval_batch_size = 256
   config.num_epochs = 30
   config.label_smoothing = 0.1

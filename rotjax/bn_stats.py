@@ -12,13 +12,11 @@ stay as they are.
 import time
 from typing import Callable, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from rotjax import batchnorm
-from rotjax import parallel
 
 
 def moments_step(variables, batch, batch_number, *, module, prepare_fn):
@@ -69,17 +67,26 @@ def replace_stats(batch_stats, moments: dict, keep: Callable[[str], bool]):
 
 
 def reestimate(
-  p_moments, variables, batches: Iterable, keep: Callable[[str], bool], devices
+  p_moments,
+  variables,
+  batches: Iterable,
+  keep: Callable[[str], bool],
+  data_parallel,
 ) -> tuple[dict, dict]:
   """(batch_stats re-estimated over `batches`, a record for run_info.json).
 
-  `p_moments` is `moments_step` pmapped over `devices` ('batch'); `variables` are host
-  (unreplicated) params and batch_stats; each batch is already sharded for the devices.
+  `p_moments` is `moments_step` compiled by `data_parallel` (data_parallel.DataParallel)
+  with its batch the second arg; `variables` are params and batch_stats (host, or placed
+  by it); `batches` are this process's rows of each global batch.
   """
   t0 = time.time()
-  replicated = parallel.replicate(variables, devices)
+  replicated = data_parallel.put(variables)
   pending = [
-    p_moments(replicated, batch, parallel.replicate(jnp.int32(i), devices))
+    p_moments(
+      replicated,
+      data_parallel.put_batch(batch),
+      data_parallel.put(np.int32(i)),
+    )
     for i, batch in enumerate(batches)
   ]
   if not pending:
@@ -87,9 +94,11 @@ def reestimate(
       're-estimating BatchNorm statistics needs at least one batch of images'
     )
   # One host sync for the whole pass; the moments are the global batch's on every device.
-  fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
+  fetched = data_parallel.get(pending)
   moments = union_moments(fetched)
-  stats = replace_stats(variables['batch_stats'], moments, keep)
+  stats = replace_stats(
+    data_parallel.get(replicated)['batch_stats'], moments, keep
+  )
   layers = sorted(p for p in moments if keep(p))
   return stats, {
     'batches': len(fetched),

@@ -144,17 +144,36 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
 def restore_variables(step_dir: str) -> dict:
   """{'params', 'batch_stats'} as host numpy arrays from one complete Orbax step folder."""
   directory, step = os.path.dirname(step_dir), int(os.path.basename(step_dir))
-  with ocp.CheckpointManager(directory) as manager:
+  # The handler named, so that item_metadata reads the saved tree (None without it).
+  with ocp.CheckpointManager(
+    directory, item_handlers=ocp.StandardCheckpointHandler()
+  ) as manager:
     if step not in manager.all_steps():
       raise FileNotFoundError(
         f'{step_dir} is not a complete checkpoint (interrupted save?)'
       )
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    # Onto this process's first device, whatever wrote it: a checkpoint of global arrays
+    # (parallel=jit) records its mesh, which another machine may not have.
+    target = _local_target(manager.item_metadata(step))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   return jax.device_get(
     {
       'params': restored['params'],
       'batch_stats': restored.get('batch_stats', {}),
     }
+  )
+
+
+def _local_target(metadata):
+  """ShapeDtypeStructs on this process's first device for every array of a checkpoint's
+  metadata tree."""
+  metadata = getattr(metadata, 'tree', metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  is_array = lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
+  return jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    metadata,
+    is_leaf=is_array,
   )
 
 

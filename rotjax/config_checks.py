@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import compute as compute_lib
+from rotjax import data_parallel
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import model_factory
@@ -110,6 +111,10 @@ def check_config(config) -> None:
     config.checkpoint_every_steps >= 0,
     f'checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 '
     '(0 = at epoch ends only)',
+  )
+  _require(
+    config.parallel in data_parallel.MODES,
+    f'parallel={config.parallel!r} is unknown; allowed: {data_parallel.MODES}',
   )
   _require(
     config.data.loader in input_pipeline.LOADERS,

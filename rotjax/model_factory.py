@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import models
+from rotjax import parallel
 from rotjax.compute import Compute
 
 
@@ -25,8 +26,8 @@ def num_outputs(config, dataset) -> int:
 def build_model(
   config, num_classes: int, compute: Compute, frozen=()
 ) -> models.ResNet:
-  """config.model's ResNet; BatchNorm statistics synced over the pmap axis 'batch' where
-  model.sync_bn (pooled into the running ones over it either way)."""
+  """config.model's ResNet; BatchNorm statistics synced over the data-parallel axis
+  (parallel.AXIS) where model.sync_bn (pooled into the running ones over it either way)."""
   return models.create_model(
     config.model.name,
     num_classes=num_classes,
@@ -34,8 +35,8 @@ def build_model(
     stem=config.model.stem,
     compute=compute,
     frozen=frozen,
-    axis_name='batch' if config.model.sync_bn else None,
-    stats_axis_name='batch',
+    axis_name=parallel.AXIS if config.model.sync_bn else None,
+    stats_axis_name=parallel.AXIS,
   )
 
 

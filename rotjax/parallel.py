@@ -1,9 +1,9 @@
-"""Data-parallel plumbing for pmap: multi-host start-up, device selection, replicate /
-unreplicate, and a batch split over the devices (shard).
+"""Multi-host start-up, device selection, and pmap mode's replicate / unreplicate / shard
+(data_parallel.py decides which mode runs a step).
 
-Multi-host: every process runs the same program; pmap spans the devices of all
-processes, and each process feeds its local devices with its own data shard's part
-of every global batch (input_pipeline.load_dataset / batch_plans.train_batches).
+Multi-host: every process runs the same program over the devices of all processes, and
+each process feeds its local devices with its own data shard's part of every global
+batch (input_pipeline.load_dataset / batch_plans.train_batches).
 """
 
 import logging
@@ -11,6 +11,12 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# The data-parallel axis: the mesh's (jit) or pmap's, named by every collective of a step
+# and by the model's BatchNorm.
+AXIS = 'data'
 
 
 def initialize_distributed(dist_config) -> bool:
@@ -52,13 +58,19 @@ def connect_all_devices() -> None:
   later collectives reuse the communicator and wait as long as they must.
   """
   devices = jax.devices()
-  ones = np.ones((jax.local_device_count(), 1), np.float32)
-  total = jax.pmap(
-    lambda x: jax.lax.psum(x, 'all'), axis_name='all', devices=devices
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  ones = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, P(AXIS)), np.ones(jax.local_device_count(), np.float32)
+  )
+  total = jax.jit(
+    jax.shard_map(
+      lambda x: jax.lax.psum(x, AXIS),
+      mesh=mesh,
+      in_specs=P(AXIS),
+      out_specs=P(),
+    )
   )(ones)
-  if float(np.asarray(total.addressable_shards[0].data).ravel()[0]) != len(
-    devices
-  ):
+  if float(np.asarray(total.addressable_data(0)).ravel()[0]) != len(devices):
     raise RuntimeError(f'all-reduce over {len(devices)} devices gave {total}')
 
 
@@ -94,7 +106,7 @@ def local(devices):
   return [d for d in devices if d.process_index == jax.process_index()]
 
 
-def replicate(tree, devices=None, axis_name: str = 'batch'):
+def replicate(tree, devices=None, axis_name: str = AXIS):
   """A copy of `tree` on each of this process's `devices`, laid out as pmap lays out its outputs.
 
   pmap compiles once per input sharding, and its outputs live on a mesh whose axis

@@ -17,6 +17,7 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
   import functools
   import jax
   from rotjax import bn_stats
+  from rotjax import data_parallel
   from rotjax import preprocess
 
   if isinstance(images, np.ndarray):
@@ -34,13 +35,12 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
       image_size=config.data.image_size,
     )
 
-  devices = jax.local_devices()[:1]
-  p_moments = jax.pmap(
+  one_device = data_parallel.DataParallel('auto', jax.local_devices()[:1])
+  p_moments = one_device.compile(
     functools.partial(
       bn_stats.moments_step, module=model.module, prepare_fn=prepare
     ),
-    axis_name='batch',
-    devices=devices,
+    batch_args=(1,),
   )
   sizes = []
 
@@ -49,10 +49,10 @@ def reestimate_bn(model, images, batch_size: int = 128) -> dict:
       # Full batches; a shorter first chunk is the only one (fewer images than a batch).
       if len(chunk) == batch_size or i == 0:
         sizes.append(len(chunk))
-        yield {'image': model.prepare_images(chunk)[None]}
+        yield {'image': np.asarray(model.prepare_images(chunk))}
 
   stats, record = bn_stats.reestimate(
-    p_moments, model.variables, batches(), lambda _: True, devices
+    p_moments, model.variables, batches(), lambda _: True, one_device
   )
   model.variables = {**model.variables, 'batch_stats': stats}
   return {**record, 'images': sum(sizes), 'augmentation': 'eval'}

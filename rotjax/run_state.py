@@ -17,7 +17,6 @@ from rotjax import freeze
 from rotjax import model_factory
 from rotjax import models
 from rotjax import optim
-from rotjax import parallel
 from rotjax import steps
 
 # freeze_bn values whose frozen BatchNorm normalises with (and keeps) its running statistics.
@@ -98,7 +97,7 @@ def create_train_state(
   return state, mask, schedule, init_info
 
 
-def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
+def reestimate_frozen_bn(config, state, dataset, data_parallel, compute=None):
   """(state, record): the frozen layers' BatchNorm running statistics replaced by those of
   the task's training images (bn_stats), for freeze_bn='reestimated'.
 
@@ -126,12 +125,11 @@ def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
       steps.with_index(batch), jax.random.fold_in(key, batch_number)
     )[0]
 
-  p_moments = jax.pmap(
+  p_moments = data_parallel.compile(
     functools.partial(
       bn_stats.moments_step, module=module, prepare_fn=prepare_images
     ),
-    axis_name='batch',
-    devices=devices,
+    batch_args=(1,),
   )
   local_batch = dataset.local_batch(config.batch_size)
   num_steps = max(1, dataset.size('train') // config.batch_size)
@@ -144,14 +142,13 @@ def reestimate_frozen_bn(config, state, dataset, devices, compute=None):
     num_steps,
     first_index=dataset.process_index * local_batch,
   )
-  batches = (parallel.shard(b, len(parallel.local(devices))) for b in batches)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   stats, record = bn_stats.reestimate(
     p_moments,
     variables,
     batches,
     lambda path: models.is_frozen(path, prefixes),
-    devices,
+    data_parallel,
   )
   record = {
     **record,

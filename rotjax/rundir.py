@@ -73,12 +73,14 @@ def before_they_existed(config: dict) -> dict:
   """{setting: what a run ran with before it existed} for settings added since a run's
   config.json may have been written: model.norm's `auto` (a kernel choice; run_info.json
   says where its BatchNorm ran), freeze_bn's 'running' (frozen BatchNorm used the running
-  statistics), and rotation.geometry: exact rot90 for N = 4, the disc for N = 6 and 8."""
+  statistics), rotation.geometry: exact rot90 for N = 4, the disc for N = 6 and 8, and
+  `parallel`: pmap (the only way before)."""
   num_rotations = config.get('rotation', {}).get('num_rotations', 4)
   return {
     'model.norm': 'auto',
     'freeze_bn': 'running',
     'rotation.geometry': 'square' if num_rotations == 4 else 'disc',
+    'parallel': 'pmap',
   }
 
 
@@ -200,6 +202,15 @@ def save_partial_epoch(
   )
 
 
+def step_of(state) -> int:
+  """The state's step as an int, also where it is a global array of several processes
+  (not fully addressable: read from this process's copy)."""
+  step = state.step
+  if not getattr(step, 'is_fully_addressable', True):
+    step = step.addressable_data(0)
+  return int(step)
+
+
 def resume(
   checkpoints, log, state, steps_per_epoch: int, data: dict | None = None
 ):
@@ -224,7 +235,7 @@ def resume(
       )
     else:
       _check_partial_epoch(partial, steps_per_epoch, data, checkpoints.workdir)
-  start_epoch = int(state.step) // max(steps_per_epoch, 1)
+  start_epoch = step_of(state) // max(steps_per_epoch, 1)
   log.truncate(start_epoch)
   history = log.read()
   if (
@@ -242,7 +253,7 @@ def resume(
     and history
     and max(history, key=lambda r: r['val_accuracy'])['epoch'] == start_epoch
   ):
-    checkpoints.ensure_best(int(state.step), state)
+    checkpoints.ensure_best(step_of(state), state)
   return state, start_epoch, history, partial
 
 

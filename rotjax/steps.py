@@ -1,9 +1,11 @@
-"""The train and eval steps: pure functions of (state, batch, rng), pmapped.
+"""The train and eval steps: pure functions of (state, batch, rng) on one device's rows of
+the global batch, their collectives over the data-parallel axis (parallel.AXIS).
 
 Stages differ only in `prepare_fn` (rotation labels for the pretext, class labels
-otherwise) and in the freeze mask (freeze.py). One code path for one or many devices: a
-single device is a pmap of one. No config reads inside a step, no side effects: the loop
-around them (train.py) holds the state, the data and the checkpoints.
+otherwise) and in the freeze mask (freeze.py). One code path for one or many devices, and
+for both ways of running them (data_parallel.py: jit over a device mesh, or pmap). No
+config reads inside a step, no side effects: the loop around them (train.py) holds the
+state, the data and the checkpoints.
 """
 
 import functools
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rotjax import parallel
 from rotjax import preprocess
 from rotjax import rotation
 
@@ -59,7 +62,7 @@ def make_prepare_fn(config, *, train: bool) -> Callable:
   return prepare
 
 
-def with_index(batch, axis_name='batch'):
+def with_index(batch, axis_name=parallel.AXIS):
   """`batch` with each example's global index: the caller's (training: the place in the
   global batch before its rows were mixed; evaluate: the place in the split), else the
   place in the global batch (devices hold consecutive parts of it)."""
@@ -98,7 +101,7 @@ def cross_entropy(logits, labels, smoothing: float):
 
 
 def train_step(
-  state, batch, rng, *, prepare_fn, mask, smoothing, axis_name='batch'
+  state, batch, rng, *, prepare_fn, mask, smoothing, axis_name=parallel.AXIS
 ):
   """(state, batch, rng) -> (state, metrics). Pure; gradients and statistics pmean'd."""
   # Keyed on the step, not on the device: prepare_fn keys each example on its place in
@@ -148,7 +151,9 @@ def train_step(
   return state, metrics
 
 
-def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
+def eval_step(
+  state, batch, rng, *, prepare_fn, smoothing, axis_name=parallel.AXIS
+):
   """Sums of loss and correct predictions over the real (unpadded) examples."""
   images, labels, weights = prepare_fn(with_index(batch, axis_name), rng)
   logits, _ = state.apply_fn(
@@ -164,31 +169,29 @@ def eval_step(state, batch, rng, *, prepare_fn, smoothing, axis_name='batch'):
   return jax.lax.psum(sums, axis_name)
 
 
-def pmapped_train_step(
-  config, mask, devices, *, smoothing=None, prepare_fn=None, donate: bool = True
+def compiled_train_step(
+  config, mask, data_parallel, *, smoothing=None, prepare_fn=None, donate=True
 ):
-  """train_step for `config`, pmapped over `devices` (the one place a train step is built:
-  train, scripts/benchmark.py and the tests call this). The state is donated: each step's
-  output state replaces its input's buffers."""
+  """train_step for `config` as one data-parallel program (data_parallel.DataParallel: jit
+  over the mesh, or pmap): the one place a train step is built (train, the benchmarks and
+  the tests call this). The state is donated: each step's output state replaces its
+  input's buffers."""
   step = functools.partial(
     train_step,
     prepare_fn=prepare_fn or make_prepare_fn(config, train=True),
     mask=mask,
     smoothing=config.label_smoothing if smoothing is None else smoothing,
   )
-  return jax.pmap(
-    step,
-    axis_name='batch',
-    donate_argnums=(0,) if donate else (),
-    devices=devices,
+  return data_parallel.compile(
+    step, batch_args=(1,), donate=(0,) if donate else ()
   )
 
 
-def pmapped_eval_step(config, devices, *, smoothing=None):
-  """eval_step for `config`, pmapped over `devices`."""
+def compiled_eval_step(config, data_parallel, *, smoothing=None):
+  """eval_step for `config` as one data-parallel program."""
   step = functools.partial(
     eval_step,
     prepare_fn=make_prepare_fn(config, train=False),
     smoothing=config.label_smoothing if smoothing is None else smoothing,
   )
-  return jax.pmap(step, axis_name='batch', devices=devices)
+  return data_parallel.compile(step, batch_args=(1,))

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import jax_utils
 
 from rotjax import batch_plans
 from rotjax import checkpoint as checkpoint_lib
 from rotjax import compile_cache
 from rotjax import compute as compute_lib
 from rotjax import config_checks
+from rotjax import data_parallel as data_parallel_lib
 from rotjax import freeze
 from rotjax import input_pipeline
 from rotjax import metrics as metrics_lib
@@ -39,7 +39,7 @@ from rotjax.cpu import onednn_errors
 
 
 def evaluate(
-  p_eval_step, state, dataset, split, batch_size, num_local_devices, rng
+  p_eval_step, state, dataset, split, batch_size, data_parallel, rng
 ):
   """Mean loss and accuracy over a whole split (each process feeds its part; psum joins them)."""
   totals = None
@@ -56,9 +56,9 @@ def evaluate(
       batch['index'] = steps.split_index(
         i, local_batch, dataset.process_index, dataset.process_count
       )
-      sums = p_eval_step(state, parallel.shard(batch, num_local_devices), rng)
+      sums = p_eval_step(state, data_parallel.put_batch(batch), rng)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(parallel.unreplicate(totals))
+  totals = data_parallel.get(totals)
   count = max(float(totals['count']), 1.0)
   return {
     'loss': float(totals['loss']) / count,
@@ -74,7 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   workdir = rundir.absolute(config.workdir)
   os.makedirs(workdir, exist_ok=True)
   devices = parallel.select_devices(config.num_devices)
-  num_devices, num_local_devices = len(devices), len(parallel.local(devices))
+  num_devices = len(devices)
+  dp = data_parallel_lib.DataParallel(config.parallel, devices)
   # The run's dtype and kernels, decided once (a resumed run keeps its first start's);
   # config.json keeps what was asked for (model.dtype=auto stays auto).
   first_compute = _first_compute(workdir)
@@ -120,14 +121,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     'train_images': dataset.size('train'),
     'batch_size': config.batch_size,
   }
+  # Under jit the checkpoint comes back as global arrays on the mesh.
   state, start_epoch, history, partial = rundir.resume(
-    ckpt, log, state, steps_per_epoch, data_state
+    ckpt, log, dp.restore_target(state), steps_per_epoch, data_state
   )
-  if int(state.step):
+  if rundir.step_of(state):
     logging.info(
       'resuming %s from step %d%s',
       workdir,
-      int(state.step),
+      rundir.step_of(state),
       f' (step {partial["steps_done"]} of epoch {partial["epoch"]})'
       if partial
       else '',
@@ -136,16 +138,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
   if config.freeze_bn == 'reestimated':
     # Once, before the first step: a resumed run's checkpoint already holds the statistics
     # (the frozen layers leave them as they are), and its first start's record stays.
-    if not int(state.step):
+    if not rundir.step_of(state):
       with compile_cache.logged('BatchNorm re-estimation'):
         state, record = run_state.reestimate_frozen_bn(
-          config, state, dataset, devices, compute
+          config, state, dataset, dp, compute
         )
     else:
       record = rundir.read(workdir, rundir.RUN_INFO, {}).get('bn_reestimated')
     init_info = {**init_info, 'bn_reestimated': record}
   compute_record = compute.record()
   logging.info('%s', compute_lib.summary_line(compute_record))
+  logging.info('data parallel: %s', dp.describe())
   _write_run_info(
     workdir,
     config,
@@ -156,20 +159,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     total,
     first_compute or compute_record,
     compute_record,
+    dp,
   )
 
-  state = parallel.replicate(state, devices)
+  state = dp.put(state)
   p_train_step = compile_cache.log_first_call(
-    steps.pmapped_train_step(config, mask, devices),
+    steps.compiled_train_step(config, mask, dp),
     'train step',
     since=data_loaded,
   )
   p_eval_step = compile_cache.log_first_call(
-    steps.pmapped_eval_step(config, devices), 'eval step'
+    steps.compiled_eval_step(config, dp), 'eval step'
   )
-  rng = jax.random.key(config.seed)
-  eval_rng = parallel.replicate(steps.eval_key(config.seed), devices)
-  rng = parallel.replicate(rng, devices)
+  rng = dp.put(jax.random.key(config.seed))
+  eval_rng = dp.put(steps.eval_key(config.seed))
   images_per_step = config.batch_size * (
     config.rotation.num_rotations
     if config.stage == 'pretext' and config.rotation.mode == 'all'
@@ -180,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
     rundir.save_partial_epoch(
       ckpt,
       step,
-      jax.device_get(parallel.unreplicate(state)),
+      dp.to_save(state),
       epoch=epoch,
       steps_done=steps_done,
       steps_per_epoch=steps_per_epoch,
@@ -208,11 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
       t0 = time.time()
       first_step = resumed_step if epoch == start_epoch + 1 else 0
       batches = itertools.islice(train_stream, steps_per_epoch - first_step)
-      batches = jax_utils.prefetch_to_device(
-        (parallel.shard(b, num_local_devices) for b in batches),
-        2,
-        parallel.local(devices),
-      )
+      batches = dp.prefetch(batches, 2)
       bar = progress.EpochBar(
         epoch,
         config.num_epochs,
@@ -233,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         save_every=config.checkpoint_every_steps,
         save_partial=save_partial,
         step_metrics=partial['step_metrics'] if first_step else (),
+        fetch=dp.get,
       )
       train_time = time.time() - t0
       val = evaluate(
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         dataset,
         'val',
         config.eval_batch_size,
-        num_local_devices,
+        dp,
         eval_rng,
       )
       test = evaluate(
@@ -250,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         dataset,
         'test',
         config.eval_batch_size,
-        num_local_devices,
+        dp,
         eval_rng,
       )
       row = {
@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, dataset=None) -> dict:
         ckpt,
         log,
         epoch * steps_per_epoch,
-        jax.device_get(parallel.unreplicate(state)),
+        dp.to_save(state),
         is_best,
         row,
       )
@@ -309,13 +309,15 @@ def train_steps(
   save_every: int = 0,
   save_partial=None,
   step_metrics=(),
+  fetch=jax.device_get,
 ):
   """(state, the epoch's step metrics): a train step per batch, from step first_step + 1
   of `epoch` on; `step_metrics` are those of its steps before (a run resumed inside it).
 
   Metrics stay on the devices between host syncs: every log_every steps, at the epoch's
   end and before a checkpoint inside it (every save_every global steps: `save_partial`),
-  the pending ones are fetched at once, checked and shown.
+  the pending ones are fetched at once (`fetch`: the DataParallel's get), checked and
+  shown.
   """
   step_metrics = list(step_metrics)
   pending = []
@@ -332,7 +334,7 @@ def train_steps(
       or save_now
     ):
       # The one host sync: fetch the metrics of the last few steps at once.
-      fetched = jax.device_get([parallel.unreplicate(m) for m in pending])
+      fetched = fetch(pending)
       pending = []
       step_metrics += fetched
       _check_finite(fetched, epoch, step)
@@ -393,6 +395,7 @@ def _write_run_info(
   total,
   compute,
   compute_now,
+  dp,
 ):
   """config.json and run_info.json; `compute` is the first start's (the run's), `compute_now`
   this start's (they differ only by an explicit override, recorded in the metrics rows)."""
@@ -405,6 +408,7 @@ def _write_run_info(
     {
       'stage': config.stage,
       'num_devices': num_devices,
+      'parallel': dp.mode,
       'class_names': dataset.class_names,
       'train_images': dataset.size('train'),
       'val_images': dataset.size('val'),

@@ -71,7 +71,7 @@ def rotjax_worker(opts):
   import jax
   from configs import supervised
   from rotjax import compute as compute_lib
-  from rotjax import parallel, steps
+  from rotjax import data_parallel, steps
   from rotjax import run_state
 
   config = supervised.get_config()
@@ -84,7 +84,9 @@ def rotjax_worker(opts):
   resolved = compute_lib.resolve(config.model, jax.local_device_count())
   compute = resolved.record()
   config.batch_size, config.eval_batch_size = opts['batch'], opts['eval_batch']
+  config.parallel = opts.get('parallel', 'auto')
   devices = jax.local_devices()
+  dp = data_parallel.DataParallel(config.parallel, devices)
   state, mask, _, _ = run_state.create_train_state(
     config, 10, steps_per_epoch=100, compute=resolved
   )
@@ -93,10 +95,10 @@ def rotjax_worker(opts):
     'image': rng.integers(0, 256, (opts['batch'], 32, 32, 3), dtype=np.uint8),
     'label': rng.integers(0, 10, opts['batch']).astype(np.int32),
   }
-  sharded = jax.device_put(parallel.shard(batch, len(devices)))
-  p_step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1)
-  holder = {'state': parallel.replicate(state, devices)}
-  keys = parallel.replicate(jax.random.key(0), devices)
+  sharded = dp.put_batch(batch)
+  p_step = steps.compiled_train_step(config, mask, dp, smoothing=0.1)
+  holder = {'state': dp.put(state)}
+  keys = dp.put(jax.random.key(0))
 
   def step():
     holder['state'], metrics = p_step(holder['state'], sharded, keys)
@@ -112,6 +114,7 @@ def rotjax_worker(opts):
   result['compile_s'] = first_call - opts['batch'] / result['train']['median']
   result['compute'] = compute
   result['dtype'] = compute['dtype']
+  result['parallel'] = dp.mode
 
   eval_batch = {
     'image': rng.integers(
@@ -120,8 +123,8 @@ def rotjax_worker(opts):
     'label': np.zeros(opts['eval_batch'], np.int32),
     'mask': np.ones(opts['eval_batch'], np.float32),
   }
-  eval_sharded = jax.device_put(parallel.shard(eval_batch, len(devices)))
-  p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
+  eval_sharded = dp.put_batch(eval_batch)
+  p_eval = steps.compiled_eval_step(config, dp, smoothing=0.1)
   evaluate = lambda: jax.block_until_ready(
     p_eval(holder['state'], eval_sharded, keys)
   )
@@ -261,6 +264,31 @@ WORKERS = {
 # ---------------------------------------------------------------- orchestration
 
 
+def mode_ratios(rounds) -> list[str]:
+  """Lines comparing jit with pmap per pair: train, eval and loop images/s and the first
+  call (compile), each as the jit row over the pmap row within each round."""
+  lines = []
+  for jit_row, pmap_row in MODE_PAIRS:
+    if not all(jit_row in r and pmap_row in r for r in rounds):
+      continue
+    cells = []
+    for key in ('train', 'eval', 'loop', 'compile_s'):
+      ratios = []
+      for r in rounds:
+        a, b = r[jit_row], r[pmap_row]
+        if 'error' in a or 'error' in b or not a.get(key) or not b.get(key):
+          continue
+        value = lambda x: (
+          x[key]['median'] if isinstance(x[key], dict) else x[key]
+        )
+        ratios.append(value(a) / value(b))
+      if ratios:
+        label = 'compile s' if key == 'compile_s' else key + ' img/s'
+        cells.append(f'{label} {fmt_ratios(ratios)}')
+    lines.append(f'{jit_row} / {pmap_row}: ' + '; '.join(cells))
+  return lines
+
+
 def configurations(quick: bool, has_torch: bool):
   """(name, worker, options, extra environment) for each row of the table."""
   sys.path.insert(0, ROOT)
@@ -301,6 +329,26 @@ def configurations(quick: bool, has_torch: bool):
       {'dtype': 'auto', 'conv': 'auto', 'norm': 'xla'},
       {},
     ),
+    # The default (parallel=auto: jit over a device mesh) against pmap mode, on one device
+    # and on 2 host devices (MODE_PAIRS: their per-round ratios under the table).
+    (
+      PMAP,
+      'rotjax',
+      {'dtype': 'auto', 'conv': 'auto', 'parallel': 'pmap', 'loop': True},
+      {},
+    ),
+    (
+      TWO_DEVICES,
+      'rotjax',
+      {'dtype': 'auto', 'loop': True},
+      {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'},
+    ),
+    (
+      TWO_DEVICES_PMAP,
+      'rotjax',
+      {'dtype': 'auto', 'parallel': 'pmap', 'loop': True},
+      {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'},
+    ),
   ]
   if not quick:
     rows += [
@@ -315,12 +363,6 @@ def configurations(quick: bool, has_torch: bool):
         'rotjax',
         {'dtype': 'auto'},
         {'ROTJAX_MALLOC_TUNING': '0'},
-      ),
-      (
-        'rotjax default, 2 host devices',
-        'rotjax',
-        {'dtype': 'auto', 'loop': True},
-        {'XLA_FLAGS': f'{YNN_FLAG} --xla_force_host_platform_device_count=2'},
       ),
     ]
   if has_torch:
@@ -529,6 +571,11 @@ def peak_flops(backend_devices, cpu=None) -> tuple[dict | None, str]:
 
 
 DEFAULT = 'rotjax default (auto)'
+PMAP = 'rotjax default, pmap'
+TWO_DEVICES = 'rotjax default, 2 host devices'
+TWO_DEVICES_PMAP = 'rotjax default, 2 host devices, pmap'
+# (jit row, pmap row): the same step under parallel=jit (the default) and parallel=pmap.
+MODE_PAIRS = ((DEFAULT, PMAP), (TWO_DEVICES, TWO_DEVICES_PMAP))
 # Timed steps per repeat by default and at least under --quick: a 2-step repeat (under
 # 1.5 s for the bf16 step) is shorter than the shared machine's slow spells.
 MIN_STEPS = 6
@@ -841,6 +888,14 @@ def main():
     )
     + 'loop/step = images/s of train_and_evaluate over epoch 2 / bare step'
   )
+  pairs = mode_ratios(rounds)
+  if pairs:
+    print(
+      '\njit (parallel=auto) against pmap: ratios jit / pmap, median over rounds '
+      "(each round's in brackets); > 1 is jit faster, except compile s (< 1: jit "
+      'compiles faster)'
+    )
+    print('\n'.join(pairs))
   disagreeing = [r['name'] for r in results if r.get('disagree')]
   if disagreeing:
     print(

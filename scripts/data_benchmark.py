@@ -152,9 +152,9 @@ def loop_child(opts) -> dict:
   from configs import imagenette
   from rotjax import (
     batch_plans,
+    data_parallel,
     input_pipeline,
     metrics,
-    parallel,
     run_state,
     steps,
     train,
@@ -173,7 +173,7 @@ def loop_child(opts) -> dict:
     2,
   )
   config.data.cache_dir = tempfile.mkdtemp()
-  devices = jax.local_devices()
+  dp = data_parallel.DataParallel(config.parallel, jax.local_devices())
   results = {}
   datasets = {}
   for loader in ('memory', 'stream'):
@@ -183,15 +183,12 @@ def loop_child(opts) -> dict:
   state, mask, _, _ = run_state.create_train_state(
     config, datasets['memory'].num_classes, opts['steps']
   )
-  step = steps.pmapped_train_step(config, mask, devices)
+  step = steps.compiled_train_step(config, mask, dp)
   batch = next(
     batch_plans.train_batches(datasets['memory'].train, config.batch_size, 0, 1)
   )
-  batch = jax.device_put(parallel.shard(batch, len(devices)))
-  state, rng = (
-    parallel.replicate(state, devices),
-    parallel.replicate(jax.random.key(0), devices),
-  )
+  batch = dp.put_batch(batch)
+  state, rng = dp.put(state), dp.put(jax.random.key(0))
 
   def bare():
     nonlocal state

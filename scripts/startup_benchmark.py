@@ -3,6 +3,7 @@
   python scripts/startup_benchmark.py                       # CPU: width-16 ResNet18 (:cpu)
   python scripts/startup_benchmark.py --width 64 --batch 128  # the full-size model
   python scripts/startup_benchmark.py --source folder:~/.cache/rotjax/cifar10-jpeg
+  python scripts/startup_benchmark.py --parallel jit   # one data-parallel mode only
 
 Runs, each in a fresh process, one epoch of a small subset (the compile does not depend on
 the number of images), against an empty compilation cache folder of its own:
@@ -11,9 +12,10 @@ the number of images), against an empty compilation cache folder of its own:
   3. fine-tune, random     (stage 3) the same programs as 2: loaded from the cache
   4. fine-tune from 1      again, a new workdir (a second seed, a rerun): loaded
   5. stage 3 with the cache off, for comparison
-and prints, per run, what its log lines say: where the model init, train step and eval step
-programs came from and how long each took, and how long after the data was loaded its
-first train step was done. Also in benchmark-startup.json.
+once per data-parallel mode (config.parallel: jit, the default, and pmap; each mode with
+its own empty cache), and prints, per run, what its log lines say: where the model init,
+train step and eval step programs came from and how long each took, and how long after the
+data was loaded its first train step was done. Also in benchmark-startup.json.
 """
 
 import argparse
@@ -76,60 +78,70 @@ def main():
   parser.add_argument(
     '--images', type=int, default=512, help='train/val/test images each'
   )
+  parser.add_argument(
+    '--parallel',
+    default='jit,pmap',
+    help='comma-separated config.parallel modes, each a full set of runs',
+  )
   parser.add_argument('--out', default='benchmark-startup.json')
   opts = parser.parse_args()
-  with tempfile.TemporaryDirectory() as tmp:
-    cache = os.path.join(tmp, 'jit')
-    pre = os.path.join(tmp, 'pretext')
-    rows = [
-      run_stage('1 pretext (cold cache)', 'pretext', pre, cache, opts),
-      run_stage(
-        '2 fine-tune pretrained',
-        'finetune',
-        os.path.join(tmp, 's2'),
-        cache,
-        opts,
-        f'--config.init_from={pre}',
-      ),
-      run_stage(
-        '3 fine-tune random init',
-        'finetune',
-        os.path.join(tmp, 's3'),
-        cache,
-        opts,
-      ),
-      run_stage(
-        '2 again, new workdir',
-        'finetune',
-        os.path.join(tmp, 's2b'),
-        cache,
-        opts,
-        f'--config.init_from={pre}',
-        '--config.seed=1',
-      ),
-      run_stage(
-        '3, cache off', 'finetune', os.path.join(tmp, 's3off'), '0', opts
-      ),
+  rows = []
+  for mode in opts.parallel.split(','):
+    rows += [
+      {'mode': mode, **row}
+      for row in mode_rows(opts, f'--config.parallel={mode}')
     ]
   print(
     f'startup, width {opts.width}, batch {opts.batch}, {opts.images} images, '
     f'{os.cpu_count()} cores'
   )
   print(
-    '| run | model init | train step (first call) | eval step (first call) | '
+    '| mode | run | model init | train step (first call) | eval step (first call) | '
     'first step done after data loaded | wall |'
   )
-  print('| --- | --- | --- | --- | --- | --- |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
   cell = lambda r, k: (
     f'{r[k]["seconds"]:.1f} s, {r[k]["source"]}' if k in r else '?'
   )
   for r in rows:
     print(
-      f'| {r["run"]} | {cell(r, "model init")} | {cell(r, "train step")} | '
+      f'| {r["mode"]} | {r["run"]} | {cell(r, "model init")} | {cell(r, "train step")} | '
       f'{cell(r, "eval step")} | {r.get("first_step_after_data_s", "?")} s | {r["wall_s"]} s |'
     )
   with open(opts.out, 'w') as f:
     json.dump({'options': vars(opts), 'rows': rows}, f, indent=2)
+
+
+def mode_rows(opts, mode_flag):
+  """The five runs of the docstring, each with `mode_flag`, against one fresh cache."""
+  with tempfile.TemporaryDirectory() as tmp:
+    cache = os.path.join(tmp, 'jit')
+    pre = os.path.join(tmp, 'pretext')
+    run = lambda name, config, workdir, cache, *extra: run_stage(
+      name, config, workdir, cache, opts, mode_flag, *extra
+    )
+    return [
+      run('1 pretext (cold cache)', 'pretext', pre, cache),
+      run(
+        '2 fine-tune pretrained',
+        'finetune',
+        os.path.join(tmp, 's2'),
+        cache,
+        f'--config.init_from={pre}',
+      ),
+      run(
+        '3 fine-tune random init', 'finetune', os.path.join(tmp, 's3'), cache
+      ),
+      run(
+        '2 again, new workdir',
+        'finetune',
+        os.path.join(tmp, 's2b'),
+        cache,
+        f'--config.init_from={pre}',
+        '--config.seed=1',
+      ),
+      run('3, cache off', 'finetune', os.path.join(tmp, 's3off'), '0'),
+    ]
 
 
 if __name__ == '__main__':

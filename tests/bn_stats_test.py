@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from rotjax import bn_stats
 from rotjax import checkpoint as checkpoint_lib
+from rotjax import data_parallel
 from rotjax import input_pipeline
 from rotjax import models
 from rotjax import train
@@ -24,8 +25,8 @@ def _model_and_wrong_stats():
     'resnet18',
     num_classes=4,
     width=4,
-    axis_name='batch',
-    stats_axis_name='batch',
+    axis_name='data',
+    stats_axis_name='data',
   )
   variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   wrong = {
@@ -49,7 +50,7 @@ def _bn_inputs(module, variables, images, devices):
       mutable=['batch_stats', 'intermediates'],
       capture_intermediates=lambda m, _: isinstance(m, nn.Conv),
     )[1]['intermediates'],
-    axis_name='batch',
+    axis_name='data',
     devices=devices,
   )
   captured = traverse_util.flatten_dict(
@@ -72,18 +73,18 @@ def test_reestimate_gives_the_frozen_layers_the_statistics_of_the_new_images():
   before = jax.device_get(variables)
   devices = jax.local_devices()[:1]
   images = jax.random.normal(jax.random.key(1), (2, 8, 16, 16, 3)) * 2.0 + 0.5
-  p_moments = jax.pmap(
+  one_device = data_parallel.DataParallel('auto', devices)
+  p_moments = one_device.compile(
     functools.partial(
       bn_stats.moments_step,
       module=module,
       prepare_fn=lambda batch, _: batch['image'],
     ),
-    axis_name='batch',
-    devices=devices,
+    batch_args=(1,),
   )
   keep = lambda path: not path.startswith('layer4')
   stats, record = bn_stats.reestimate(
-    p_moments, variables, [{'image': x[None]} for x in images], keep, devices
+    p_moments, variables, [{'image': x} for x in images], keep, one_device
   )
   inputs = [_bn_inputs(module, variables, x, devices) for x in images]
   new = traverse_util.flatten_dict(stats, sep='/')
@@ -173,9 +174,10 @@ def test_finetune_reestimated_replaces_only_frozen_statistics_and_records_it(
 
 
 @pytest.mark.two_devices
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
 @pytest.mark.parametrize('sync_bn', [True, False])
 def test_one_and_two_devices_reestimate_the_same_statistics(
-  make_config, tmp_path, sync_bn
+  make_config, tmp_path, sync_bn, mode
 ):
   """The pass's moments are the global batch's (synced, or pooled per device), and each image
   is prepared alike on any number of devices: the same statistics up to summation order."""
@@ -187,10 +189,16 @@ def test_one_and_two_devices_reestimate_the_same_statistics(
     config, dataset.num_classes, steps_per_epoch=2
   )
   one, record = run_state.reestimate_frozen_bn(
-    config, state, dataset, jax.local_devices()[:1]
+    config,
+    state,
+    dataset,
+    data_parallel.DataParallel(mode, jax.local_devices()[:1]),
   )
   two, _ = run_state.reestimate_frozen_bn(
-    config, state, dataset, jax.local_devices()[:2]
+    config,
+    state,
+    dataset,
+    data_parallel.DataParallel(mode, jax.local_devices()[:2]),
   )
   assert record['batches'] == len(dataset.train) // config.batch_size
   for a, b in zip(

@@ -66,7 +66,12 @@ def test_workflow_runs_ci_script_on_each_cpu_path():
   job = yaml.safe_load(open(WORKFLOW))['jobs']['test']
   assert sorted(
     e['env_vars'] for e in job['strategy']['matrix']['include']
-  ) == ['', 'ONEDNN_MAX_CPU_ISA=AVX2', 'ROTJAX_ONEDNN=0']
+  ) == [
+    '',
+    'ONEDNN_MAX_CPU_ISA=AVX2',
+    'ROTJAX_ONEDNN=0',
+    'ROTJAX_PARALLEL=pmap',
+  ]
   assert [s['run'] for s in job['steps'] if 'run' in s] == [
     'env ${{ matrix.env_vars }} bash .ci/run'
   ]

@@ -149,6 +149,12 @@ CASES = [
     {'optim.learning_rate': 0.0},
     r'optim.learning_rate=0.0 must be > 0',
   ),
+  (
+    'parallel',
+    'supervised',
+    {'parallel': 'gspmd'},
+    r"parallel='gspmd' is unknown; allowed: \('auto', 'jit', 'pmap'\)",
+  ),
 ]
 
 

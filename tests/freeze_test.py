@@ -7,7 +7,7 @@ from flax import traverse_util
 from rotjax import batch_plans
 from rotjax import freeze
 from rotjax import input_pipeline
-from rotjax import parallel
+from rotjax import data_parallel
 from rotjax import steps
 
 
@@ -73,14 +73,13 @@ def test_frozen_params_stay_bit_identical_and_bn_statistics_follow_freeze_bn(
     config, dataset.num_classes, steps_per_epoch=4
   )
   before = jax.device_get(state)
-  devices = jax.local_devices()[:1]
-  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.1)
-  state = parallel.replicate(state, devices)
-  rng = parallel.replicate(jax.random.key(0), devices)
+  dp = data_parallel.DataParallel('auto', jax.local_devices()[:1])
+  step = steps.compiled_train_step(config, mask, dp, smoothing=0.1)
+  state, rng = dp.put(state), dp.put(jax.random.key(0))
   for epoch in range(2):
     for batch in batch_plans.train_batches(dataset.train, 8, 0, epoch):
-      state, _ = step(state, parallel.shard(batch, 1), rng)
-  after = jax.device_get(parallel.unreplicate(state))
+      state, _ = step(state, dp.put_batch(batch), rng)
+  after = dp.get(state)
   flat_mask = traverse_util.flatten_dict(mask, sep='/')
   for tree in ('params', 'batch_stats'):
     old = traverse_util.flatten_dict(getattr(before, tree), sep='/')
@@ -109,7 +108,7 @@ def test_frozen_bn_normalises_with_batch_statistics_by_default(
   """Stage 3 from random init: the running statistics are mean 0 / variance 1, so only
   freeze_bn='batch' normalises a frozen layer's output (per channel mean ~0, variance ~1)."""
   # Per-device statistics, on one device: the running statistics' update is pooled over the
-  # devices ('batch'), so the model runs under a pmap of one.
+  # devices ('data'), so the model runs under a pmap of one.
   config = make_config('finetune', tmp_path, **{'model.sync_bn': False})
   dataset = input_pipeline.load_dataset(config.data)
   images = jnp.asarray(dataset.train.images[:16], jnp.float32) / 255.0
@@ -130,7 +129,7 @@ def test_frozen_bn_normalises_with_batch_statistics_by_default(
         mutable=['batch_stats', 'intermediates'],
         capture_intermediates=lambda m, _: m.path == ('layer1', '0', 'bn2'),
       )[1],
-      axis_name='batch',
+      axis_name='data',
       devices=jax.local_devices()[:1],
     )
     inter = apply(jax.tree.map(lambda x: x[None], variables), images[None])

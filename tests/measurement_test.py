@@ -11,7 +11,7 @@ from rotjax import batch_plans
 from rotjax import input_pipeline
 from rotjax import memory_loader
 from rotjax import models
-from rotjax import parallel
+from rotjax import data_parallel
 from rotjax import steps
 from rotjax import testing
 from rotjax import train
@@ -86,10 +86,9 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(
     num, **{'optim.learning_rate': 3e-3, 'rotation.geometry': geometry}
   )
   state, mask, _, _ = run_state.create_train_state(config, num, 100)
-  devices = jax.local_devices()[:1]
-  step = steps.pmapped_train_step(config, mask, devices, smoothing=0.0)
-  state = parallel.replicate(state, devices)
-  rng = parallel.replicate(jax.random.key(0), devices)
+  dp = data_parallel.DataParallel('auto', jax.local_devices()[:1])
+  step = steps.compiled_train_step(config, mask, dp, smoothing=0.0)
+  state, rng = dp.put(state), dp.put(jax.random.key(0))
   data = np.random.default_rng(0)
   for _ in range(40):
     batch = {
@@ -97,8 +96,8 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(
       'label': np.zeros(16, np.int32),
       'mask': np.ones(16, np.float32),
     }
-    state, _ = step(state, parallel.shard(batch, 1), rng)
-  state = parallel.unreplicate(state)
+    state, _ = step(state, dp.put_batch(batch), rng)
+  state = dp.get(state)
   prepare = steps.make_prepare_fn(
     config, train=True
   )  # mode 'all': every direction of each
@@ -130,29 +129,33 @@ def test_a_model_trained_on_images_without_orientation_stays_at_chance(
 @pytest.mark.skipif(
   jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)'
 )
-def test_eval_metrics_do_not_depend_on_the_device_count(make_config, tmp_path):
+def test_eval_metrics_do_not_depend_on_the_device_count_or_mode(
+  make_config, tmp_path
+):
   """N = 8 resamples every image with a random sub-pixel shift: keyed on the example's
   place in the split, not in its device's batch, 1 and 2 devices score the same images."""
   config = make_config('pretext', tmp_path, **{'rotation.num_rotations': 8})
   dataset = input_pipeline.load_dataset(config.data)
   state, _, _, _ = run_state.create_train_state(config, 8, 4)
   metrics = []
-  for count in (1, 2):
-    devices = jax.local_devices()[:count]
-    p_eval = steps.pmapped_eval_step(config, devices, smoothing=0.1)
-    metrics.append(
-      train.evaluate(
-        p_eval,
-        parallel.replicate(state, devices),
-        dataset,
-        'val',
-        8,
-        count,
-        parallel.replicate(jax.random.key(1), devices),
+  for mode in ('jit', 'pmap'):
+    for count in (1, 2):
+      dp = data_parallel.DataParallel(mode, jax.local_devices()[:count])
+      p_eval = steps.compiled_eval_step(config, dp, smoothing=0.1)
+      metrics.append(
+        train.evaluate(
+          p_eval,
+          dp.put(state),
+          dataset,
+          'val',
+          8,
+          dp,
+          dp.put(jax.random.key(1)),
+        )
       )
-    )
-  assert metrics[0]['loss'] == pytest.approx(metrics[1]['loss'], rel=1e-5)
-  assert metrics[0]['accuracy'] == metrics[1]['accuracy']
+  for other in metrics[1:]:
+    assert metrics[0]['loss'] == pytest.approx(other['loss'], rel=1e-5)
+    assert metrics[0]['accuracy'] == other['accuracy']
 
 
 def test_split_index_is_each_example_place_in_the_whole_split():

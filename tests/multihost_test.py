@@ -4,6 +4,7 @@ Both runs use two data shards: the one process holds both, each of the two
 processes decodes and feeds only its own. About 100 s on 2 CPU cores.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run(folder, workdir, nproc, late=0.0):
+def _run(folder, workdir, nproc, late=0.0, mode='auto'):
   port = _free_port()
   env = testing.child_env()
   env.pop('XLA_FLAGS', None)
@@ -43,6 +44,7 @@ def _run(folder, workdir, nproc, late=0.0):
         str(i),
         str(port),
         str(late),
+        mode,
       ],
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -63,11 +65,16 @@ def _run(folder, workdir, nproc, late=0.0):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(image_folder, tmp_path):
-  _run(image_folder, tmp_path / 'one', 1)
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_two_processes_match_one_process(image_folder, tmp_path, mode):
+  """Under jit the batch is one global array made of each process's rows, the state a
+  global array that Orbax saves as it is; under pmap each process feeds its devices."""
+  _run(image_folder, tmp_path / 'one', 1, mode=mode)
   # Process 1 reaches the first step 31 s after process 0: more than the 30 s a Gloo
   # context set-up waits for (the lateness is what is tested, not a wait for readiness).
-  _run(image_folder, tmp_path / 'two', 2, late=31.0)
+  _run(image_folder, tmp_path / 'two', 2, late=31.0, mode=mode)
+  with open(tmp_path / 'two' / 'run_info.json') as f:
+    assert json.load(f)['parallel'] == mode
   one = metrics.read_metrics(str(tmp_path / 'one'))
   two = metrics.read_metrics(str(tmp_path / 'two'))
   assert [r['epoch'] for r in two] == [1, 2]

@@ -11,7 +11,7 @@ import pytest
 from rotjax import batch_plans
 from rotjax import input_pipeline
 from rotjax import metrics
-from rotjax import parallel
+from rotjax import data_parallel
 from rotjax import rundir
 from rotjax import steps
 from rotjax import train
@@ -38,7 +38,7 @@ def test_label_smoothing_matches_formula():
   )
 
 
-def _step_on(devices, state, mask, batch):
+def _step_on(devices, state, mask, batch, mode='auto'):
   """One train step on `devices` with deterministic inputs (normalisation only)."""
   from rotjax import preprocess
 
@@ -49,25 +49,23 @@ def _step_on(devices, state, mask, batch):
     batch['label'],
     batch['mask'],
   )
-  step = steps.pmapped_train_step(
-    None, mask, devices, smoothing=0.1, prepare_fn=prepare, donate=False
+  dp = data_parallel.DataParallel(mode, devices)
+  step = steps.compiled_train_step(
+    None, mask, dp, smoothing=0.1, prepare_fn=prepare, donate=False
   )
   new_state, m = step(
-    parallel.replicate(state, devices),
-    parallel.shard(batch, len(devices)),
-    parallel.replicate(jax.random.key(0), devices),
+    dp.put(state), dp.put_batch(batch), dp.put(jax.random.key(0))
   )
-  return jax.device_get(parallel.unreplicate(m)), jax.device_get(
-    parallel.unreplicate(new_state)
-  )
+  return dp.get(m), dp.get(new_state)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
   jax.local_device_count() < 2, reason='needs 2 devices (XLA_FLAGS)'
 )
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
 def test_one_and_two_devices_agree_on_the_same_global_batch(
-  make_config, tmp_path
+  make_config, tmp_path, mode
 ):
   # SGD, not Adam: Adam's first step is +-lr for any gradient, so a gradient that is
   # zero up to rounding could flip sign between the two summation orders.
@@ -79,8 +77,8 @@ def test_one_and_two_devices_agree_on_the_same_global_batch(
     config, dataset.num_classes, 4
   )
   batch = next(batch_plans.train_batches(dataset.train, 8, 0, 1))
-  one = _step_on(jax.local_devices()[:1], state, mask, batch)
-  two = _step_on(jax.local_devices()[:2], state, mask, batch)
+  one = _step_on(jax.local_devices()[:1], state, mask, batch, mode)
+  two = _step_on(jax.local_devices()[:2], state, mask, batch, mode)
   # Synced BatchNorm + pmean'd gradients: the same maths, summed in a different order.
   np.testing.assert_allclose(one[0]['loss'], two[0]['loss'], rtol=1e-5)
   for a, b in zip(
@@ -126,7 +124,7 @@ def test_padded_rows_carry_no_weight_and_the_loss_is_the_mean_over_real_rows(
       train=True,
       mutable=['batch_stats'],
     )[0][0],
-    axis_name='batch',
+    axis_name='data',
     devices=devices[:1],
   )
   logits = forward(batch['image'][None])[0]
@@ -161,25 +159,22 @@ def test_resuming_with_another_epoch_length_is_an_error():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
 def test_replicated_state_is_laid_out_like_step_outputs_so_step_2_compiles_nothing(
-  make_config, tmp_path
+  make_config, tmp_path, mode
 ):
   config = make_config('supervised', tmp_path)
   dataset = input_pipeline.load_dataset(config.data)
   state, mask, _, _ = run_state.create_train_state(
     config, dataset.num_classes, 4
   )
-  devices = jax.local_devices()
-  step = steps.pmapped_train_step(
-    config, mask, devices, smoothing=0.1, donate=False
+  dp = data_parallel.DataParallel(mode, jax.local_devices())
+  step = steps.compiled_train_step(
+    config, mask, dp, smoothing=0.1, donate=False
   )
-  batch = jax.device_put(
-    parallel.shard(
-      next(batch_plans.train_batches(dataset.train, 8, 0, 1)), len(devices)
-    )
-  )
-  replicated = parallel.replicate(state, devices)
-  rng = parallel.replicate(jax.random.key(0), devices)
+  batch = dp.put_batch(next(batch_plans.train_batches(dataset.train, 8, 0, 1)))
+  replicated = dp.put(state)
+  rng = dp.put(jax.random.key(0))
   out, _ = step(replicated, batch, rng)
   for a, b in zip(jax.tree.leaves(replicated), jax.tree.leaves(out)):
     assert (a.sharding, a.dtype, a.shape) == (b.sharding, b.dtype, b.shape)

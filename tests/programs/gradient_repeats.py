@@ -34,7 +34,7 @@ def loss(params, x):
 # A pmap of one names the axis BatchNorm pools its running statistics over.
 p_grad = jax.pmap(
   jax.grad(loss),
-  axis_name='batch',
+  axis_name='data',
   in_axes=(None, 0),
   devices=jax.devices()[:1],
 )
