@@ -3,7 +3,7 @@ r"""The study: stage 1 rotation pretext, then stages 2-5 from it, over sweeps.
   python -m rotjax.study --config configs/study.py --config.workdir=runs/study
   python -m rotjax.report runs/study
 Presets: default (the reports' full study), `:smoke` (tests, seconds), `:cpu` (2 CPU cores),
-`:cpu_full` (the five stages at the reports' scale on 2 CPU cores, ~90 minutes),
+`:cpu_full` (the five stages at the reports' scale on 2 CPU cores, 80 minutes),
 `:gpu` (the five stages at full scale on one GPU) and its sweeps, one preset each, run in
 this order into the same workdir (each reuses the runs the earlier ones finished):
 `:gpu_labels`, `:gpu_rotations`, `:gpu_smoothing`, `:gpu_models` (time models in `_make_gpu`).
@@ -173,7 +173,7 @@ def _make_cpu(config) -> None:
 
 
 def _make_cpu_full(config) -> None:
-  """The reports' table at the reports' scale on 2 CPU cores, in about 90 minutes.
+  """The reports' table at the reports' scale on 2 CPU cores, in 80 minutes.
 
   All of CIFAR-10 (the JPEG folder copy: 45,000 train after the seeded 5,000 val images are
   carved out, 10,000 test), ResNet18 width 64, the reports' protocol otherwise: Adam 1e-3
@@ -191,6 +191,11 @@ def _make_cpu_full(config) -> None:
     start-up      decoding 60,000 JPEGs once (~2 min; then the .npy cache), ~5 s compile
                   per program from a cold cache, checkpoints                            ~  4 min
     total                                                                               ~ 89 min
+  Measured, idle AMX Xeon, 2026-12-05, cold caches (results/cifar10-resnet18-cpu-full):
+    1 pretext 3 x 790 s (730 train at 245 rotated img/s + 61 eval) = 39.9 min;
+    2, 3 finetune 2 x 136 s (119 + 17) = 4.7 min each; 4, 5 supervised 4 x 227 s
+    (210 + 17) = 15.2 min each; decode 14 s, compile 2.6-9.3 s per program, 0.4-1.5 s from
+    the cache; total 79.5 min (the model above overestimated rotated-image and eval time).
   Other CPU classes scale by T: AVX2-only CPUs run the fp32 step at ~65 img/s (3.2x
   longer, ~4.7 h); AVX-512 without bf16 at ~114 (1.8x, ~2.7 h). The run resumes where it
   stopped (python -m rotjax.study with the same flags), so a longer one can be split.
