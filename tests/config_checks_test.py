@@ -149,6 +149,12 @@ CASES = [
     {'optim.learning_rate': 0.0},
     r'optim.learning_rate=0.0 must be > 0',
   ),
+  (
+    'schedule',
+    'supervised',
+    {'optim.schedule': 'linear'},
+    r"optim.schedule='linear' is unknown; allowed",
+  ),
 ]
 
 
