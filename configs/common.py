@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'adam'  # adam (the reports) | sgd (momentum, cosine)
   config.optim.learning_rate = 1e-3
+  # '' = the optimizer's own (adam: step, the reports; sgd: cosine) | step | cosine |
+  # onecycle (up to learning_rate over 30% of the run, cosine down to ~0: rotjax/optim.py)
+  config.optim.schedule = ''
   config.optim.decay_every_epochs = (
     10  # adam: lr x decay_factor every this many epochs
   )

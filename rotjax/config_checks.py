@@ -96,6 +96,11 @@ def check_config(config) -> None:
     f'optim.name={config.optim.name!r} is unknown; allowed: {optim.OPTIMIZERS}',
   )
   _require(
+    config.optim.get('schedule', '') in optim.SCHEDULES,
+    f'optim.schedule={config.optim.get("schedule", "")!r} is unknown; allowed: '
+    f'{optim.SCHEDULES}',
+  )
+  _require(
     config.optim.learning_rate > 0,
     f'optim.learning_rate={config.optim.learning_rate} must be > 0',
   )

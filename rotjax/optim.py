@@ -3,10 +3,26 @@
 import optax
 
 OPTIMIZERS = ('adam', 'sgd')
+# '' = the optimizer's own: step for adam (the reports), cosine for sgd.
+SCHEDULES = ('', 'step', 'cosine', 'onecycle')
+# onecycle: the share of the run spent rising to the peak, and the start and end
+# learning rates as fractions of it (optax's defaults: 0.3, 1/25, 1/(25 * 1e4)).
+ONECYCLE_RISE = 0.3
+
+
+def schedule_name(optim_config) -> str:
+  """optim.schedule, with '' resolved to the optimizer's own; `optim_config` a ConfigDict
+  or a run's config.json dict (runs from before the key have none: their optimizer's own)."""
+  name = optim_config.get('schedule', '')
+  if name:
+    return name
+  return 'step' if optim_config.get('name', 'adam') == 'adam' else 'cosine'
 
 
 def learning_rate_schedule(optim_config, steps_per_epoch: int, num_epochs: int):
-  if optim_config.name == 'adam':
+  name = schedule_name(optim_config)
+  total = max(num_epochs * steps_per_epoch, 1)
+  if name == 'step':
     # The reports: lr x decay_factor every decay_every_epochs epochs.
     return optax.exponential_decay(
       optim_config.learning_rate,
@@ -14,12 +30,20 @@ def learning_rate_schedule(optim_config, steps_per_epoch: int, num_epochs: int):
       optim_config.decay_factor,
       staircase=True,
     )
+  if name == 'onecycle':
+    # Up from lr/25 to lr over the first 30% of the run, then a cosine down to ~0 at its
+    # last step: a short run ends annealed, where the step schedule of a run shorter than
+    # decay_every_epochs never decays at all.
+    return optax.cosine_onecycle_schedule(
+      total, optim_config.learning_rate, pct_start=ONECYCLE_RISE
+    )
+  if name != 'cosine':
+    raise ValueError(
+      f'optim.schedule={name!r} is unknown; allowed: {SCHEDULES}'
+    )
   warmup = optim_config.warmup_epochs * steps_per_epoch
   return optax.warmup_cosine_decay_schedule(
-    0.0,
-    optim_config.learning_rate,
-    warmup,
-    max(num_epochs * steps_per_epoch, warmup + 1),
+    0.0, optim_config.learning_rate, warmup, max(total, warmup + 1)
   )
 
 

@@ -155,6 +155,12 @@ CASES = [
     {'parallel': 'gspmd'},
     r"parallel='gspmd' is unknown; allowed: \('auto', 'jit', 'pmap'\)",
   ),
+  (
+    'schedule',
+    'supervised',
+    {'optim.schedule': 'linear'},
+    r"optim.schedule='linear' is unknown; allowed",
+  ),
 ]
 
 

@@ -356,6 +356,18 @@ def test_cpu_full_preset_is_the_reports_protocol_at_full_scale_with_fewer_epochs
       assert tuple(rc.trainable) == ('layer4', 'fc')
 
 
+def test_cpu_full_onecycle_changes_only_the_schedule():
+  plain = _config('/tmp/unused', 'cpu_full')
+  onecycle = _config('/tmp/unused', 'cpu_full_onecycle')
+  for a, b in zip(sweep.plan(plain), sweep.plan(onecycle), strict=True):
+    rc_plain = sweep.run_config(plain, a)
+    rc_onecycle = sweep.run_config(onecycle, b)
+    assert rc_plain.optim.schedule == ''
+    assert rc_onecycle.optim.schedule == 'onecycle'
+    rc_onecycle.optim.schedule = ''
+    assert rc_plain.to_dict() == rc_onecycle.to_dict()
+
+
 def test_tiny_study_end_to_end(tmp_path, make_config, image_folder):
   config = _config(tmp_path / 'study')
   config.base = make_config('pretext', tmp_path / 'unused')

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 
+from rotjax import optim
 from rotjax.study import sweep
 
 STAGE_LABELS = {
@@ -220,7 +221,8 @@ def settings_table(runs) -> str:
     (
       'optimizer',
       lambda r: (
-        '{name} lr {learning_rate:g}'.format(**r['config']['optim'])
+        '{name} lr {learning_rate:g}, '.format(**r['config']['optim'])
+        + optim.schedule_name(r['config']['optim'])
         if r['config'].get('optim')
         else None
       ),
